@@ -1,0 +1,34 @@
+# Two commands for a new user: `make serve` and `make test`. Both create the virtual
+# environment on first use (torch first, from the pinned CPU wheel) and then run.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install serve test lint train-shipped clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/gated serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check models service tests benchmarks
+	$(BIN)/mypy service
+
+# Rebuilds the shipped checkpoint exactly as committed (about 2 minutes on 2 CPU cores).
+train-shipped: $(STAMP)
+	$(BIN)/gated train --config models/configs/mnist1d_conv.yaml --out models/pretrained/mnist1d-conv
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
