@@ -1,0 +1,265 @@
+"""Channel gates: static (HardConcrete, sigmoid), dynamic (input predictor) and the keep policy.
+
+SPEC §1 (static gates), §3 (DynamicStructuredGate) and §4 (keep policy) are the contract; the
+tests in ``tests/unit/test_gates.py`` check each formula against it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.config import GateMode, GateType, ModelConfig
+from models.errors import ConfigError
+from models.predictor import InputPredictor
+
+# HardConcrete stretch interval (Louizos et al. 2018).
+GAMMA = -0.1
+ZETA = 1.1
+_U_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """How gates act for one forward pass (SPEC §4); the same for every request of a batch.
+
+    ``keep_ratio`` and ``threshold`` are alternatives (keep_ratio wins); both None keeps every
+    statically open channel. ``dynamic_weight`` None uses the configured weight.
+    """
+
+    mode: GateMode = "dynamic"
+    keep_ratio: float | None = None
+    threshold: float | None = None
+    dynamic_weight: float | None = None
+    bucket: int = 8
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("dense", "static", "dynamic"):
+            raise ConfigError(f"gate mode: got {self.mode!r}; allowed: dense, static, dynamic")
+        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
+            raise ConfigError(f"keep_ratio: got {self.keep_ratio}; allowed: > 0 and <= 1")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold: got {self.threshold}; allowed: >= 0 and <= 1")
+        if self.dynamic_weight is not None and not 0.0 <= self.dynamic_weight <= 1.0:
+            raise ConfigError(f"dynamic_weight: got {self.dynamic_weight}; allowed: >= 0 and <= 1")
+        if self.bucket < 1:
+            raise ConfigError(f"bucket: got {self.bucket}; allowed: >= 1")
+
+
+def settings_for(
+    cfg: ModelConfig,
+    mode: GateMode,
+    keep_ratio: float | None = None,
+    threshold: float | None = None,
+    dynamic_weight: float | None = None,
+) -> GateSettings:
+    """GateSettings for ``mode`` with the model's defaults filled in.
+
+    Dynamic mode falls back to the configured keep policy; static mode keeps every statically
+    open channel unless a keep ratio or threshold is given (then ranked by the static gate).
+    """
+    dp = cfg.dynamic_pruning_config
+    if mode == "dynamic" and keep_ratio is None and threshold is None:
+        keep_ratio, threshold = dp.keep_ratio, dp.threshold
+    return GateSettings(mode, keep_ratio, threshold, dynamic_weight, dp.bucket)
+
+
+def bucketed_k(keep_ratio: float, n_open: int, bucket: int) -> int:
+    """SPEC §4: k = ceil(ρ·n_open) rounded up to a multiple of ``bucket``, never above n_open."""
+    if n_open <= 0:
+        return 0
+    k = max(1, math.ceil(keep_ratio * n_open - 1e-9))
+    return min(math.ceil(k / bucket) * bucket, n_open)
+
+
+def temperature_at(step: int, temperature: float, decay: float, freq: int, minimum: float) -> float:
+    """SPEC §1: β_t = max(temperature · decay^⌊t / freq⌋, min_temperature)."""
+    return max(temperature * decay ** (step // freq), minimum)
+
+
+class HardConcreteGate(nn.Module):
+    """HardConcrete gates, one per structure (Louizos, Welling, Kingma 2018; as in CoFi/DPHuBERT).
+
+    Stochastic stretched-and-clamped samples in training, deterministic exact 0/1-capable values
+    in eval. The temperature β is a buffer so that checkpoints carry the schedule's last value.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        init_mean: float = 0.01,
+        temperature: float = 1.0,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        mean = math.log(1.0 - init_mean) - math.log(init_mean)
+        self.log_alpha = nn.Parameter(torch.normal(mean, 0.01, (n,), device=device))
+        self.register_buffer("beta", torch.tensor(float(temperature), device=device))
+        self.beta: torch.Tensor
+
+    def forward(self) -> torch.Tensor:
+        """-> (n,) gate values in [0, 1]."""
+        if self.training:
+            u = torch.rand_like(self.log_alpha).clamp(_U_EPS, 1.0 - _U_EPS)
+            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
+        else:
+            s = torch.sigmoid(self.log_alpha)
+        return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+    def expected_l0(self) -> torch.Tensor:
+        """Differentiable expected number of open gates: Σ σ(log_alpha − β·ln(−γ/ζ))."""
+        return torch.sigmoid(self.log_alpha - self.beta * math.log(-GAMMA / ZETA)).sum()
+
+    def scores(self) -> torch.Tensor:
+        """Monotone importance used to rank channels when a static keep ratio is applied."""
+        return self.log_alpha
+
+    def set_temperature(self, beta: float) -> None:
+        self.beta.fill_(beta)
+
+
+class SigmoidGate(nn.Module):
+    """Continuous gates z = σ(logit) in training and inference; L0 proxy Σ z (SPEC §1)."""
+
+    def __init__(
+        self,
+        n: int,
+        init_mean: float = 0.01,
+        temperature: float = 1.0,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        del temperature  # accepted for a uniform constructor; sigmoid gates have no temperature
+        logit = math.log(1.0 - init_mean) - math.log(init_mean)
+        self.logit = nn.Parameter(torch.full((n,), logit, device=device))
+
+    def forward(self) -> torch.Tensor:
+        return torch.sigmoid(self.logit)
+
+    def expected_l0(self) -> torch.Tensor:
+        return torch.sigmoid(self.logit).sum()
+
+    def scores(self) -> torch.Tensor:
+        return self.logit
+
+    def set_temperature(self, beta: float) -> None:
+        del beta
+
+
+STATIC_GATES: dict[GateType, type[HardConcreteGate] | type[SigmoidGate]] = {
+    "hardconcrete": HardConcreteGate,
+    "sigmoid": SigmoidGate,
+}
+
+
+def make_static_gate(n: int, cfg: ModelConfig, device: torch.device | None = None) -> nn.Module:
+    gate_cls = STATIC_GATES[cfg.dynamic_pruning_config.gate_type]
+    return gate_cls(n, cfg.init_mean, cfg.temperature, device=device)
+
+
+def apply_keep_policy(
+    final: torch.Tensor,
+    open_mask: torch.Tensor,
+    keep_ratio: float | None,
+    threshold: float | None,
+    bucket: int,
+    scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Hard keep mask (same shape as ``final``, float 0/1) among statically open channels.
+
+    ``scores`` ranks channels for top-k (defaults to ``final``); ``open_mask`` (n,) marks the
+    channels the static gate leaves open. Top-k: k = bucketed_k(ρ, n_open). Threshold: final ≥ τ.
+    """
+    n_open = int(open_mask.sum())
+    open_b = open_mask.expand_as(final)
+    if keep_ratio is not None:
+        k = bucketed_k(keep_ratio, n_open, bucket)
+        if k >= n_open:
+            return open_b.to(final.dtype)
+        ranked = (final if scores is None else scores.expand_as(final)).detach()
+        ranked = ranked.masked_fill(~open_b, float("-inf"))
+        idx = ranked.topk(k, dim=-1).indices
+        return torch.zeros_like(final).scatter_(-1, idx, 1.0)
+    if threshold is not None:
+        return ((final >= threshold) & open_b).to(final.dtype)
+    return open_b.to(final.dtype)
+
+
+def straight_through(final: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """Forward ``final · hard`` (exact zeros), backward as if nothing were dropped.
+
+    The gradient at a dropped channel then says whether opening it would help, which is what the
+    predictor needs to learn a ranking (SPEC §4: training uses the serving policy).
+    """
+    return final - (final * (1.0 - hard)).detach()
+
+
+class DynamicStructuredGate(nn.Module):
+    """Static gate blended with an SE-style input predictor (SPEC §3), plus the keep policy.
+
+    ``final = (1 − w)·static + w·(static · dynamic)``; a channel closed by the static gate stays
+    closed in every mode. ``forward`` returns the gate to multiply the block's hidden channels by
+    (None in dense mode) and, per request, the number of channels actually kept.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        in_channels: int,
+        cfg: ModelConfig,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        dp = cfg.dynamic_pruning_config
+        self.n = n
+        self.dynamic_weight = dp.dynamic_weight
+        self.dynamic_mode = cfg.dynamic_mode
+        self.per_step = cfg.input_gating and not dp.predictor_config.use_global_pool
+        self.static_gate = make_static_gate(n, cfg, device=device)
+        self.predictor: InputPredictor | None = (
+            InputPredictor(in_channels, n, dp.predictor_config, device=device)
+            if cfg.input_gating
+            else None
+        )
+
+    def static_values(self) -> torch.Tensor:
+        """(n,) static gate values: stochastic in training, deterministic in eval."""
+        return self.static_gate()
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, settings: GateSettings
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """x (B, T, C_in), mask (B, T) -> (gate (B, 1, n) or (B, T, n) or None, kept (B,))."""
+        batch = x.shape[0]
+        if settings.mode == "dense":
+            return None, torch.full((batch,), float(self.n), device=x.device)
+        static = self.static_values()  # (n,)
+        open_mask = static > 0
+        use_dynamic = (
+            settings.mode == "dynamic"
+            and self.predictor is not None
+            and (self.dynamic_mode or not self.training)
+        )
+        if use_dynamic:
+            assert self.predictor is not None
+            w = self.dynamic_weight if settings.dynamic_weight is None else settings.dynamic_weight
+            dynamic = self.predictor(x, mask)  # (B, n) or (B, T, n)
+            final = (1.0 - w) * static + w * (static * dynamic)
+            scores = None
+        else:
+            final = static.expand(batch, self.n)  # (B, n)
+            scores = self.static_gate.scores()
+        hard = apply_keep_policy(
+            final, open_mask, settings.keep_ratio, settings.threshold, settings.bucket, scores
+        )
+        gate = straight_through(final, hard) if self.training else final * hard
+        if gate.dim() == 2:
+            gate = gate.unsqueeze(1)  # (B, 1, n)
+            kept = hard.sum(-1)
+        else:
+            valid = mask.to(hard.dtype)
+            kept = (hard.sum(-1) * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+        return gate, kept.to(torch.float32)

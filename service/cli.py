@@ -1,0 +1,122 @@
+"""The ``gated`` command: train, evaluate (and the service commands as they land).
+
+Errors the user can fix (bad config, missing checkpoint, bad flags) print one clear message on
+stderr and exit 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+PRETRAINED = Path(__file__).resolve().parent.parent / "models" / "pretrained" / "mnist1d-conv"
+
+logger = logging.getLogger("gated")
+
+
+def _keep_ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"keep ratio must be in (0, 1], got {value}")
+    return value
+
+
+def _unit(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"threshold must be in [0, 1], got {value}")
+    return value
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from models import load_config
+    from models.train import train
+
+    cfg = load_config(args.config)
+    if args.seed is not None:
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"seed": args.seed})})
+    logger.info("training %s on %s -> %s", cfg.model.name, cfg.data.dataset, args.out)
+    _, report = train(cfg, args.out, device=args.device, progress=not args.quiet)
+    summary = {
+        "out": str(args.out),
+        "seconds": report.seconds,
+        "params": report.params,
+        **{f"{mode}_accuracy": r["accuracy"] for mode, r in report.test.items()},
+        **{f"{mode}_flops_ratio": r["flops_ratio"] for mode, r in report.test.items()},
+    }
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from models import load_checkpoint, settings_for
+    from models.data import load_mnist1d
+    from models.evaluate import evaluate
+    from models.train import resolve_device
+
+    torch.set_grad_enabled(False)
+    model = load_checkpoint(args.checkpoint, resolve_device(args.device))
+    seed = model.config.data.seed if args.data_seed is None else args.data_seed
+    _, test = load_mnist1d(seed)
+    settings = settings_for(model.config, args.gate_mode, args.keep_ratio, args.threshold)
+    result = evaluate(model, test, settings).as_dict()
+    result["data_seed"] = seed
+    result["checkpoint"] = str(args.checkpoint)
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        for key, value in result.items():
+            sys.stdout.write(f"{key:>22}: {value}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gated", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a gated network from a YAML config")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--seed", type=int, help="override training.seed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy and executed FLOPs on the MNIST-1D test split")
+    p.add_argument("--checkpoint", type=Path, default=PRETRAINED)
+    p.add_argument("--gate-mode", choices=["dense", "static", "dynamic"], default="dynamic")
+    p.add_argument("--keep-ratio", type=_keep_ratio, help="top-k fraction of open channels")
+    p.add_argument("--threshold", type=_unit, help="keep channels whose gate is >= this")
+    p.add_argument("--data-seed", type=int, help="mnist1d generation seed (default: config's)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from models.errors import ModelError
+
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ModelError, RuntimeError) as err:
+        sys.stderr.write(f"gated {args.command}: error: {err}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
