@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from models.errors import ConfigError
 
@@ -76,16 +83,20 @@ class ArchitectureConfig(_Strict):
     num_heads: int = Field(4, ge=1)
     num_layers: int = Field(2, ge=1)
 
-    @model_validator(mode="after")
-    def _check_shapes(self) -> ArchitectureConfig:
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"model.kernel_size: {self.kernel_size} must be odd (same padding)")
-        if self.name == "transformer" and self.d_model % self.num_heads:
-            raise ValueError(
-                f"model.d_model: {self.d_model} must be divisible by model.num_heads "
-                f"({self.num_heads})"
-            )
-        return self
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd_kernel(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("must be odd (same padding); allowed: 1, 3, 5, ...")
+        return v
+
+    @field_validator("num_heads")
+    @classmethod
+    def _heads_divide_width(cls, v: int, info: ValidationInfo) -> int:
+        d_model = info.data.get("d_model")
+        if d_model is not None and d_model % v:
+            raise ValueError(f"must divide d_model ({d_model})")
+        return v
 
 
 class DataConfig(_Strict):
@@ -138,14 +149,13 @@ class ModelConfig(_Strict):
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
 
-    @model_validator(mode="after")
-    def _check_temperatures(self) -> ModelConfig:
-        if self.min_temperature > self.temperature:
-            raise ValueError(
-                f"min_temperature: {self.min_temperature} is out of range; allowed "
-                f"(0, temperature={self.temperature}]"
-            )
-        return self
+    @field_validator("min_temperature")
+    @classmethod
+    def _min_below_start(cls, v: float, info: ValidationInfo) -> float:
+        start = info.data.get("temperature")
+        if start is not None and v > start:
+            raise ValueError(f"out of range; allowed: (0, temperature={start}]")
+        return v
 
     @property
     def input_gating(self) -> bool:
