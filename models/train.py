@@ -185,15 +185,15 @@ def train(
                 lambda_opt.step()
             step += 1
             seen += len(y)
-            loss_sum += float(loss) * len(y)
+            loss_sum += loss.item() * len(y)
             bar.update(1)
             bar.set_postfix(
                 epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                sparsity=f"{float(sparsity):.2f}", beta=f"{beta:.2f}",
+                sparsity=f"{sparsity.item():.2f}", beta=f"{beta:.2f}",
             )
         logger.info(
             "epoch %d/%d loss %.4f train acc %.4f sparsity %.3f",
-            epoch + 1, tc.epochs, loss_sum / seen, correct / seen, float(sparsity),
+            epoch + 1, tc.epochs, loss_sum / seen, correct / seen, sparsity.item(),
         )
     bar.close()
 
