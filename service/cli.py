@@ -38,7 +38,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     if args.seed is not None:
-        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"seed": args.seed})})
+        training = cfg.training.model_copy(update={"seed": args.seed})
+        cfg = cfg.model_copy(update={"training": training})
     logger.info("training %s on %s -> %s", cfg.model.name, cfg.data.dataset, args.out)
     _, report = train(cfg, args.out, device=args.device, progress=not args.quiet)
     summary = {
@@ -76,6 +77,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from service.app import serve
+    from service.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(
+            args.config,
+            model_repository=args.model_repository,
+            host=args.host,
+            port=args.port,
+            device=args.device,
+        )
+    except SettingsError as err:
+        sys.stderr.write(f"gated serve: error: {err}\n")
+        return 2
+    return serve(settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gated", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -98,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a model repository over the V2 inference protocol",
+        description="Flags override GATED_* environment variables, which override --config.",
+    )
+    p.add_argument("--model-repository", type=Path, help="default: the shipped checkpoints")
+    p.add_argument("--host", help="default 127.0.0.1")
+    p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
+    p.add_argument("--config", type=Path, help="settings YAML file (keys as in Settings)")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -1,0 +1,297 @@
+"""The HTTP application: ``create_app(settings)`` factory, lifespan, error mapping, ``serve``.
+
+Lifecycle. The lifespan loads every model of the repository and warms it up before uvicorn
+accepts connections, so readiness is never claimed early. On SIGTERM (or Ctrl-C) the server
+first drains: readiness and new inference requests answer 503 at once, queued and in-flight
+requests finish, and only then does uvicorn's own graceful shutdown close the connections. The
+process then exits 0; a second signal forces the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from types import FrameType
+
+import orjson
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CollectorRegistry, disable_created_metrics
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.batcher import DynamicBatcher
+from service.engine import GATE_MODES, Engine, EngineError
+from service.errors import InvalidInput, ServiceError, Unauthorized, Unavailable
+from service.metrics import CONTENT_TYPE_LATEST, Metrics, render
+from service.routes import admin, v2
+from service.settings import Settings
+from service.state import ModelRuntime, ServiceState
+
+logger = logging.getLogger(__name__)
+
+
+def service_version() -> str:
+    try:
+        return version("gated-serve")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> FastAPI:
+    """A new app serving ``settings.model_repository``; models load when the lifespan starts.
+
+    Each app owns its metrics registry (a fresh one unless ``registry`` is given), so several
+    apps, as in tests, never share series.
+    """
+    app = FastAPI(
+        title="gated-serve",
+        version=service_version(),
+        lifespan=_lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.service = ServiceState(settings, service_version())
+    app.state.registry = registry if registry is not None else CollectorRegistry()
+    app.include_router(v2.build_router())
+    app.include_router(admin.build_router())
+    app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
+    register_exception_handlers(app)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: ServiceState = app.state.service
+    settings = state.settings
+    loop = asyncio.get_running_loop()
+    start = time.monotonic()
+    try:
+        engine = await asyncio.to_thread(
+            Engine.load, settings.model_repository, settings.device, settings.torch_threads
+        )
+    except EngineError as err:
+        logger.error("startup failed: %s", err)
+        raise
+    state.engine = engine
+    metrics = Metrics(
+        app.state.registry,
+        {name: info.layers for name, info in engine.models.items()},
+        GATE_MODES,
+        state.version,
+    )
+    state.metrics = metrics
+    try:
+        await loop.run_in_executor(engine.executor, engine.warm_up, settings.max_batch_size)
+        for name, info in engine.models.items():
+            gate = engine.resolve_gate(
+                name, settings.default_gate_mode,
+                settings.default_keep_ratio if settings.default_gate_mode != "dense" else None,
+            )
+            batcher = None
+            if settings.batching:
+                batcher = DynamicBatcher(
+                    model=name,
+                    compute=functools.partial(engine.infer, name),
+                    executor=engine.executor,
+                    metrics=metrics,
+                    max_batch_size=settings.max_batch_size,
+                    max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+                    max_queue_size=settings.max_queue_size,
+                )
+                batcher.start()
+            runtime = ModelRuntime(info=info, gate=gate, batcher=batcher)
+            state.models[name] = runtime
+            metrics.watch(name, _depth_of(batcher), _inflight_of(runtime))
+            metrics.set_gate(name, gate.mode, gate.keep_ratio)
+            metrics.model_ready.labels(name).set(1)
+        state.loaded = True
+        logger.info(
+            "ready: %d model(s) [%s] on %s in %.1f s (batching %s, max_batch_size %d, "
+            "max_queue_delay_ms %g)",
+            len(state.models), ", ".join(state.models), settings.device,
+            time.monotonic() - start, "on" if settings.batching else "off",
+            settings.max_batch_size, settings.max_queue_delay_ms,
+        )
+        yield
+    finally:
+        await state.drain(settings.drain_timeout_s)
+        for runtime in state.models.values():
+            if runtime.batcher is not None:
+                await runtime.batcher.stop(settings.drain_timeout_s)
+        await asyncio.to_thread(engine.close)
+        logger.info("stopped")
+
+
+def _depth_of(batcher: DynamicBatcher | None) -> Callable[[], int]:
+    return (lambda: batcher.depth) if batcher is not None else (lambda: 0)
+
+
+def _inflight_of(runtime: ModelRuntime) -> Callable[[], int]:
+    return lambda: runtime.inflight
+
+
+async def _metrics(request: Request) -> Response:
+    return Response(render(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps({"error": message}),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+async def _service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    headers = None
+    if isinstance(exc, Unavailable):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": 'Bearer realm="gated-admin"'}
+    return _error(exc.status, exc.message, headers)
+
+
+async def _invalid_input(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, InvalidInput)
+    return _error(400, exc.message)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    # Starlette's own 404 (no such route) and 405 (wrong method) keep their status.
+    assert isinstance(exc, StarletteHTTPException)
+    return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}) or None)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+    return _error(400, f"{where}: {first.get('msg', 'invalid request')}")
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(500, "internal error")
+
+
+def register_exception_handlers(app: FastAPI) -> None:
+    """Map every error to ``{"error": "..."}`` with its status, in one place.
+
+    400 InvalidInput (and request validation), 401/403 admin auth, 404 unknown model or route,
+    413 body too large, 503 not ready / draining / queue full with Retry-After, 504 queue
+    timeout, 500 anything unexpected (logged with its traceback, never shown to the client).
+    """
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(InvalidInput, _invalid_input)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+# ---------------------------------------------------------------------- logging and serving
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def configure_logging(settings: Settings) -> None:
+    """Root logging to stderr in ``settings.log_format``; uvicorn's loggers propagate to it."""
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains the app before the usual shutdown."""
+
+    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
+        super().__init__(config)
+        self._state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+        self._drain_task: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)  # type: ignore[arg-type]
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not recorded in _captured_signals: uvicorn would re-raise it after shutdown and the
+        # process would die of the signal instead of exiting 0 after a clean drain.
+        loop = self._loop
+        if self._draining or not self.started or loop is None:
+            if self.should_exit:
+                self.force_exit = True
+            self.should_exit = True
+            return
+        self._draining = True
+        logger.info("received %s: draining", signal.Signals(sig).name)
+        loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        assert self._loop is not None
+        self._drain_task = self._loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        await self._state.drain(self._state.settings.drain_timeout_s)
+        self.should_exit = True
+
+
+def serve(settings: Settings) -> int:
+    """Run the service until SIGTERM; returns the process exit code.
+
+    Errors a user can fix (empty repository, unloadable checkpoint) are logged as one line and
+    give 2.
+    """
+    configure_logging(settings)
+    # The *_created series double every scrape for no use to us; process-wide, hence here.
+    disable_created_metrics()
+    try:
+        Engine.scan(settings.model_repository)
+    except EngineError as err:
+        logger.error("%s", err)
+        return 2
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        lifespan="on",
+        log_config=None,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
+        server_header=False,
+    )
+    server = _DrainingServer(config, app.state.service)
+    server.run()
+    return 0 if server.started else 2

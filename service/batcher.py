@@ -1,0 +1,310 @@
+"""Dynamic batching of inference requests, one batcher per served model.
+
+Requests queue per gate configuration; a batch holds requests of one configuration only, so a
+runtime gate switch takes effect between batches and never inside one. A batch is dispatched as
+soon as the oldest queued request has ``max_batch_size`` compatible mates or has waited
+``max_queue_delay`` (``time.monotonic()``), whichever comes first. Batches run one at a time on
+the engine's compute thread, so while one computes the next one fills up: under load the delay
+is rarely waited out, and at low load it bounds the latency added.
+
+Per request: a deadline (the V2 ``timeout`` parameter or the default) fails it with
+``RequestTimeout`` (504) if it is still queued when the deadline passes; ``Ticket.abandon``
+(the client disconnected) drops it before compute. Neither ever reaches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+
+from service.engine import FloatArray, GateConfig, ItemResult
+from service.errors import (
+    ClientDisconnected,
+    InvalidInput,
+    QueueFull,
+    RequestTimeout,
+    ServerNotReady,
+    ServiceError,
+)
+from service.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+Compute = Callable[[GateConfig, Sequence[FloatArray]], list[ItemResult]]
+
+
+class Ticket:
+    """A queued request: await ``future`` for its result, call ``abandon`` if nobody will."""
+
+    __slots__ = ("_batcher", "array", "enqueued", "future", "gate", "request_id", "taken", "timer")
+
+    def __init__(
+        self,
+        batcher: DynamicBatcher,
+        gate: GateConfig,
+        array: FloatArray,
+        future: asyncio.Future[ItemResult],
+        request_id: str | None,
+    ) -> None:
+        self._batcher = batcher
+        self.gate = gate
+        self.array = array
+        self.future = future
+        self.request_id = request_id
+        self.enqueued = time.monotonic()
+        self.taken = False  # part of a batch already: too late to drop
+        self.timer: asyncio.TimerHandle | None = None
+
+    def abandon(self) -> None:
+        """The client went away: drop the request if it has not reached the model yet."""
+        self._batcher._drop(self, ClientDisconnected("client disconnected before compute"))
+
+
+class DynamicBatcher:
+    """Bounded queue plus one dispatch loop for one model; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        compute: Compute,
+        executor: Executor,
+        metrics: Metrics,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
+            raise ValueError(
+                "max_batch_size and max_queue_size must be >= 1 and max_queue_delay_s >= 0"
+            )
+        self.model = model
+        self._compute = compute
+        self._executor = executor
+        self._max_batch = max_batch_size
+        self._max_delay = max_queue_delay_s
+        self._max_queue = max_queue_size
+        self._queues: dict[GateConfig, deque[Ticket]] = {}
+        self._depth = 0  # live queued tickets (dropped ones may still sit in a deque)
+        self._busy = False
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._want: GateConfig | None = None  # waiting for this key to fill; None: any arrival
+        self._queue_seconds = metrics.queue_seconds.labels(model)
+        self._batch_size = metrics.batch_size.labels(model)
+        self._compute_seconds = {
+            mode: metrics.compute_seconds.labels(model, mode) for mode in metrics.gate_modes
+        }
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a batch."""
+        return self._depth
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch computing."""
+        return self._depth == 0 and not self._busy
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"batcher-{self.model}"
+            )
+
+    def submit(
+        self,
+        gate: GateConfig,
+        array: FloatArray,
+        timeout_s: float,
+        request_id: str | None = None,
+    ) -> Ticket:
+        """Queue one request; raises QueueFull (503) when ``max_queue_size`` are waiting."""
+        if self._closing:
+            raise ServerNotReady("server is shutting down")
+        if self._depth >= self._max_queue:
+            raise QueueFull(
+                f"queue of model {self.model!r} is full ({self._max_queue} requests); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        ticket = Ticket(self, gate, array, loop.create_future(), request_id)
+        ticket.timer = loop.call_later(timeout_s, self._expire, ticket, timeout_s)
+        queue = self._queues.get(gate)
+        if queue is None:
+            queue = self._queues[gate] = deque()
+        queue.append(ticket)
+        self._depth += 1
+        waiter = self._waiter
+        if (
+            waiter is not None
+            and not waiter.done()
+            and (self._want is None or (self._want == gate and len(queue) >= self._max_batch))
+        ):
+            waiter.set_result(None)
+        return ticket
+
+    async def stop(self, timeout_s: float) -> None:
+        """Finish every queued request (no more delay waits), then end the loop.
+
+        Requests still queued after ``timeout_s`` fail with ServerNotReady (503).
+        """
+        self._closing = True
+        self._wake()
+        task = self._task
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except TimeoutError:
+            logger.error(
+                "model %s: %d requests still queued after %.1f s of drain; failing them",
+                self.model, self._depth, timeout_s,
+            )
+            task.cancel()
+            for queue in self._queues.values():
+                for ticket in queue:
+                    self._drop(ticket, ServerNotReady("server shut down before compute"))
+            self._queues.clear()
+
+    # ------------------------------------------------------------------ internals
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _drop(self, ticket: Ticket, error: ServiceError) -> None:
+        if ticket.taken or ticket.future.done():
+            return
+        if ticket.timer is not None:
+            ticket.timer.cancel()
+        self._depth -= 1
+        ticket.future.set_exception(error)
+        # Nobody may await the future (the client is gone): mark the exception as retrieved.
+        ticket.future.exception()
+
+    def _expire(self, ticket: Ticket, timeout_s: float) -> None:
+        self._drop(
+            ticket,
+            RequestTimeout(
+                f"request timed out after {timeout_s:g} s in the queue of model {self.model!r}"
+            ),
+        )
+
+    def _oldest(self) -> GateConfig | None:
+        """Gate configuration whose first live request has waited longest; drops dead heads."""
+        best: GateConfig | None = None
+        best_time = 0.0
+        for gate in list(self._queues):
+            queue = self._queues[gate]
+            while queue and (queue[0].future.done()):
+                queue.popleft()
+            if not queue:
+                del self._queues[gate]
+                continue
+            if best is None or queue[0].enqueued < best_time:
+                best, best_time = gate, queue[0].enqueued
+        return best
+
+    async def _sleep(self, want: GateConfig | None, timeout_s: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter, self._want = waiter, want
+        timer = None
+        if timeout_s is not None:
+            timer = loop.call_later(timeout_s, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    async def _collect(self) -> tuple[GateConfig, list[Ticket]] | None:
+        """Wait for the next batch; None once closing and empty."""
+        while True:
+            gate = self._oldest()
+            if gate is None:
+                if self._closing:
+                    return None
+                await self._sleep(None, None)
+                continue
+            queue = self._queues[gate]
+            if len(queue) >= self._max_batch or self._closing:
+                break
+            remaining = queue[0].enqueued + self._max_delay - time.monotonic()
+            if remaining <= 0:
+                break
+            await self._sleep(gate, remaining)
+        batch: list[Ticket] = []
+        while queue and len(batch) < self._max_batch:
+            ticket = queue.popleft()
+            if ticket.future.done():
+                continue
+            ticket.taken = True
+            if ticket.timer is not None:
+                ticket.timer.cancel()
+            batch.append(ticket)
+        self._depth -= len(batch)
+        if not queue:
+            del self._queues[gate]
+        return gate, batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            collected = await self._collect()
+            if collected is None:
+                return
+            gate, batch = collected
+            if not batch:
+                continue
+            self._busy = True
+            try:
+                await self._execute(loop, gate, batch)
+            finally:
+                self._busy = False
+
+    async def _execute(
+        self, loop: asyncio.AbstractEventLoop, gate: GateConfig, batch: list[Ticket]
+    ) -> None:
+        start = time.monotonic()
+        for ticket in batch:
+            self._queue_seconds.observe(start - ticket.enqueued)
+        arrays = [t.array for t in batch]
+        try:
+            results = await loop.run_in_executor(self._executor, self._compute, gate, arrays)
+        except InvalidInput as err:
+            for ticket in batch:
+                _fail(ticket, err)
+            return
+        except Exception:
+            ids = ", ".join(str(t.request_id) for t in batch)
+            logger.exception(
+                "model %s: batch of %d failed (request ids: %s)", self.model, len(batch), ids
+            )
+            for ticket in batch:
+                _fail(ticket, ServiceError("internal error while computing the batch"))
+            return
+        self._compute_seconds[gate.mode].observe(time.monotonic() - start)
+        self._batch_size.observe(len(batch))
+        for ticket, result in zip(batch, results, strict=True):
+            if not ticket.future.done():
+                ticket.future.set_result(result)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _fail(ticket: Ticket, error: Exception) -> None:
+    if not ticket.future.done():
+        ticket.future.set_exception(error)

@@ -1,0 +1,294 @@
+"""The inference engine: the only module of the service that touches torch and ``models``.
+
+It loads every checkpoint of a model repository, warms each model up, and runs one batch of
+requests at a time: pad to the longest sequence, pass true lengths, forward under
+``torch.inference_mode`` on the model's device, and split the result back per request.
+
+The interface is deliberately narrow (numpy in, numpy and floats out, frozen gate
+configurations as keys) so that a sparse execution plan can later replace the reference forward
+without touching the batcher or the HTTP layer. ``infer`` is blocking and not thread-safe: the
+caller runs it on the one compute thread of :attr:`Engine.executor`, which also makes every batch
+run under exactly one gate configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+import models
+from service.errors import InvalidInput
+
+logger = logging.getLogger(__name__)
+
+GATE_MODES: tuple[str, ...] = tuple(models.GATE_MODES)
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+MODEL_VERSION = "1"
+PLATFORM = "pytorch_gated"
+
+FloatArray = npt.NDArray[np.float32]
+
+
+class EngineError(Exception):
+    """A model repository or checkpoint cannot be served; the message names the path."""
+
+
+@dataclass(frozen=True, slots=True)
+class GateConfig:
+    """One gate configuration, canonical so that equal behaviour gives equal keys.
+
+    Dense ignores every knob; static ignores ``dynamic_weight``; ``keep_ratio`` wins over
+    ``threshold``. The batcher groups requests by this value.
+    """
+
+    mode: str
+    keep_ratio: float | None = None
+    threshold: float | None = None
+    dynamic_weight: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the HTTP layer needs to know about a served model (no torch types)."""
+
+    name: str
+    version: str
+    platform: str
+    in_channels: int
+    num_classes: int
+    max_length: int
+    layers: tuple[str, ...]  # gated layers, in NetworkOutput.kept order
+    config_gate: GateConfig  # the checkpoint's own dynamic keep policy
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    """Result of one request of a batch; ratios are means over the request's rows."""
+
+    logits: FloatArray  # (rows, classes)
+    active_channel_ratio: float
+    flops_ratio: float
+    layer_active_ratios: tuple[float, ...]  # aligned with ModelInfo.layers
+
+
+@dataclass(slots=True)
+class _Loaded:
+    info: ModelInfo
+    network: models.GatedNetwork
+    device: torch.device
+    widths: torch.Tensor  # (L,) float64, gated channels of each layer in `layers` order
+    settings: dict[GateConfig, models.GateSettings]
+
+
+class Engine:
+    """Every model of one repository, on one device, behind a single compute thread."""
+
+    def __init__(self, loaded: Mapping[str, _Loaded]) -> None:
+        self._models = dict(loaded)
+        self.models: Mapping[str, ModelInfo] = {n: m.info for n, m in self._models.items()}
+        # One thread: the forward is already parallel inside torch, and serialising batches is
+        # what makes a runtime gate switch atomic per batch.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gated-compute")
+
+    # ------------------------------------------------------------------ loading
+
+    @staticmethod
+    def scan(repository: Path) -> list[str]:
+        """Names of the models in ``repository`` (sub-folders with a config.yaml), sorted.
+
+        Cheap enough to run before the server starts, so that an empty or misspelled repository
+        fails with a clear message instead of a half-started server.
+        """
+        if not repository.is_dir():
+            raise EngineError(f"model repository {repository}: not a directory")
+        names = sorted(
+            p.name
+            for p in repository.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / "config.yaml").is_file()
+        )
+        if not names:
+            raise EngineError(
+                f"model repository {repository}: no model folders (<name>/config.yaml "
+                "+ model.safetensors); train one with `make train-shipped`"
+            )
+        return names
+
+    @classmethod
+    def load(cls, repository: Path, device: str = "auto", torch_threads: int = 1) -> Engine:
+        """Load every model of ``repository`` on ``device``; raises EngineError."""
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        dev = _resolve_device(device)
+        loaded: dict[str, _Loaded] = {}
+        for name in cls.scan(repository):
+            start = time.monotonic()
+            try:
+                network = models.load_checkpoint(repository / name, dev)
+            except models.ModelError as err:
+                raise EngineError(f"model {name!r}: {err}") from None
+            loaded[name] = _wrap(name, network, dev)
+            logger.info(
+                "loaded model %s on %s in %.2f s", name, dev, time.monotonic() - start
+            )
+        return cls(loaded)
+
+    def warm_up(self, max_batch_rows: int) -> None:
+        """Run each model once per gate mode at batch 1 and ``max_batch_rows``.
+
+        The first forwards allocate and pick kernels; without this the first users pay for it
+        and readiness would be a lie.
+        """
+        for name, loaded in self._models.items():
+            info = loaded.info
+            length = min(info.max_length, 64)
+            for mode in GATE_MODES:
+                gate = self.resolve_gate(name, mode)
+                for rows in sorted({1, max(1, max_batch_rows)}):
+                    x = np.zeros((rows, length, info.in_channels), dtype=np.float32)
+                    self.infer(name, gate, [x])
+            logger.info("warmed up model %s", name)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=False)
+
+    # ------------------------------------------------------------------ gate configurations
+
+    def resolve_gate(
+        self,
+        model: str,
+        mode: str,
+        keep_ratio: float | None = None,
+        threshold: float | None = None,
+        dynamic_weight: float | None = None,
+    ) -> GateConfig:
+        """Validate a gate configuration for ``model`` and fill the model's defaults.
+
+        Dynamic mode without a keep policy uses the checkpoint's; raises InvalidInput naming the
+        offending knob and its allowed values.
+        """
+        loaded = self._models[model]
+        if mode not in GATE_MODES:
+            raise InvalidInput(f"gate_mode: got {mode!r}; allowed: {', '.join(GATE_MODES)}")
+        try:
+            settings = models.settings_for(
+                loaded.network.config, mode, keep_ratio, threshold, dynamic_weight  # type: ignore[arg-type]
+            )
+        except models.ConfigError as err:
+            raise InvalidInput(str(err)) from None
+        gate = _canonical(settings)
+        loaded.settings.setdefault(gate, _settings_of(gate, settings.bucket))
+        return gate
+
+    # ------------------------------------------------------------------ compute
+
+    def infer(self, model: str, gate: GateConfig, inputs: Sequence[FloatArray]) -> list[ItemResult]:
+        """Run one batch: ``inputs`` are (rows_i, T_i, C) float32 arrays, one per request.
+
+        Sequences are padded to the longest T and the true lengths passed, so a request's result
+        does not depend on its batch mates. Blocking; call it on :attr:`executor`.
+        """
+        loaded = self._models[model]
+        settings = loaded.settings.get(gate)
+        if settings is None:
+            raise InvalidInput(f"gate configuration {gate} was not resolved for model {model!r}")
+        rows = [a.shape[0] for a in inputs]
+        total = sum(rows)
+        longest = max(a.shape[1] for a in inputs)
+        channels = loaded.info.in_channels
+        if len(inputs) == 1 and inputs[0].flags.c_contiguous:
+            x = inputs[0]
+            lengths = np.full(total, longest, dtype=np.int64)
+        else:
+            x = np.zeros((total, longest, channels), dtype=np.float32)
+            lengths = np.empty(total, dtype=np.int64)
+            row = 0
+            for a in inputs:
+                x[row : row + a.shape[0], : a.shape[1]] = a
+                lengths[row : row + a.shape[0]] = a.shape[1]
+                row += a.shape[0]
+        with torch.inference_mode():
+            xt = torch.from_numpy(x).to(loaded.device, non_blocking=True)  # (B, T, C)
+            lt = torch.from_numpy(lengths).to(loaded.device, non_blocking=True)  # (B,)
+            try:
+                out = loaded.network(xt, lt, settings)
+            except models.InvalidInputError as err:
+                raise InvalidInput(str(err)) from None
+            kept = torch.stack(
+                [out.kept[layer].to(torch.float64) for layer in loaded.info.layers], 1
+            )  # (B, L)
+            layer_ratio = (kept / loaded.widths).cpu().numpy()  # (B, L)
+            flops = out.flops_ratio.cpu().numpy()  # (B,)
+            logits = out.logits.float().cpu().numpy()  # (B, classes)
+        results: list[ItemResult] = []
+        row = 0
+        for n in rows:
+            layers = layer_ratio[row : row + n].mean(0)
+            results.append(
+                ItemResult(
+                    logits=logits[row : row + n],
+                    active_channel_ratio=float(layers.mean()),
+                    flops_ratio=float(flops[row : row + n].mean()),
+                    layer_active_ratios=tuple(float(v) for v in layers),
+                )
+            )
+            row += n
+        return results
+
+
+def _resolve_device(device: str) -> torch.device:
+    # `auto` picks CUDA when present; asking for CUDA without one is a configuration error.
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EngineError("device (GATED_DEVICE): cuda requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def _wrap(name: str, network: models.GatedNetwork, device: torch.device) -> _Loaded:
+    cfg = network.config
+    widths = network.gated_widths()
+    layers = tuple(widths)
+    dp = cfg.dynamic_pruning_config
+    keep = dp.keep_ratio
+    info = ModelInfo(
+        name=name,
+        version=MODEL_VERSION,
+        platform=PLATFORM,
+        in_channels=cfg.model.in_channels,
+        num_classes=cfg.model.num_classes,
+        max_length=cfg.model.max_length,
+        layers=layers,
+        config_gate=GateConfig("dynamic", keep, None if keep is not None else dp.threshold),
+        device=str(device),
+    )
+    width_t = torch.tensor([float(widths[k]) for k in layers], dtype=torch.float64, device=device)
+    return _Loaded(info, network, device, width_t, {})
+
+
+def _canonical(settings: models.GateSettings) -> GateConfig:
+    if settings.mode == "dense":
+        return GateConfig("dense")
+    keep = settings.keep_ratio
+    threshold = None if keep is not None else settings.threshold
+    weight = settings.dynamic_weight if settings.mode == "dynamic" else None
+    return GateConfig(settings.mode, keep, threshold, weight)
+
+
+def _settings_of(gate: GateConfig, bucket: int) -> models.GateSettings:
+    kwargs: dict[str, Any] = {
+        "keep_ratio": gate.keep_ratio,
+        "threshold": gate.threshold,
+        "dynamic_weight": gate.dynamic_weight,
+    }
+    return models.GateSettings(gate.mode, bucket=bucket, **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,132 @@
+"""Admin API: read and switch a model's runtime gate configuration.
+
+``PUT /admin/models/{m}/gate`` replaces the configuration that requests without gate parameters
+run under. Requests already queued keep the configuration they were admitted with and batches
+never mix configurations, so a switch is atomic per batch: in-flight work finishes as it started
+and nothing is dropped. Every call needs ``Authorization: Bearer <GATED_ADMIN_TOKEN>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Literal
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.engine import GateConfig
+from service.errors import AdminDisabled, Forbidden, InvalidInput, Unauthorized
+from service.state import ServiceState
+
+logger = logging.getLogger(__name__)
+
+
+class GateUpdate(BaseModel):
+    """Body of ``PUT /admin/models/{m}/gate``; omitted knobs take the model's defaults.
+
+    ```
+    {"mode": "dense"|"static"|"dynamic", "keep_ratio": (0, 1] | null,
+     "threshold": [0, 1] | null, "dynamic_weight": [0, 1] | null}
+    ```
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["dense", "static", "dynamic"]
+    keep_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    dynamic_weight: float | None = Field(None, ge=0.0, le=1.0)
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(prefix="/admin", tags=["admin"])
+    router.add_api_route("/models/{model_name}/gate", get_gate, methods=["GET"])
+    router.add_api_route("/models/{model_name}/gate", put_gate, methods=["PUT"])
+    return router
+
+
+def _authorize(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    token = state.settings.admin_token
+    if token is None:
+        raise AdminDisabled("admin API is disabled: set GATED_ADMIN_TOKEN to enable it")
+    header = request.headers.get("authorization")
+    if header is None:
+        raise Unauthorized("missing Authorization: Bearer <token> header")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise Unauthorized("Authorization header must be 'Bearer <token>'")
+    # Constant time: response timing must not reveal how much of a guess was right.
+    if not hmac.compare_digest(
+        presented.strip().encode(), token.get_secret_value().encode()
+    ):
+        raise Forbidden("invalid admin token")
+    return state
+
+
+def _gate_body(model: str, gate: GateConfig, **extra: object) -> Response:
+    body = {
+        "model": model,
+        "mode": gate.mode,
+        "keep_ratio": gate.keep_ratio,
+        "threshold": gate.threshold,
+        "dynamic_weight": gate.dynamic_weight,
+        **extra,
+    }
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+async def get_gate(request: Request, model_name: str) -> Response:
+    """The configuration requests without gate parameters currently run under."""
+    state = _authorize(request)
+    runtime = state.model(model_name)
+    return _gate_body(model_name, runtime.gate)
+
+
+async def put_gate(request: Request, model_name: str) -> Response:
+    """Switch the runtime gate configuration; answers the new and the previous one."""
+    state = _authorize(request)
+    runtime = state.model(model_name)
+    state.check_ready()
+    try:
+        update = GateUpdate.model_validate_json(await request.body())
+    except ValidationError as err:
+        raise InvalidInput(_describe(err)) from None
+    engine = state.engine
+    assert engine is not None  # check_ready passed
+    gate = engine.resolve_gate(
+        model_name, update.mode, update.keep_ratio, update.threshold, update.dynamic_weight
+    )
+    previous, runtime.gate = runtime.gate, gate
+    if state.metrics is not None:
+        state.metrics.gate_switches.labels(model_name, gate.mode).inc()
+        state.metrics.set_gate(model_name, gate.mode, gate.keep_ratio)
+    logger.info(
+        "model %s: gate switched from %s to %s", model_name, _show(previous), _show(gate)
+    )
+    return _gate_body(
+        model_name,
+        gate,
+        previous={"mode": previous.mode, "keep_ratio": previous.keep_ratio,
+                  "threshold": previous.threshold, "dynamic_weight": previous.dynamic_weight},
+    )
+
+
+def _show(gate: GateConfig) -> str:
+    return (
+        f"{gate.mode}(keep_ratio={gate.keep_ratio}, threshold={gate.threshold}, "
+        f"dynamic_weight={gate.dynamic_weight})"
+    )
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{where}: {item['msg']}")
+    return "invalid gate update: " + "; ".join(parts) + (
+        " (fields: mode in dense|static|dynamic, keep_ratio in (0, 1], threshold in [0, 1], "
+        "dynamic_weight in [0, 1])"
+    )

@@ -1,0 +1,158 @@
+"""Runtime settings of the inference service: one ``Settings`` object, validated once at startup.
+
+Sources, highest priority first: explicit overrides (command-line flags), ``GATED_*`` environment
+variables, an optional YAML file (``gated serve --config settings.yaml``), then the defaults below.
+Nothing else in the service reads the environment; the validated object is passed down.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "GATED_"
+# The shipped checkpoints live beside the model code; every sub-folder is one served model.
+DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "models" / "pretrained"
+
+GateModeName = Literal["dense", "static", "dynamic"]
+
+# The YAML file of the settings being built. A context variable rather than a class attribute so
+# that loading settings never mutates the class (tests build many Settings side by side).
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("gated_settings_file", default=None)
+
+
+class SettingsError(Exception):
+    """Settings cannot be loaded; the message is one line that names the setting."""
+
+
+class Settings(BaseSettings):
+    """Every runtime knob of ``gated serve``; environment names are ``GATED_<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
+    )
+
+    host: str = Field("127.0.0.1", min_length=1, description="interface to bind")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one")
+    model_repository: Path = Field(
+        DEFAULT_REPOSITORY, description="directory whose <model-name>/ sub-folders are served"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Runtime gate configuration every model starts with (changed later through the admin API).
+    default_gate_mode: GateModeName = "dynamic"
+    # None: the keep policy of each model's own config (dynamic_pruning_config.keep_ratio).
+    default_keep_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    # Dynamic batching. A batch holds at most max_batch_size requests of one gate configuration;
+    # the oldest queued request waits at most max_queue_delay_ms for batch mates.
+    batching: bool = Field(True, description="false: one forward per request (naive baseline)")
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_queue_delay_ms: float = Field(2.0, ge=0.0, le=10_000.0)
+    max_queue_size: int = Field(512, ge=1, description="queued requests per model before 503")
+    # Requests may lower or raise this with the V2 `timeout` parameter (microseconds).
+    request_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="body limit (413)")
+    max_request_rows: int = Field(256, ge=1, description="batch dimension of one request")
+    # Non-finite inputs propagate into every logit of the request; refuse them unless asked.
+    allow_non_finite: bool = False
+    admin_token: SecretStr | None = Field(None, description="Bearer token of /admin; unset: off")
+    # Intra-op threads of the forward pass. The models are small: extra threads mostly spin and
+    # steal the core the event loop needs; 0 keeps torch's own default.
+    torch_threads: int = Field(1, ge=0, le=256)
+    # Seconds a SIGTERM waits for queued and in-flight requests before giving up on them.
+    drain_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # One log line per request costs more than the request itself on a small model: off by default.
+    access_log: bool = False
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _blank_token_is_unset(cls, value: Any) -> Any:
+        # `GATED_ADMIN_TOKEN=` in a shell or a compose file means "no token", not an empty secret
+        # that anyone could present.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 32`)")
+        return value
+
+    @field_validator("model_repository")
+    @classmethod
+    def _is_directory(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"{value} is not a directory")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get()
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build and validate the settings; raises SettingsError with a one-line message.
+
+    ``overrides`` with the value None are ignored, so unset command-line flags fall through to the
+    environment, the file and the defaults.
+    """
+    if config_file is not None:
+        _check_file(config_file)
+    token = _CONFIG_FILE.set(config_file)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as err:
+        raise SettingsError(format_settings_error(err)) from None
+    finally:
+        _CONFIG_FILE.reset(token)
+
+
+def format_settings_error(err: ValidationError) -> str:
+    """One line naming each offending setting, its environment variable and what is allowed."""
+    parts = []
+    for item in err.errors():
+        name = ".".join(str(p) for p in item["loc"]) or "settings"
+        env = f"{ENV_PREFIX}{name.upper()}"
+        got = item.get("input")
+        # Never echo a secret back, even a rejected one.
+        hidden = name == "admin_token" or isinstance(got, dict) or item["type"] == "missing"
+        shown = "" if hidden else f" (got {got!r})"
+        message = str(item["msg"]).removeprefix("Value error, ")
+        parts.append(f"{name} ({env}): {message}{shown}")
+    return "invalid settings: " + "; ".join(parts)
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise SettingsError(f"settings file {path}: not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SettingsError(f"settings file {path}: unreadable YAML: {first}") from None
+    if data is not None and not isinstance(data, dict):
+        raise SettingsError(f"settings file {path}: must be a mapping of setting: value")
