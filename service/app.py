@@ -274,7 +274,7 @@ def serve(settings: Settings) -> int:
     """
     configure_logging(settings)
     # The *_created series double every scrape for no use to us; process-wide, hence here.
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
         Engine.scan(settings.model_repository)
     except EngineError as err:

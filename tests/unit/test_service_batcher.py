@@ -1,0 +1,192 @@
+"""DynamicBatcher: batch size and delay, homogeneity, queue bound, timeouts, disconnects, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.batcher import DynamicBatcher
+from service.engine import GATE_MODES, FloatArray, GateConfig, ItemResult
+from service.errors import ClientDisconnected, QueueFull, RequestTimeout
+from service.metrics import Metrics
+
+DYNAMIC = GateConfig("dynamic", 0.5)
+DENSE = GateConfig("dense")
+
+
+class FakeEngine:
+    """Records every batch; returns each request's first value as its 'logits'."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.batches: list[tuple[GateConfig, list[float]]] = []
+        self.delay_s = delay_s
+
+    def __call__(self, gate: GateConfig, arrays: Sequence[FloatArray]) -> list[ItemResult]:
+        time.sleep(self.delay_s)
+        self.batches.append((gate, [float(a.ravel()[0]) for a in arrays]))
+        return [ItemResult(a[:, 0, :1], 1.0, 1.0, (1.0,)) for a in arrays]
+
+
+def _x(value: float) -> FloatArray:
+    return np.full((1, 4, 1), value, dtype=np.float32)
+
+
+def _batcher(engine: FakeEngine, pool: ThreadPoolExecutor, **kw: float) -> DynamicBatcher:
+    metrics = Metrics(CollectorRegistry(), {"m": ("blocks.0",)}, GATE_MODES, "test")
+    options = {"max_batch_size": 4, "max_queue_delay_s": 0.05, "max_queue_size": 16, **kw}
+    return DynamicBatcher(
+        model="m", compute=engine, executor=pool, metrics=metrics,
+        max_batch_size=int(options["max_batch_size"]),
+        max_queue_delay_s=float(options["max_queue_delay_s"]),
+        max_queue_size=int(options["max_queue_size"]),
+    )
+
+
+def _run(coro_fn: object) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        asyncio.run(coro_fn(pool))  # type: ignore[operator]
+
+
+def test_full_batch_dispatches_without_waiting_and_keeps_order() -> None:
+    engine = FakeEngine()
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        b = _batcher(engine, pool, max_queue_delay_s=10.0)
+        b.start()
+        start = time.monotonic()
+        tickets = [b.submit(DYNAMIC, _x(i), 5.0) for i in range(8)]
+        results = await asyncio.gather(*(t.future for t in tickets))
+        assert time.monotonic() - start < 2.0  # never waited out the 10 s delay
+        assert [float(r.logits[0, 0]) for r in results] == list(range(8))
+        await b.stop(1.0)
+
+    _run(scenario)
+    assert [len(values) for _, values in engine.batches] == [4, 4]
+
+
+def test_partial_batch_waits_at_most_the_delay() -> None:
+    engine = FakeEngine()
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        b = _batcher(engine, pool, max_queue_delay_s=0.03)
+        b.start()
+        start = time.monotonic()
+        tickets = [b.submit(DYNAMIC, _x(i), 5.0) for i in range(3)]
+        await asyncio.gather(*(t.future for t in tickets))
+        assert 0.02 <= time.monotonic() - start < 1.0
+        await b.stop(1.0)
+
+    _run(scenario)
+    assert engine.batches == [(DYNAMIC, [0.0, 1.0, 2.0])]
+
+
+def test_batches_never_mix_gate_configurations() -> None:
+    engine = FakeEngine()
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        b = _batcher(engine, pool, max_queue_delay_s=0.01)
+        b.start()
+        gates = [DYNAMIC, DENSE, DYNAMIC, GateConfig("static"), DENSE, DYNAMIC]
+        tickets = [b.submit(g, _x(i), 5.0) for i, g in enumerate(gates)]
+        await asyncio.gather(*(t.future for t in tickets))
+        await b.stop(1.0)
+
+    _run(scenario)
+    assert sorted((g.mode, v) for g, v in engine.batches) == [
+        ("dense", [1.0, 4.0]), ("dynamic", [0.0, 2.0, 5.0]), ("static", [3.0])
+    ]
+
+
+def test_queue_bound_raises_queue_full() -> None:
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        b = _batcher(FakeEngine(), pool, max_queue_size=2)  # not started: nothing drains
+        b.submit(DYNAMIC, _x(0), 5.0)
+        b.submit(DYNAMIC, _x(1), 5.0)
+        with pytest.raises(QueueFull, match="full"):
+            b.submit(DYNAMIC, _x(2), 5.0)
+        assert b.depth == 2
+
+    _run(scenario)
+
+
+def test_timeout_in_queue_fails_before_compute() -> None:
+    engine = FakeEngine()
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        b = _batcher(engine, pool, max_queue_delay_s=0.2)
+        b.start()
+        late = b.submit(DYNAMIC, _x(1), 0.01)
+        ok = b.submit(DYNAMIC, _x(2), 5.0)
+        with pytest.raises(RequestTimeout, match="timed out"):
+            await late.future
+        assert (await ok.future).logits[0, 0] == 2.0
+        await b.stop(1.0)
+
+    _run(scenario)
+    assert engine.batches == [(DYNAMIC, [2.0])]
+
+
+def test_abandoned_request_is_dropped_before_compute() -> None:
+    engine = FakeEngine()
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        b = _batcher(engine, pool, max_queue_delay_s=0.05)
+        b.start()
+        gone = b.submit(DYNAMIC, _x(1), 5.0)
+        kept = b.submit(DYNAMIC, _x(2), 5.0)
+        gone.abandon()
+        assert b.depth == 1
+        with pytest.raises(ClientDisconnected):
+            await gone.future
+        await kept.future
+        await b.stop(1.0)
+
+    _run(scenario)
+    assert engine.batches == [(DYNAMIC, [2.0])]
+
+
+def test_stop_finishes_queued_requests_without_waiting_the_delay() -> None:
+    engine = FakeEngine(delay_s=0.01)
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        b = _batcher(engine, pool, max_queue_delay_s=30.0)
+        b.start()
+        tickets = [b.submit(DYNAMIC, _x(i), 60.0) for i in range(6)]
+        await asyncio.sleep(0)
+        start = time.monotonic()
+        await b.stop(5.0)
+        assert time.monotonic() - start < 5.0
+        assert all(t.future.done() and not t.future.exception() for t in tickets)
+        assert b.idle
+
+    _run(scenario)
+    assert sum(len(v) for _, v in engine.batches) == 6
+
+
+def test_compute_failure_fails_the_batch_with_500() -> None:
+    def broken(gate: GateConfig, arrays: Sequence[FloatArray]) -> list[ItemResult]:
+        raise RuntimeError("boom")
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        metrics = Metrics(CollectorRegistry(), {"m": ()}, GATE_MODES, "test")
+        b = DynamicBatcher(model="m", compute=broken, executor=pool, metrics=metrics,
+                           max_batch_size=2, max_queue_delay_s=0.0, max_queue_size=4)
+        b.start()
+        ticket = b.submit(DYNAMIC, _x(0), 5.0)
+        with pytest.raises(Exception, match="internal error") as info:
+            await ticket.future
+        assert getattr(info.value, "status", None) == 500
+        await b.stop(1.0)
+
+    _run(scenario)
+
+
+def test_invalid_construction() -> None:
+    with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match="max_batch_size"):
+        _batcher(FakeEngine(), pool, max_batch_size=0)

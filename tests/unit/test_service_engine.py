@@ -1,0 +1,88 @@
+"""Engine: repository loading, gate resolution, forward equal to the model's, padding invariance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models import load_checkpoint
+from service.engine import Engine, EngineError, GateConfig
+from service.errors import InvalidInput
+from tests.utils.service import TINY_MAX_LENGTH, reference_logits
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_repository: Path) -> Engine:
+    return Engine.load(tiny_repository, "cpu", torch_threads=1)
+
+
+def test_scan_and_load(engine: Engine, tiny_repository: Path, tmp_path: Path) -> None:
+    assert Engine.scan(tiny_repository) == ["tiny", "tiny2"]
+    info = engine.models["tiny"]
+    assert (info.in_channels, info.num_classes, info.max_length) == (1, 10, TINY_MAX_LENGTH)
+    assert info.layers == ("blocks.0", "blocks.1")
+    assert info.config_gate == GateConfig("dynamic", 0.5)
+    with pytest.raises(EngineError, match="no model folders"):
+        Engine.scan(tmp_path)
+    with pytest.raises(EngineError, match="not a directory"):
+        Engine.scan(tmp_path / "absent")
+
+
+def test_broken_checkpoint_names_the_model(tmp_path: Path) -> None:
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.yaml").write_text("model: {channels: 4}\n")
+    with pytest.raises(EngineError, match="model 'bad'.*model.safetensors"):
+        Engine.load(tmp_path, "cpu")
+
+
+def test_resolve_gate_is_canonical_and_validated(engine: Engine) -> None:
+    assert engine.resolve_gate("tiny", "dense", 0.3, 0.2, 0.9) == GateConfig("dense")
+    assert engine.resolve_gate("tiny", "dynamic") == GateConfig("dynamic", 0.5)
+    assert engine.resolve_gate("tiny", "dynamic", 0.25, 0.9) == GateConfig("dynamic", 0.25)
+    assert engine.resolve_gate("tiny", "static", None, 0.5, 0.7) == GateConfig("static", None, 0.5)
+    with pytest.raises(InvalidInput, match="allowed: dense, static, dynamic"):
+        engine.resolve_gate("tiny", "sparse")
+    with pytest.raises(InvalidInput, match="keep_ratio"):
+        engine.resolve_gate("tiny", "dynamic", 0.0)
+
+
+@pytest.mark.parametrize("mode", ["dense", "static", "dynamic"])
+def test_infer_equals_model_forward(engine: Engine, tiny_repository: Path, mode: str) -> None:
+    net = load_checkpoint(tiny_repository / "tiny")
+    x = np.random.default_rng(0).standard_normal((3, 20, 1)).astype(np.float32)
+    [result] = engine.infer("tiny", engine.resolve_gate("tiny", mode), [x])
+    np.testing.assert_allclose(result.logits, reference_logits(net, x, mode), atol=1e-5)
+    assert 0.0 < result.flops_ratio <= 1.0 and 0.0 < result.active_channel_ratio <= 1.0
+    assert len(result.layer_active_ratios) == 2
+    if mode == "dense":
+        assert result.active_channel_ratio == result.flops_ratio == 1.0
+    if mode == "dynamic":
+        assert result.active_channel_ratio < 1.0 and result.flops_ratio < 1.0
+
+
+def test_mixed_lengths_in_one_batch_equal_solo(engine: Engine) -> None:
+    rng = np.random.default_rng(1)
+    gate = engine.resolve_gate("tiny", "dynamic", 0.5)
+    inputs = [
+        rng.standard_normal((rows, length, 1)).astype(np.float32)
+        for rows, length in [(1, 40), (2, 7), (1, TINY_MAX_LENGTH), (3, 23)]
+    ]
+    together = engine.infer("tiny", gate, inputs)
+    for x, batched in zip(inputs, together, strict=True):
+        [solo] = engine.infer("tiny", gate, [x])
+        np.testing.assert_allclose(batched.logits, solo.logits, atol=1e-5)
+        assert batched.flops_ratio == pytest.approx(solo.flops_ratio)
+        assert batched.active_channel_ratio == pytest.approx(solo.active_channel_ratio)
+
+
+def test_unresolved_gate_is_refused(engine: Engine) -> None:
+    with pytest.raises(InvalidInput, match="not resolved"):
+        engine.infer("tiny", GateConfig("dynamic", 0.123), [np.zeros((1, 4, 1), np.float32)])
+
+
+def test_warm_up_runs_every_mode(engine: Engine) -> None:
+    engine.warm_up(max_batch_rows=2)
+    for mode in ("dense", "static", "dynamic"):
+        assert engine.resolve_gate("tiny2", mode) is not None
