@@ -1,0 +1,85 @@
+"""Process lifecycle on a real server: SIGTERM drains, and the shipped checkpoint serves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+
+from tests.integration.conftest import ROOT, start_server
+from tests.utils.service import json_request
+
+SHIPPED = ROOT / "models" / "pretrained" / "mnist1d-conv"
+
+
+def _queue_depth(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith('gated_queue_depth{model="tiny"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_sigterm_drains_in_flight_then_exits_zero(
+    integration_repository: Path, tmp_path: Path
+) -> None:
+    # A long queue delay keeps the requests queued while the signal arrives.
+    server = start_server(
+        integration_repository, tmp_path, max_batch_size=64, max_queue_delay_ms=1500
+    )
+    try:
+        x = np.random.default_rng(0).standard_normal((1, 40)).astype(np.float32)
+        started = threading.Barrier(5)
+
+        def call() -> int:
+            started.wait(5)
+            return httpx.post(
+                f"{server.url}/v2/models/tiny/infer", json=json_request(x), timeout=30
+            ).status_code
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(call) for _ in range(4)]
+            started.wait(5)
+            deadline = time.monotonic() + 5
+            while _queue_depth(server.url) < 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _queue_depth(server.url) == 4
+            os.kill(server.process.pid, signal.SIGTERM)
+            ready = httpx.get(f"{server.url}/v2/health/ready")
+            assert ready.status_code == 503 and "shutting down" in ready.json()["error"]
+            assert ready.headers["retry-after"]
+            late = httpx.post(f"{server.url}/v2/models/tiny/infer", json=json_request(x))
+            assert late.status_code == 503
+            assert [f.result(timeout=30) for f in futures] == [200] * 4
+        assert server.process.wait(30) == 0, server.output()
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="no shipped checkpoint")
+def test_shipped_checkpoint_serves_by_default(tmp_path: Path) -> None:
+    from models import load_checkpoint
+    from tests.utils.service import reference_logits
+
+    server = start_server(None, tmp_path)
+    try:
+        x = np.random.default_rng(0).standard_normal((4, 40)).astype(np.float32)
+        client = triton.InferenceServerClient(server.address)
+        inp = triton.InferInput("input", [4, 40], "FP32")
+        inp.set_data_from_numpy(x)
+        result = client.infer("mnist1d-conv", [inp])
+        client.close()
+        net = load_checkpoint(SHIPPED)
+        np.testing.assert_allclose(
+            result.as_numpy("logits"), reference_logits(net, x, "dynamic"), atol=1e-5
+        )
+        assert server.stop() == 0
+    finally:
+        server.stop()
