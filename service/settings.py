@@ -53,10 +53,13 @@ class Settings(BaseSettings):
     # None: the keep policy of each model's own config (dynamic_pruning_config.keep_ratio).
     default_keep_ratio: float | None = Field(None, gt=0.0, le=1.0)
     # Dynamic batching. A batch holds at most max_batch_size requests of one gate configuration;
-    # the oldest queued request waits at most max_queue_delay_ms for batch mates.
+    # the oldest queued request waits at most max_queue_delay_ms for batch mates. Under load
+    # batches fill while the previous one computes, so the delay only matters when the compute
+    # thread is idle; on CPU a short one measured best at every concurrency
+    # (benchmarks/serve_bench.py), a GPU with a flat cost per batch may want more.
     batching: bool = Field(True, description="false: one forward per request (naive baseline)")
     max_batch_size: int = Field(32, ge=1, le=4096)
-    max_queue_delay_ms: float = Field(2.0, ge=0.0, le=10_000.0)
+    max_queue_delay_ms: float = Field(0.5, ge=0.0, le=10_000.0)
     max_queue_size: int = Field(512, ge=1, description="queued requests per model before 503")
     # Requests may lower or raise this with the V2 `timeout` parameter (microseconds).
     request_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)

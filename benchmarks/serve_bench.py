@@ -1,0 +1,353 @@
+"""Closed-loop load test of ``gated serve``: dynamic batching against a naive baseline.
+
+Usage::
+
+    .venv/bin/python benchmarks/serve_bench.py            # full run, about 2 minutes
+    .venv/bin/python benchmarks/serve_bench.py --quick    # smoke run, a few seconds per point
+
+For each server mode (``batched``: the dynamic batcher; ``naive``: ``GATED_BATCHING=false``, the
+same model and process doing one forward per request) a real server is started as a subprocess
+on 127.0.0.1, one after the other so they never compete for the cores. Against each, for each
+encoding (V2 binary tensors, V2 JSON) and each concurrency (1, 8, 32), C connections send
+requests back to back for a fixed time (closed loop: a connection sends its next request when
+the previous answer arrived). Reported per point: throughput, p50/p99 latency, errors, and the
+mean batch size read from the server's own ``gated_batch_size`` histogram.
+
+The client speaks HTTP/1.1 over keep-alive sockets with pre-encoded request bodies, so that the
+load generator, which shares the machine with the server, costs as little CPU as possible.
+Results go to ``benchmarks/results/serve_<device>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "models" / "pretrained"
+CONFIG = ROOT / "models" / "configs" / "mnist1d_conv.yaml"
+RESULTS = ROOT / "benchmarks" / "results"
+MODEL = "mnist1d-conv"
+CONCURRENCIES = (1, 8, 32)
+
+logger = logging.getLogger("serve_bench")
+
+
+@dataclass
+class Point:
+    server: str  # batched | naive
+    encoding: str  # binary | json
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    throughput_rps: float
+    p50_ms: float
+    p99_ms: float
+    mean_batch_size: float
+
+
+# ---------------------------------------------------------------------- requests
+
+
+def _bodies(x: np.ndarray) -> dict[str, tuple[bytes, dict[str, str]]]:
+    """Pre-encoded V2 request bodies and headers per encoding, for input ``x`` (1, T)."""
+    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+    header = orjson.dumps(
+        {
+            "parameters": {"binary_data_output": True},
+            "inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}],
+        }
+    )
+    as_json = orjson.dumps({"inputs": [{**tensor, "data": x.ravel().tolist()}]})
+    return {
+        "binary": (
+            header + x.astype("<f4").tobytes(),
+            {"Inference-Header-Content-Length": str(len(header))},
+        ),
+        "json": (as_json, {}),
+    }
+
+
+def _http_request(port: int, body: bytes, headers: dict[str, str]) -> bytes:
+    lines = [
+        f"POST /v2/models/{MODEL}/infer HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        f"Content-Length: {len(body)}",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+    if match is None:
+        raise RuntimeError("response without Content-Length")
+    await reader.readexactly(int(match.group(1)))
+    return status
+
+
+async def _connection(
+    port: int, payload: bytes, until: float, latencies: list[float], errors: list[int]
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while time.perf_counter() < until:
+            start = time.perf_counter()
+            writer.write(payload)
+            status = await _read_response(reader)
+            if status == 200:
+                latencies.append(time.perf_counter() - start)
+            else:
+                errors.append(status)
+    finally:
+        writer.close()
+
+
+async def _load(
+    port: int, payload: bytes, concurrency: int, seconds: float
+) -> tuple[list[float], list[int], float]:
+    latencies: list[float] = []
+    errors: list[int] = []
+    start = time.perf_counter()
+    await asyncio.gather(
+        *(
+            _connection(port, payload, start + seconds, latencies, errors)
+            for _ in range(concurrency)
+        )
+    )
+    return latencies, errors, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------- servers
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _batch_stats(port: int) -> tuple[float, float]:
+    """(sum, count) of the server's gated_batch_size histogram for the model."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith(f'gated_batch_size_sum{{model="{MODEL}"}}'):
+            total = float(line.split()[-1])
+        elif line.startswith(f'gated_batch_size_count{{model="{MODEL}"}}'):
+            count = float(line.split()[-1])
+    return total, count
+
+
+def _start(repository: Path, mode: str, args: argparse.Namespace, log: Path) -> tuple[
+    subprocess.Popen[bytes], int
+]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATED_")}
+    env.update(
+        GATED_BATCHING="true" if mode == "batched" else "false",
+        GATED_MAX_BATCH_SIZE=str(args.max_batch_size),
+        GATED_DEVICE=args.device,
+        GATED_LOG_LEVEL="warning",
+    )
+    if args.max_queue_delay_ms is not None:
+        env["GATED_MAX_QUEUE_DELAY_MS"] = str(args.max_queue_delay_ms)
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repository),
+             "--port", str(port)],
+            stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        )
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{mode} server exited:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1):
+                return process, port
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"{mode} server not ready:\n{log.read_text()}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def _repository(tmp: Path) -> tuple[Path, str]:
+    """The shipped checkpoint if present, else the shipped config with random weights."""
+    if (SHIPPED / MODEL / "model.safetensors").is_file():
+        return SHIPPED, "shipped checkpoint"
+    from models import build_network, load_config, save_checkpoint
+
+    save_checkpoint(build_network(load_config(CONFIG)).eval(), tmp / MODEL)
+    return tmp, "shipped config, random weights (checkpoint absent)"
+
+
+# ---------------------------------------------------------------------- run and report
+
+
+def _run(args: argparse.Namespace) -> dict[str, object]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 40)).astype(np.float32)
+    bodies = _bodies(x)
+    points: list[Point] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        repository, source = _repository(Path(tmp))
+        for mode in ("batched", "naive"):
+            process, port = _start(repository, mode, args, Path(tmp) / f"{mode}.log")
+            try:
+                for encoding in ("binary", "json"):
+                    payload = _http_request(port, *bodies[encoding])
+                    for concurrency in CONCURRENCIES:
+                        asyncio.run(_load(port, payload, concurrency, args.warmup))
+                        before = _batch_stats(port)
+                        latencies, errors, seconds = asyncio.run(
+                            _load(port, payload, concurrency, args.seconds)
+                        )
+                        after = _batch_stats(port)
+                        batches = after[1] - before[1]
+                        lat = np.array(latencies) * 1000.0
+                        point = Point(
+                            server=mode,
+                            encoding=encoding,
+                            concurrency=concurrency,
+                            requests=len(latencies),
+                            errors=len(errors),
+                            seconds=round(seconds, 3),
+                            throughput_rps=round(len(latencies) / seconds, 1),
+                            p50_ms=round(float(np.percentile(lat, 50)), 3) if len(lat) else 0.0,
+                            p99_ms=round(float(np.percentile(lat, 99)), 3) if len(lat) else 0.0,
+                            mean_batch_size=round((after[0] - before[0]) / batches, 2)
+                            if batches
+                            else 1.0,
+                        )
+                        points.append(point)
+                        logger.info("%s", point)
+            finally:
+                _stop(process)
+    return {
+        "model": MODEL,
+        "model_source": source,
+        "device": _device_name(args.device),
+        "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "settings": {
+            "max_batch_size": args.max_batch_size,
+            "max_queue_delay_ms": args.max_queue_delay_ms or "server default",
+            "seconds_per_point": args.seconds,
+            "warmup_seconds": args.warmup,
+            "request": "one sequence [1, 40] FP32 per request",
+        },
+        "points": [asdict(p) for p in points],
+        "acceptance_c32": _acceptance(points),
+    }
+
+
+def _acceptance(points: list[Point]) -> dict[str, object]:
+    """Batched vs naive at concurrency 32, per encoding: throughput ratio and p99."""
+    out: dict[str, object] = {}
+    for encoding in ("binary", "json"):
+        at = {p.server: p for p in points if p.encoding == encoding and p.concurrency == 32}
+        if {"batched", "naive"} <= at.keys() and at["naive"].throughput_rps > 0:
+            b, n = at["batched"], at["naive"]
+            out[encoding] = {
+                "throughput_ratio": round(b.throughput_rps / n.throughput_rps, 2),
+                "p99_batched_ms": b.p99_ms,
+                "p99_naive_ms": n.p99_ms,
+                "met": b.throughput_rps >= 2 * n.throughput_rps and b.p99_ms <= n.p99_ms,
+            }
+    return out
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return "cpu"
+
+
+def markdown(result: dict[str, object]) -> str:
+    """The results as a markdown table (one row per point)."""
+    rows = [
+        "| server | encoding | concurrency | throughput (req/s) | p50 (ms) | p99 (ms) "
+        "| mean batch | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    points = result["points"]
+    assert isinstance(points, list)
+    for p in points:
+        rows.append(
+            f"| {p['server']} | {p['encoding']} | {p['concurrency']} | {p['throughput_rps']} "
+            f"| {p['p50_ms']} | {p['p99_ms']} | {p['mean_batch_size']} | {p['errors']} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 s per point, for smoke runs")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per point")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-queue-delay-ms", type=float, help="default: the server's")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.warmup = 1.0, 0.2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    result = _run(args)
+    table = markdown(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"serve_{result['device']}" + ("_quick" if args.quick else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(
+        f"Serve benchmark on {result['device']} ({result['cpus']} CPUs, load average "
+        f"{result['load_average_at_start']:.1f} at start), {result['model_source']}.\n\n"
+        + table
+        + "\nAcceptance at concurrency 32: "
+        + json.dumps(result["acceptance_c32"])
+        + "\n"
+    )
+    sys.stdout.write(table)
+    sys.stdout.write(json.dumps(result["acceptance_c32"]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
