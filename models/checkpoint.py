@@ -68,7 +68,8 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
     ]
     if problems:
         raise CheckpointError(
-            f"{path}: weights do not match config.yaml: " + "; ".join(problems[:10])
+            f"{path}: weights do not match config.yaml: "
+            + "; ".join(problems[:10])
             + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
         )
     model.load_state_dict(tensors)

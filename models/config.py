@@ -76,7 +76,10 @@ class ArchitectureConfig(_Strict):
     hidden: int = Field(64, ge=1, description="gated hidden width H of each block")
     num_blocks: int = Field(3, ge=1)
     kernel_size: int = Field(5, ge=1)
-    norm: Literal["batch", "layer"] = Field("batch", description="norm before each gated conv")
+    # Norm before each gated conv: per-request statistics ("sequence", over valid steps and
+    # channels), per time step ("layer") or running batch statistics ("batch"; these differ
+    # between the dense and the pruned passes, so pruned modes lose accuracy).
+    norm: Literal["batch", "layer", "sequence"] = "sequence"
     # transformer
     d_model: int = Field(64, ge=1)
     ffn: int = Field(256, ge=1, description="gated FFN intermediate width")
@@ -198,7 +201,9 @@ def parse_config(data: Any, source: str = "config") -> ModelConfig:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as err:
@@ -217,4 +222,3 @@ def load_config(path: str | Path) -> ModelConfig:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return parse_config(data, str(path))
-

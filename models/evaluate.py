@@ -64,4 +64,3 @@ def evaluate(
         keep_ratio=settings.keep_ratio,
         threshold=settings.threshold,
     )
-

@@ -80,7 +80,25 @@ def temperature_at(step: int, temperature: float, decay: float, freq: int, minim
     return max(temperature * decay ** (step // freq), minimum)
 
 
-class HardConcreteGate(nn.Module):
+class StaticGate(nn.Module):
+    """One learned scalar per prunable structure (a channel, a head); SPEC §1."""
+
+    def forward(self) -> torch.Tensor:  # (n,) gate values in [0, 1]
+        raise NotImplementedError
+
+    def expected_l0(self) -> torch.Tensor:
+        """Differentiable count of open gates (the L0 objective's input)."""
+        raise NotImplementedError
+
+    def scores(self) -> torch.Tensor:
+        """Monotone importance used to rank channels when a static keep ratio is applied."""
+        raise NotImplementedError
+
+    def set_temperature(self, beta: float) -> None:
+        """Apply the trainer's temperature schedule (no-op for gates without one)."""
+
+
+class HardConcreteGate(StaticGate):
     """HardConcrete gates, one per structure (Louizos, Welling, Kingma 2018; as in CoFi/DPHuBERT).
 
     Stochastic stretched-and-clamped samples in training, deterministic exact 0/1-capable values
@@ -114,14 +132,13 @@ class HardConcreteGate(nn.Module):
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-GAMMA / ZETA)).sum()
 
     def scores(self) -> torch.Tensor:
-        """Monotone importance used to rank channels when a static keep ratio is applied."""
         return self.log_alpha
 
     def set_temperature(self, beta: float) -> None:
         self.beta.fill_(beta)
 
 
-class SigmoidGate(nn.Module):
+class SigmoidGate(StaticGate):
     """Continuous gates z = σ(logit) in training and inference; L0 proxy Σ z (SPEC §1)."""
 
     def __init__(
@@ -145,9 +162,6 @@ class SigmoidGate(nn.Module):
     def scores(self) -> torch.Tensor:
         return self.logit
 
-    def set_temperature(self, beta: float) -> None:
-        del beta
-
 
 STATIC_GATES: dict[GateType, type[HardConcreteGate] | type[SigmoidGate]] = {
     "hardconcrete": HardConcreteGate,
@@ -155,7 +169,7 @@ STATIC_GATES: dict[GateType, type[HardConcreteGate] | type[SigmoidGate]] = {
 }
 
 
-def make_static_gate(n: int, cfg: ModelConfig, device: torch.device | None = None) -> nn.Module:
+def make_static_gate(n: int, cfg: ModelConfig, device: torch.device | None = None) -> StaticGate:
     gate_cls = STATIC_GATES[cfg.dynamic_pruning_config.gate_type]
     return gate_cls(n, cfg.init_mean, cfg.temperature, device=device)
 
@@ -218,7 +232,7 @@ class DynamicStructuredGate(nn.Module):
         self.dynamic_weight = dp.dynamic_weight
         self.dynamic_mode = cfg.dynamic_mode
         self.per_step = cfg.input_gating and not dp.predictor_config.use_global_pool
-        self.static_gate = make_static_gate(n, cfg, device=device)
+        self.static_gate: StaticGate = make_static_gate(n, cfg, device=device)
         self.predictor: InputPredictor | None = (
             InputPredictor(in_channels, n, dp.predictor_config, device=device)
             if cfg.input_gating
@@ -227,7 +241,8 @@ class DynamicStructuredGate(nn.Module):
 
     def static_values(self) -> torch.Tensor:
         """(n,) static gate values: stochastic in training, deterministic in eval."""
-        return self.static_gate()
+        values: torch.Tensor = self.static_gate()
+        return values
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor, settings: GateSettings

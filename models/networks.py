@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from torch import nn
 from models.config import ModelConfig
 from models.errors import ArchitectureError, InvalidInputError
 from models.flops import attention_macs, conv1d_macs, linear_macs
-from models.gates import DynamicStructuredGate, GateSettings, make_static_gate
+from models.gates import DynamicStructuredGate, GateSettings, StaticGate, make_static_gate
 from models.predictor import time_mask
 
 
@@ -56,10 +57,10 @@ class GatedNetwork(nn.Module):
             if isinstance(module, DynamicStructuredGate):
                 yield name, module
 
-    def static_gates(self) -> Iterator[nn.Module]:
+    def static_gates(self) -> Iterator[StaticGate]:
         """Every static gate (channels and heads): the structures the L0 objective counts."""
         for module in self.modules():
-            if hasattr(module, "expected_l0") and not isinstance(module, DynamicStructuredGate):
+            if isinstance(module, StaticGate):
                 yield module
 
     def gated_widths(self) -> dict[str, int]:
@@ -91,10 +92,48 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class _ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, T) tensor."""
+    """LayerNorm over the channels of each time step."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        del mask
+        return super().forward(x)
+
+
+class _SequenceNorm(nn.Module):
+    """Normalise each request over its valid steps and all channels, then a per-channel affine.
+
+    Like BatchNorm it keeps the relative amplitude of time steps (LayerNorm per step does not),
+    like LayerNorm it has no running statistics: the same in training and inference, whatever
+    the mode or the batch mates.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        count = m.sum((1, 2), keepdim=True).clamp_min(1.0) * x.shape[-1]
+        mean = (x * m).sum((1, 2), keepdim=True) / count  # (B, 1, 1)
+        var = (((x - mean) * m) ** 2).sum((1, 2), keepdim=True) / count
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+class _BatchNorm(nn.BatchNorm1d):
+    """BatchNorm over (B, T, C) inputs."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        del mask
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+_NORMS: dict[str, type[nn.Module]] = {
+    "batch": _BatchNorm,
+    "layer": _ChannelLayerNorm,
+    "sequence": _SequenceNorm,
+}
 
 
 class GatedConvBlock(nn.Module):
@@ -104,11 +143,7 @@ class GatedConvBlock(nn.Module):
         super().__init__()
         m = cfg.model
         self.channels, self.hidden, self.kernel_size = m.channels, m.hidden, m.kernel_size
-        # BatchNorm (running statistics at inference, so padding never leaks across requests)
-        # or LayerNorm over channels per time step (no statistics at all).
-        self.norm: nn.Module = (
-            nn.BatchNorm1d(m.channels) if m.norm == "batch" else _ChannelLayerNorm(m.channels)
-        )
+        self.norm = _NORMS[m.norm](m.channels)
         self.conv1 = nn.Conv1d(m.channels, m.hidden, m.kernel_size, padding=m.kernel_size // 2)
         self.conv2 = nn.Conv1d(m.hidden, m.channels, 1)
         self.gate = DynamicStructuredGate(m.hidden, m.channels, cfg)
@@ -118,7 +153,7 @@ class GatedConvBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C), mask (B, T) -> (B, T, C), kept (B,)."""
         m = mask.unsqueeze(-1).to(x.dtype)
-        h = self.norm(x.transpose(1, 2)).transpose(1, 2) * m  # (B, T, C); padding is zero, as the conv's own padding
+        h = self.norm(x, mask) * m  # (B, T, C); padding is zero, as the conv's own padding
         gate, kept = self.gate(h, mask, settings)
         h = F.gelu(self.conv1(h.transpose(1, 2))).transpose(1, 2)  # (B, T, H)
         if gate is not None:
@@ -166,7 +201,7 @@ class GatedConvNet(GatedNetwork):
         fixed = conv1d_macs(lengths, m.in_channels, m.channels, m.kernel_size)
         fixed = fixed + linear_macs(torch.ones_like(lengths), m.channels, m.num_classes)
         macs, dense = fixed.clone(), fixed.clone()
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(cast(list[GatedConvBlock], self.blocks)):
             macs = macs + block.macs(lengths, kept[f"blocks.{i}"].to(torch.float64), with_predictor)
             full = torch.full_like(lengths, m.hidden, dtype=torch.float64)
             dense = dense + block.macs(lengths, full, with_predictor=False)
@@ -263,7 +298,7 @@ class GatedTransformer(GatedNetwork):
         fixed = linear_macs(lengths, m.in_channels, m.d_model)
         fixed = fixed + linear_macs(ones, m.d_model, m.num_classes)
         macs, dense = fixed.clone(), fixed.clone()
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(cast(list[GatedEncoderLayer], self.layers)):
             hk = heads[f"layers.{i}.heads"].to(torch.float64)
             fk = kept[f"layers.{i}.ffn"].to(torch.float64)
             macs = macs + layer.macs(lengths, hk, fk, with_predictor)

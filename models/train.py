@@ -31,7 +31,7 @@ from models.checkpoint import save_checkpoint
 from models.config import GATE_MODES, ModelConfig
 from models.data import load_mnist1d
 from models.evaluate import evaluate
-from models.gates import GateSettings, settings_for, temperature_at
+from models.gates import GateSettings, StaticGate, settings_for, temperature_at
 from models.networks import GatedNetwork, build_network
 
 logger = logging.getLogger(__name__)
@@ -67,11 +67,13 @@ def expected_sparsity(model: GatedNetwork) -> torch.Tensor:
     return 1.0 - torch.stack(open_).sum() / total
 
 
-def gate_size(gate: torch.nn.Module) -> int:
+def gate_size(gate: StaticGate) -> int:
     return int(next(gate.parameters()).numel())
 
 
-def _split_parameters(model: GatedNetwork) -> tuple[list, list, list]:
+def _split_parameters(
+    model: GatedNetwork,
+) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     gate_ids = {id(p) for g in model.static_gates() for p in g.parameters()}
     pred_ids = {id(p) for p in model.predictor_parameters()}
     weights, gates, preds = [], [], []
@@ -86,10 +88,16 @@ def _split_parameters(model: GatedNetwork) -> tuple[list, list, list]:
 
 
 def _distill(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
-    return F.kl_div(
-        F.log_softmax(student / tau, -1), F.log_softmax(teacher.detach() / tau, -1),
-        log_target=True, reduction="batchmean",
-    ) * tau * tau
+    return (
+        F.kl_div(
+            F.log_softmax(student / tau, -1),
+            F.log_softmax(teacher.detach() / tau, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * tau
+        * tau
+    )
 
 
 def train(
@@ -145,7 +153,10 @@ def train(
             idx = order[start : start + tc.batch_size]
             x, y, lengths = x_all[idx], y_all[idx], len_all[idx]
             beta = temperature_at(
-                step, cfg.temperature, cfg.temperature_decay, cfg.temperature_decay_freq,
+                step,
+                cfg.temperature,
+                cfg.temperature_decay,
+                cfg.temperature_decay_freq,
                 cfg.min_temperature,
             )
             for gate in model.static_gates():
@@ -177,7 +188,7 @@ def train(
             lambda_opt.zero_grad(set_to_none=True)
             if gate_opt is not None:
                 gate_opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             scheduler.step()
             if gate_opt is not None and step >= gating_start:
@@ -188,12 +199,19 @@ def train(
             loss_sum += loss.item() * len(y)
             bar.update(1)
             bar.set_postfix(
-                epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                sparsity=f"{sparsity.item():.2f}", beta=f"{beta:.2f}",
+                epoch=epoch + 1,
+                loss=f"{loss_sum / seen:.3f}",
+                acc=f"{correct / seen:.3f}",
+                sparsity=f"{sparsity.item():.2f}",
+                beta=f"{beta:.2f}",
             )
         logger.info(
             "epoch %d/%d loss %.4f train acc %.4f sparsity %.3f",
-            epoch + 1, tc.epochs, loss_sum / seen, correct / seen, sparsity.item(),
+            epoch + 1,
+            tc.epochs,
+            loss_sum / seen,
+            correct / seen,
+            sparsity.item(),
         )
     bar.close()
 

@@ -124,9 +124,20 @@ def test_cli_bad_key_exits_nonzero_without_traceback(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(SEED_YAML + "temprature: 2.0\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "train", "--config", str(path), "--out",
-         str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "train",
+            "--config",
+            str(path),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
     )
     assert proc.returncode == 2
     assert "temprature: got 2.0; unknown key" in proc.stderr

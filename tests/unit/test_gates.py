@@ -91,8 +91,17 @@ def test_sigmoid_gate_is_continuous_with_l0_proxy() -> None:
 
 @pytest.mark.parametrize(
     ("ratio", "n_open", "bucket", "k"),
-    [(0.5, 64, 8, 32), (0.3, 64, 8, 24), (0.01, 64, 8, 8), (0.9, 60, 8, 56), (0.99, 60, 8, 60),
-     (0.25, 64, 1, 16), (0.26, 64, 4, 20), (1.0, 5, 8, 5), (0.5, 0, 8, 0)],
+    [
+        (0.5, 64, 8, 32),
+        (0.3, 64, 8, 24),
+        (0.01, 64, 8, 8),
+        (0.9, 60, 8, 56),
+        (0.99, 60, 8, 60),
+        (0.25, 64, 1, 16),
+        (0.26, 64, 4, 20),
+        (1.0, 5, 8, 5),
+        (0.5, 0, 8, 0),
+    ],
 )
 def test_topk_bucketing(ratio: float, n_open: int, bucket: int, k: int) -> None:
     assert bucketed_k(ratio, n_open, bucket) == k

@@ -22,7 +22,11 @@ from models.gates import bucketed_k
 TINY = {
     "conv": {"name": "conv", "channels": 8, "hidden": 16, "num_blocks": 2, "max_length": 64},
     "transformer": {
-        "name": "transformer", "d_model": 16, "ffn": 32, "num_heads": 2, "num_layers": 2,
+        "name": "transformer",
+        "d_model": 16,
+        "ffn": 32,
+        "num_heads": 2,
+        "num_layers": 2,
         "max_length": 64,
     },
 }
@@ -50,7 +54,9 @@ SETTINGS = [
 
 @pytest.mark.parametrize("arch", ["conv", "transformer"])
 @pytest.mark.parametrize("global_pool", [True, False])
-@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: f"{s.mode}-{s.keep_ratio}-{s.threshold}")
+@pytest.mark.parametrize(
+    "settings", SETTINGS, ids=lambda s: f"{s.mode}-{s.keep_ratio}-{s.threshold}"
+)
 def test_request_result_is_independent_of_batch_mates(
     arch: str, global_pool: bool, settings: GateSettings
 ) -> None:
@@ -116,7 +122,9 @@ def test_registry_errors_and_import_path() -> None:
         build_network(ModelConfig.model_validate({"model": {"name": "resnet"}}))
     with pytest.raises(ArchitectureError, match="cannot import"):
         build_network(ModelConfig.model_validate({"model": {"name": "nowhere.mod:build"}}))
-    net = build_network(ModelConfig.model_validate({"model": {"name": "models.networks:GatedConvNet"}}))
+    net = build_network(
+        ModelConfig.model_validate({"model": {"name": "models.networks:GatedConvNet"}})
+    )
     assert type(net).__name__ == "GatedConvNet"
 
 
@@ -138,7 +146,9 @@ def test_checkpoint_round_trip(arch: str, tmp_path: Path) -> None:
     save_checkpoint(net, tmp_path / "ckpt", metadata={"note": "x"})
     loaded = load_checkpoint(tmp_path / "ckpt")
     assert loaded.config == net.config
-    assert all(g.beta.item() == pytest.approx(0.3) for g in loaded.static_gates() if hasattr(g, "beta"))
+    assert all(
+        g.beta.item() == pytest.approx(0.3) for g in loaded.static_gates() if hasattr(g, "beta")
+    )
     x, lengths = torch.randn(2, 12, 1), torch.tensor([12, 7])
     settings = GateSettings("dynamic", keep_ratio=0.5, bucket=2)
     with torch.inference_mode():
