@@ -97,9 +97,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 name, settings.default_gate_mode,
                 settings.default_keep_ratio if settings.default_gate_mode != "dense" else None,
             )
-            batcher = None
+            runtime = ModelRuntime(info=info, gate=gate, batcher=None)
             if settings.batching:
-                batcher = DynamicBatcher(
+                runtime.batcher = DynamicBatcher(
                     model=name,
                     compute=functools.partial(engine.infer, name),
                     executor=engine.executor,
@@ -107,11 +107,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                     max_batch_size=settings.max_batch_size,
                     max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
                     max_queue_size=settings.max_queue_size,
+                    inflight=_inflight_of(runtime),
                 )
-                batcher.start()
-            runtime = ModelRuntime(info=info, gate=gate, batcher=batcher)
+                runtime.batcher.start()
             state.models[name] = runtime
-            metrics.watch(name, _depth_of(batcher), _inflight_of(runtime))
+            metrics.watch(name, _depth_of(runtime.batcher), _inflight_of(runtime))
             metrics.set_gate(name, gate.mode, gate.keep_ratio)
             metrics.model_ready.labels(name).set(1)
         # torch, fastapi and the models leave ~200k long-lived objects; every full collection

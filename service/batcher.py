@@ -3,7 +3,8 @@
 Requests queue per gate configuration; a batch holds requests of one configuration only, so a
 runtime gate switch takes effect between batches and never inside one. A batch is dispatched as
 soon as the oldest queued request has ``max_batch_size`` compatible mates or has waited
-``max_queue_delay`` (``time.monotonic()``), whichever comes first. Batches run one at a time on
+``max_queue_delay`` (``time.monotonic()``), whichever comes first; at light load it does not
+wait when no other request for the model is in flight (``inflight``). Batches run one at a time on
 the engine's compute thread, so while one computes the next one fills up: under load the delay
 is rarely waited out, and at low load it bounds the latency added.
 
@@ -77,6 +78,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_size: int,
+        inflight: Callable[[], int] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError(
@@ -88,6 +90,8 @@ class DynamicBatcher:
         self._max_batch = max_batch_size
         self._max_delay = max_queue_delay_s
         self._max_queue = max_queue_size
+        self._inflight = inflight
+        self._last_size = 0  # requests in the previous batch: a cheap load signal
         self._queues: dict[GateConfig, deque[Ticket]] = {}
         self._depth = 0  # live queued tickets (dropped ones may still sit in a deque)
         self._busy = False
@@ -242,6 +246,15 @@ class DynamicBatcher:
             remaining = queue[0].enqueued + self._max_delay - time.monotonic()
             if remaining <= 0:
                 break
+            # Light load (the last batch was a single request) and every request the server
+            # holds for this model is already queued: no mate is on its way, waiting would only
+            # add latency. Under load the delay is kept: it lets batches grow.
+            if (
+                self._last_size <= 1
+                and self._inflight is not None
+                and self._inflight() <= self._depth
+            ):
+                break
             await self._sleep(gate, remaining)
         batch: list[Ticket] = []
         while queue and len(batch) < self._max_batch:
@@ -253,6 +266,7 @@ class DynamicBatcher:
                 ticket.timer.cancel()
             batch.append(ticket)
         self._depth -= len(batch)
+        self._last_size = len(batch)
         if not queue:
             del self._queues[gate]
         return gate, batch

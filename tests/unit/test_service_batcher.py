@@ -86,6 +86,30 @@ def test_partial_batch_waits_at_most_the_delay() -> None:
     assert engine.batches == [(DYNAMIC, [0.0, 1.0, 2.0])]
 
 
+def test_lone_request_at_light_load_skips_the_delay() -> None:
+    engine = FakeEngine()
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        metrics = Metrics(CollectorRegistry(), {"m": ()}, GATE_MODES, "test")
+        inflight = [1]
+        b = DynamicBatcher(model="m", compute=engine, executor=pool, metrics=metrics,
+                           max_batch_size=4, max_queue_delay_s=0.3, max_queue_size=8,
+                           inflight=lambda: inflight[0])
+        b.start()
+        start = time.monotonic()
+        await b.submit(DYNAMIC, _x(0), 5.0).future
+        assert time.monotonic() - start < 0.2  # nobody else in flight: no wait
+        inflight[0] = 3  # a third request is still being read: worth waiting for
+        start = time.monotonic()
+        pair = [b.submit(DYNAMIC, _x(i), 5.0) for i in (1, 2)]
+        await asyncio.gather(*(t.future for t in pair))
+        assert time.monotonic() - start >= 0.25
+        await b.stop(1.0)
+
+    _run(scenario)
+    assert [v for _, v in engine.batches] == [[0.0], [1.0, 2.0]]
+
+
 def test_batches_never_mix_gate_configurations() -> None:
     engine = FakeEngine()
 
