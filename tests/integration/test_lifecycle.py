@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
+import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 import tritonclient.http as triton
 
@@ -27,37 +29,58 @@ def _queue_depth(url: str) -> float:
     return 0.0
 
 
+def _inflight(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith('gated_inflight_requests{model="tiny"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
 def test_sigterm_drains_in_flight_then_exits_zero(
     integration_repository: Path, tmp_path: Path
 ) -> None:
-    # A long queue delay keeps the requests queued while the signal arrives.
+    """Queued requests and one still uploading its body when SIGTERM arrives all get 200."""
+    # A long queue delay keeps requests queued while the signal arrives; the half-sent request
+    # keeps the batcher from taking the queue for the whole load.
     server = start_server(
         integration_repository, tmp_path, max_batch_size=64, max_queue_delay_ms=1500
     )
     try:
         x = np.random.default_rng(0).standard_normal((1, 40)).astype(np.float32)
-        started = threading.Barrier(5)
+        body = orjson.dumps(json_request(x))
+        slow = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        slow.sendall(
+            b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: test\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10]
+        )
+        _wait_for(lambda: _inflight(server.url) == 1)
 
         def call() -> int:
-            started.wait(5)
             return httpx.post(
-                f"{server.url}/v2/models/tiny/infer", json=json_request(x), timeout=30
+                f"{server.url}/v2/models/tiny/infer", content=body, timeout=30
             ).status_code
 
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(call) for _ in range(4)]
-            started.wait(5)
-            deadline = time.monotonic() + 5
-            while _queue_depth(server.url) < 4 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert _queue_depth(server.url) == 4
+            _wait_for(lambda: _queue_depth(server.url) == 4)
             os.kill(server.process.pid, signal.SIGTERM)
             ready = httpx.get(f"{server.url}/v2/health/ready")
             assert ready.status_code == 503 and "shutting down" in ready.json()["error"]
             assert ready.headers["retry-after"]
-            late = httpx.post(f"{server.url}/v2/models/tiny/infer", json=json_request(x))
+            late = httpx.post(f"{server.url}/v2/models/tiny/infer", content=body)
             assert late.status_code == 503
+            slow.sendall(body[10:])
+            answer = slow.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
             assert [f.result(timeout=30) for f in futures] == [200] * 4
+        slow.close()
         assert server.process.wait(30) == 0, server.output()
     finally:
         server.stop()
