@@ -106,3 +106,69 @@ def test_shipped_checkpoint_serves_by_default(tmp_path: Path) -> None:
         assert server.stop() == 0
     finally:
         server.stop()
+
+
+def _metric(url: str, prefix: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_queue_timeout_full_queue_and_disconnect(
+    integration_repository: Path, tmp_path: Path
+) -> None:
+    """504 for a request whose V2 timeout passes in the queue, 503 + Retry-After when the queue
+    is full, and a client that disconnects while queued is dropped before compute."""
+    server = start_server(
+        integration_repository, tmp_path, max_batch_size=64, max_queue_delay_ms=1500,
+        max_queue_size=2,
+    )
+    try:
+        x = np.random.default_rng(0).standard_normal((1, 40)).astype(np.float32)
+        body = orjson.dumps(json_request(x))
+        head = (
+            f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: test\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        # A half-sent request keeps the batcher waiting for it, so the queue holds.
+        holder = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        holder.sendall(head + body[:10])
+        _wait_for(lambda: _inflight(server.url) == 1)
+
+        timed = httpx.post(
+            f"{server.url}/v2/models/tiny/infer",
+            json=json_request(x, timeout=200_000), timeout=30,
+        )
+        assert timed.status_code == 504 and "timed out" in timed.json()["error"]
+
+        leaver = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        leaver.sendall(head + body)
+        _wait_for(lambda: _queue_depth(server.url) == 1)
+        leaver.close()
+        reason = 'gated_rejected_requests_total{reason="client_disconnected"}'
+        _wait_for(lambda: _metric(server.url, reason) == 1)
+        assert _queue_depth(server.url) == 0
+
+        def call() -> int:
+            return httpx.post(
+                f"{server.url}/v2/models/tiny/infer", content=body, timeout=30
+            ).status_code
+
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(call) for _ in range(2)]
+            _wait_for(lambda: _queue_depth(server.url) == 2)
+            full = httpx.post(f"{server.url}/v2/models/tiny/infer", content=body)
+            assert full.status_code == 503 and "full" in full.json()["error"]
+            assert full.headers["retry-after"] == "1"
+            holder.sendall(body[10:])  # admitted long ago, but the queue is full now
+            assert holder.recv(65536).startswith(b"HTTP/1.1 503")
+            assert [f.result(timeout=30) for f in futures] == [200, 200]
+        holder.close()
+        computed = _metric(server.url, 'gated_batch_size_sum{model="tiny"}')
+        assert computed == 2  # the two callers; never the timed-out request or the leaver
+        assert _metric(server.url, 'gated_rejected_requests_total{reason="timeout"}') == 1
+        assert _metric(server.url, 'gated_rejected_requests_total{reason="queue_full"}') == 2
+        assert server.stop() == 0
+    finally:
+        server.stop()
