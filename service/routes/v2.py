@@ -72,6 +72,12 @@ _ACCOUNTING: dict[type[Exception], tuple[str, str | None]] = {
 def build_router() -> APIRouter:
     """The V2 router; mounted by ``create_app``."""
     router = APIRouter(prefix="/v2", tags=["v2"])
+    # Inference first, as plain Starlette routes: matched before anything else and without
+    # FastAPI's per-request dependency solving, about a tenth of the per-request CPU here.
+    # (add_route does not apply the router prefix itself.)
+    infer_path = f"{router.prefix}/models/{{model_name}}"
+    router.add_route(f"{infer_path}/infer", infer, methods=["POST"])
+    router.add_route(f"{infer_path}/versions/{{model_version}}/infer", infer, methods=["POST"])
     router.add_api_route("/health/live", live, methods=["GET"])
     router.add_api_route("/health/ready", ready, methods=["GET"])
     router.add_api_route("", server_metadata, methods=["GET"])
@@ -82,10 +88,6 @@ def build_router() -> APIRouter:
     router.add_api_route("/models/{model_name}/ready", model_ready, methods=["GET"])
     router.add_api_route(
         "/models/{model_name}/versions/{model_version}/ready", model_ready, methods=["GET"]
-    )
-    router.add_api_route("/models/{model_name}/infer", infer, methods=["POST"])
-    router.add_api_route(
-        "/models/{model_name}/versions/{model_version}/infer", infer, methods=["POST"]
     )
     router.add_api_route("/repository/index", repository_index, methods=["POST"])
     return router
@@ -174,8 +176,10 @@ def _input_shape(info: ModelInfo) -> list[int]:
 # ---------------------------------------------------------------------- inference
 
 
-async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
+async def infer(request: Request) -> Response:
     """V2 inference: JSON or binary tensors in, logits plus gate and sparsity parameters out."""
+    model_name: str = request.path_params["model_name"]
+    model_version: str | None = request.path_params.get("model_version")
     state = _state(request)
     start = time.monotonic()
     metrics = state.metrics
