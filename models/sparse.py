@@ -1,0 +1,790 @@
+"""Sparse execution plans: a closed channel costs nothing (SPEC §4).
+
+:func:`compile_plan` turns a loaded gated network and one :class:`GateSettings` into a
+:class:`SparsePlan`, a drop-in for the network's forward (same inputs, same
+:class:`NetworkOutput`: logits, kept, macs, dense_macs) that executes only what the gates keep:
+
+- ``dense``: every channel and head, no gate math.
+- ``static``: the static keep set is input independent, so it is applied once at compile time:
+  closed channels and heads are physically removed and the gate values are folded into the
+  second projection (``W2[:, j] · z_j``; a head's ``z`` into its columns of the output
+  projection). A request runs plain, smaller matmuls.
+- ``dynamic``: the predictor runs per request, the keep policy picks the channels, and only those
+  are computed. Both projections of a gated layer are packed hidden-channel-major in one matrix
+  ``[W1 row | W2ᵀ row | b1]`` of shape (H, D_in + D_out + 1 + pad), so the kept set of a request
+  is one ``index_select`` of contiguous rows. Execution strategies, picked per (batch size, k)
+  by a short timing at compile time: per-request gather + matmul, batched gather + ``baddbmm``
+  over chunks of requests (the gathered weights of a chunk stay in cache), and the dense
+  fallback (all open channels, kept ones scaled, the others multiplied by zero) which wins when
+  the kept fraction is high. Requests of a batch that share a bucketed k share a kernel call;
+  with a threshold policy the batch is split into such groups. Per-time-step gates
+  (``use_global_pool: false``) run the dense fallback with the per-step mask: correct, no saving.
+
+The conv architecture uses the same kernels: its k-wide convolution is a matmul over the
+unfolded input (B, T, C·k), the 1×1 convolution a matmul over channels.
+
+Everything runs on the device of the model's weights, under ``torch.inference_mode``. The hot
+loop has no host-device synchronisation except with a threshold policy, whose per-request kept
+counts decide the kernel shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.flops import conv1d_macs, linear_macs
+from models.gates import DynamicStructuredGate, GateSettings, apply_keep_policy, bucketed_k
+from models.networks import (
+    GatedConvBlock,
+    GatedConvNet,
+    GatedEncoderLayer,
+    GatedNetwork,
+    GatedTransformer,
+    NetworkOutput,
+)
+from models.predictor import InputPredictor, time_mask
+
+_VAR_EPS = 1e-5  # SPEC §2, as in models.predictor
+_PACK_ALIGN = 16  # packed rows padded to a multiple of 16 floats (64 bytes) for aligned loads
+DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How one gated layer runs for one (batch size, k): ``dense`` or gather in chunks.
+
+    ``chunk`` requests share one gather + ``baddbmm``; chunk 1 is the per-request loop (plain
+    ``addmm``), chunk ≥ batch one batched call.
+    """
+
+    kind: str  # "dense" | "gather"
+    chunk: int = 1
+
+    def __str__(self) -> str:
+        return "dense" if self.kind == "dense" else f"gather/{self.chunk}"
+
+
+DENSE = Strategy("dense")
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+class _GatedMLP:
+    """One gated hidden layer: y = x + (gelu(u·W1ᵀ + b1) · g)·W2ᵀ + b2, over kept channels only.
+
+    ``u`` (B, T, D_in) is the layer's input features (the unfolded input for a conv),
+    ``x`` (B, T, D_out) the residual. The dense weights cover the channels that may ever be
+    kept (statically open ones); the packed matrix covers all H so that top-k indices over the
+    full gate vector index it directly.
+    """
+
+    def __init__(
+        self,
+        w1: torch.Tensor,  # (H, D_in)
+        b1: torch.Tensor,  # (H,)
+        w2: torch.Tensor,  # (D_out, H)
+        b2: torch.Tensor,  # (D_out,)
+        dense_rows: torch.Tensor | None,  # (n_dense,) channels of the dense path; None = all
+        scale: torch.Tensor | None = None,  # (H,) folded into W2's columns (static mode)
+        packed: bool = False,
+    ) -> None:
+        self.d_in, self.d_out = w1.shape[1], w2.shape[0]
+        self.b2 = b2.detach().contiguous()
+        w2 = w2.detach() if scale is None else w2.detach() * scale  # (D_out, H)
+        rows = dense_rows
+        self.w1 = (w1 if rows is None else w1[rows]).detach().contiguous()  # (n, D_in)
+        self.b1 = (b1 if rows is None else b1[rows]).detach().contiguous()  # (n,)
+        self.w2t = (w2 if rows is None else w2[:, rows]).t().contiguous()  # (n, D_out)
+        self.width = self.w1.shape[0]
+        self.packed: torch.Tensor | None = None
+        if packed:
+            raw = self.d_in + self.d_out + 1
+            width = -(-raw // _PACK_ALIGN) * _PACK_ALIGN
+            pk = w1.new_zeros(w1.shape[0], width)  # (H, W)
+            pk[:, : self.d_in] = w1.detach()
+            pk[:, self.d_in : self.d_in + self.d_out] = w2.t()
+            pk[:, self.d_in + self.d_out] = b1.detach()
+            self.packed = pk
+
+    def dense(self, u: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """u (B, T, D_in), x (B, T, D_out), gate (B, 1|T, n) or None -> (B, T, D_out)."""
+        b, t, _ = u.shape
+        if self.width == 0:
+            return x + self.b2
+        h = F.gelu(torch.addmm(self.b1, u.reshape(b * t, -1), self.w1.t()))  # (B·T, n)
+        if gate is not None:
+            h.view(b, t, -1).mul_(gate)
+        y = torch.addmm(self.b2, h, self.w2t)  # (B·T, D_out)
+        return y.view(b, t, -1).add_(x)
+
+    def gather(
+        self,
+        u: torch.Tensor,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        values: torch.Tensor,
+        chunk: int,
+    ) -> torch.Tensor:
+        """Kept channels only: idx (B, k) into the packed rows, values (B, k) their gates."""
+        assert self.packed is not None
+        b, t, _ = u.shape
+        k = idx.shape[1]
+        d_in, d_out = self.d_in, self.d_out
+        if k == 0:
+            return x + self.b2
+        out = torch.empty_like(x)  # (B, T, D_out)
+        if chunk <= 1:
+            for i in range(b):
+                g = self.packed.index_select(0, idx[i])  # (k, W): one contiguous row each
+                h = F.gelu(torch.addmm(g[:, d_in + d_out], u[i], g[:, :d_in].t()))  # (T, k)
+                h.mul_(values[i])
+                torch.addmm(x[i], h, g[:, d_in : d_in + d_out], out=out[i])  # (T, D_out)
+        else:
+            for s in range(0, b, chunk):
+                e = min(b, s + chunk)
+                g = self.packed.index_select(0, idx[s:e].reshape(-1)).view(e - s, k, -1)
+                bias = g[:, :, d_in + d_out].unsqueeze(1)  # (c, 1, k)
+                h = F.gelu(torch.baddbmm(bias, u[s:e], g[:, :, :d_in].transpose(1, 2)))
+                h.mul_(values[s:e].unsqueeze(1))  # (c, T, k)
+                torch.baddbmm(x[s:e], h, g[:, :, d_in : d_in + d_out], out=out[s:e])
+        return out.add_(self.b2)
+
+    def run(
+        self,
+        u: torch.Tensor,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        values: torch.Tensor,
+        strategy: Strategy,
+        dense_map: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Kept channels (idx, values) by ``strategy``; ``dense_map`` (H,) -> dense column."""
+        if strategy.kind == "gather":
+            return self.gather(u, x, idx, values, strategy.chunk)
+        gate = values.new_zeros(idx.shape[0], self.width)  # (B, n)
+        gate.scatter_(1, idx if dense_map is None else dense_map[idx], values)
+        return self.dense(u, x, gate.unsqueeze(1))
+
+
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _candidates(batch: int) -> list[Strategy]:
+    chunks = sorted({1, *(c for c in (4, 8) if c < batch), batch})
+    return [DENSE, *(Strategy("gather", c) for c in chunks)]
+
+
+def _calibrate(
+    mlp: _GatedMLP,
+    open_rows: torch.Tensor,
+    dense_map: torch.Tensor | None,
+    batch: int,
+    k: int,
+    length: int,
+    reps: int,
+) -> tuple[Strategy, dict[str, float]]:
+    """Time each strategy on random inputs of this shape; interleaved repeats, medians."""
+    dev = open_rows.device
+    gen = torch.Generator(device="cpu").manual_seed(batch * 7919 + k)
+    u = torch.randn(batch, length, mlp.d_in, generator=gen).to(dev)
+    x = torch.randn(batch, length, mlp.d_out, generator=gen).to(dev)
+    scores = torch.rand(batch, open_rows.numel(), generator=gen).to(dev)
+    values, pos = scores.topk(k, dim=-1)
+    idx = open_rows[pos]  # (B, k) full channel indices
+    cands = _candidates(batch)
+    times: dict[Strategy, list[float]] = {s: [] for s in cands}
+    for rep in range(reps + 1):
+        for s in cands:
+            t = _time_once(lambda s=s: mlp.run(u, x, idx, values, s, dense_map), dev)
+            if rep:  # the first round only warms up allocators and kernels
+                times[s].append(t)
+    medians = {s: statistics.median(v) for s, v in times.items()}
+    best = min(medians, key=lambda s: medians[s])
+    return best, {str(s): round(v * 1e3, 4) for s, v in medians.items()}
+
+
+# --------------------------------------------------------------------------- gates
+
+
+class _FastPredictor:
+    """SPEC §2 global-pool predictor with masks shared across layers; same math as
+    :class:`InputPredictor`, fewer kernel launches (one ``var_mean`` without padding)."""
+
+    def __init__(self, predictor: InputPredictor) -> None:
+        self.use_std = predictor.use_std
+        self.w1 = predictor.fc1.weight.detach()
+        self.b1 = predictor.fc1.bias.detach()
+        self.w2 = predictor.fc2.weight.detach()
+        self.b2 = predictor.fc2.bias.detach()
+
+    def __call__(self, x: torch.Tensor, ctx: _Context) -> torch.Tensor:
+        """x (B, T, C) -> (B, n) gates in (0, 1)."""
+        if ctx.full:
+            if self.use_std:
+                var, mean = torch.var_mean(x, dim=1, correction=0)  # (B, C) each
+                stats = torch.cat([mean, var.add_(_VAR_EPS).sqrt_()], dim=-1)  # (B, 2C)
+            else:
+                stats = x.mean(1)  # (B, C)
+        else:
+            mean = (x * ctx.mf).sum(1) / ctx.count  # (B, C)
+            if self.use_std:
+                var = (((x - mean.unsqueeze(1)) * ctx.mf) ** 2).sum(1) / ctx.count
+                stats = torch.cat([mean, var.add_(_VAR_EPS).sqrt_()], dim=-1)
+            else:
+                stats = mean
+        hidden = torch.addmm(self.b1, stats, self.w1.t()).relu_()  # (B, hidden)
+        return torch.addmm(self.b2, hidden, self.w2.t()).sigmoid_()  # (B, n)
+
+
+@dataclass
+class _Context:
+    """Per-forward values shared by every layer."""
+
+    mask: torch.Tensor  # (B, T) bool
+    mf: torch.Tensor  # (B, T, 1) float
+    count: torch.Tensor  # (B, 1) valid steps
+    full: bool  # no padding: statistics skip the mask multiplies
+
+
+@dataclass
+class _GatedLayer:
+    """A dynamically gated hidden layer compiled for one GateSettings."""
+
+    name: str
+    mlp: _GatedMLP
+    gate: DynamicStructuredGate
+    n_open: int
+    # dynamic mode only
+    predictor: _FastPredictor | None = None
+    per_step: bool = False
+    open_rows: torch.Tensor | None = None  # (n_open,)
+    closed: torch.Tensor | None = None  # (n,) bool, None when every channel is open
+    dense_map: torch.Tensor | None = None  # (n,) full -> dense column, None when identity
+    static_part: torch.Tensor | None = None  # (n,) (1 − w)·static
+    static: torch.Tensor | None = None  # (n,)
+    weight: float = 0.0
+    k: int | None = None  # fixed k (keep ratio); None with a threshold policy
+    strategies: dict[tuple[int, int], Strategy] = field(default_factory=dict)
+    kept_const: float | None = None  # channels kept when input independent
+    forced: Strategy | None = None
+
+    def strategy(self, batch: int, k: int) -> Strategy:
+        if self.forced is not None:
+            return self.forced
+        if not self.strategies:
+            return DENSE
+        key = min(
+            self.strategies,
+            key=lambda bk: (abs(math.log(bk[0] / batch)), abs(bk[1] - k), -bk[1]),
+        )
+        return self.strategies[key]
+
+    def forward(
+        self,
+        f: torch.Tensor,
+        u: torch.Tensor,
+        x: torch.Tensor,
+        ctx: _Context,
+        settings: GateSettings,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictor input f (B, T, C), features u, residual x -> (B, T, D_out), kept (B,)."""
+        batch = x.shape[0]
+        if self.predictor is None:  # dense, static, or dynamic without a predictor
+            kept = x.new_full((1,), cast(float, self.kept_const)).expand(batch)
+            return self.mlp.dense(u, x, None), kept
+        if self.per_step:
+            # Per-step gates differ at every time step: a token-level gather costs more than it
+            # saves at these widths, so the reference gate runs and its mask multiplies.
+            gate, kept = self.gate(f, ctx.mask, settings)
+            assert gate is not None
+            if self.dense_map is not None:
+                gate = gate[..., cast(torch.Tensor, self.open_rows)]
+            return self.mlp.dense(u, x, gate), kept
+        # SPEC §3: final = (1 − w)·static + w·(static·dynamic), same operation order.
+        final = self.predictor(f, ctx).mul_(self.static).mul_(self.weight)  # (B, n)
+        final.add_(cast(torch.Tensor, self.static_part))
+        if self.k is not None:
+            if self.k >= self.n_open:
+                kept = x.new_full((1,), float(self.n_open)).expand(batch)
+                gate = final if self.open_rows is None else final[:, self.open_rows]
+                return self.mlp.dense(u, x, gate.unsqueeze(1)), kept
+            ranked = final if self.closed is None else final.masked_fill(self.closed, -math.inf)
+            values, idx = ranked.topk(self.k, dim=-1, sorted=False)  # (B, k)
+            kept = x.new_full((1,), float(self.k)).expand(batch)
+            out = self.mlp.run(u, x, idx, values, self.strategy(batch, self.k), self.dense_map)
+            return out, kept
+        return self._threshold(final, u, x, cast(float, settings.threshold), settings.bucket)
+
+    def _threshold(
+        self, final: torch.Tensor, u: torch.Tensor, x: torch.Tensor, tau: float, bucket: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = final >= tau  # (B, n)
+        if self.closed is not None:
+            keep &= ~self.closed
+        counts = keep.sum(-1)  # (B,)
+        kept = counts.to(torch.float32)
+        ranked = final.masked_fill(~keep, -math.inf)
+        # Kernel shapes depend on the counts: the one host sync of this policy.
+        ks = [min(-(-c // bucket) * bucket, self.n_open) for c in counts.tolist()]
+        groups: dict[int, list[int]] = {}
+        for i, kb in enumerate(ks):
+            groups.setdefault(kb, []).append(i)
+        if len(groups) == 1:
+            kb = ks[0]
+            values, idx = ranked.topk(kb, dim=-1, sorted=False)
+            values = values.clamp_min_(0.0)  # padding picks (-inf) compute with a zero gate
+            strat = self.strategy(x.shape[0], kb)
+            return self.mlp.run(u, x, idx, values, strat, self.dense_map), kept
+        out = torch.empty_like(x)
+        for kb, members in groups.items():
+            rows = torch.tensor(members, device=x.device)
+            values, idx = ranked[rows].topk(kb, dim=-1, sorted=False)
+            values = values.clamp_min_(0.0)
+            strat = self.strategy(len(members), kb)
+            out[rows] = self.mlp.run(u[rows], x[rows], idx, values, strat, self.dense_map)
+        return out, kept
+
+
+# --------------------------------------------------------------------------- MAC counts
+
+
+def _network_macs(
+    model: GatedNetwork,
+    lengths: torch.Tensor,
+    kept: dict[str, torch.Tensor],
+    with_predictor: bool,
+) -> torch.Tensor:
+    """Executed MACs per request, by the reference network's own per-layer formulas."""
+    m = model.config.model
+    ones = torch.ones_like(lengths)
+    if isinstance(model, GatedConvNet):
+        total = conv1d_macs(lengths, m.in_channels, m.channels, m.kernel_size)
+        total = total + linear_macs(ones, m.channels, m.num_classes)
+        for i, block in enumerate(cast(Sequence[GatedConvBlock], model.blocks)):
+            total = total + block.macs(
+                lengths, kept[f"blocks.{i}"].to(torch.float64), with_predictor
+            )
+        return total
+    total = linear_macs(lengths, m.in_channels, m.d_model)
+    total = total + linear_macs(ones, m.d_model, m.num_classes)
+    for i, layer in enumerate(cast(Sequence[GatedEncoderLayer], model.layers)):
+        total = total + layer.macs(
+            lengths,
+            kept[f"layers.{i}.heads"].to(torch.float64),
+            kept[f"layers.{i}.ffn"].to(torch.float64),
+            with_predictor,
+        )
+    return total
+
+
+def _quadratic(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Coefficients (c0, c1, c2) of a per-request count that is a polynomial of degree ≤ 2 in
+    the length (every MAC formula is). Integer counts stay exact in float64."""
+    v = fn(torch.tensor([0, 1, 2], device=device))  # (3,) float64
+    c2 = (v[2] - 2 * v[1] + v[0]) / 2
+    return torch.stack([v[0], v[1] - v[0] - c2, c2])
+
+
+def _eval_quadratic(c: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    seq = lengths.to(torch.float64)
+    return c[0] + seq * (c[1] + seq * c[2])  # (B,)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass
+class _Attention:
+    """Attention of one encoder layer with closed heads removed and z folded into ``proj``."""
+
+    qkv_w: torch.Tensor  # (3·h·hd, D)
+    qkv_b: torch.Tensor  # (3·h·hd,)
+    proj_w: torch.Tensor  # (D, h·hd)
+    proj_b: torch.Tensor  # (D,)
+    heads: int
+    head_dim: int
+
+    def __call__(self, x: torch.Tensor, norm: nn.Module, attn_mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        if self.heads == 0:
+            return x + self.proj_b
+        qkv = F.linear(norm(x), self.qkv_w, self.qkv_b)  # (B, T, 3·h·hd)
+        q, k, v = qkv.view(b, t, 3, self.heads, self.head_dim).unbind(2)
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
+        )  # (B, h, T, hd)
+        a = a.transpose(1, 2).reshape(b * t, self.heads * self.head_dim)
+        return torch.addmm(self.proj_b, a, self.proj_w.t()).view(b, t, -1).add_(x)
+
+
+def _fold_heads(layer: GatedEncoderLayer, z: torch.Tensor | None) -> _Attention:
+    """Physically remove heads with z = 0; fold z into the output projection (SPEC §4)."""
+    nh, hd, d = layer.num_heads, layer.head_dim, layer.d_model
+    qkv_w = layer.qkv.weight.detach().view(3, nh, hd, d)
+    qkv_b = layer.qkv.bias.detach().view(3, nh, hd)
+    proj_w = layer.proj.weight.detach().view(d, nh, hd)
+    if z is None:
+        keep = torch.arange(nh, device=qkv_w.device)
+        scale = torch.ones(nh, device=qkv_w.device)
+    else:
+        keep = (z > 0).nonzero().flatten()
+        scale = z[keep]
+    h = int(keep.numel())
+    return _Attention(
+        qkv_w=qkv_w[:, keep].reshape(3 * h * hd, d).contiguous(),
+        qkv_b=qkv_b[:, keep].reshape(-1).contiguous(),
+        proj_w=(proj_w[:, keep] * scale.view(1, -1, 1)).reshape(d, h * hd).contiguous(),
+        proj_b=layer.proj.bias.detach().contiguous(),
+        heads=h,
+        head_dim=hd,
+    )
+
+
+class SparsePlan:
+    """A gated network compiled for one :class:`GateSettings`; call it like the network.
+
+    ``plan(x (B, T, C_in), lengths (B,)) -> NetworkOutput`` with the reference's contract;
+    ``settings`` may be passed again for drop-in use but must equal the compiled ones (only
+    ``dynamic_weight`` and the policy matter). ``report`` lists the chosen strategies and the
+    calibration timings (ms) per layer shape, batch size and k.
+    """
+
+    def __init__(self, model: GatedNetwork, settings: GateSettings) -> None:
+        if not isinstance(model, GatedConvNet | GatedTransformer):
+            raise TypeError(
+                f"compile_plan supports the built-in conv and transformer networks, "
+                f"not {type(model).__name__}"
+            )
+        self.model = model
+        self.settings = settings
+        self.device = next(model.parameters()).device
+        self.is_conv = isinstance(model, GatedConvNet)
+        self.layers: list[_GatedLayer] = []
+        self.attention: list[_Attention] = []
+        self.report: dict[str, dict[str, object]] = {}
+        self._macs_coef: torch.Tensor | None = None
+        self._dense_coef: torch.Tensor | None = None
+        self._head_kept: list[float] = []
+
+    # ------------------------------------------------------------------ running
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor,
+        settings: GateSettings | None = None,
+    ) -> NetworkOutput:
+        if settings is not None and settings != self.settings:
+            raise ValueError(f"plan compiled for {self.settings}, called with {settings}")
+        with torch.inference_mode():
+            return self._forward(x, lengths)
+
+    def _context(self, x: torch.Tensor, lengths: torch.Tensor) -> _Context:
+        t = x.shape[1]
+        # A CPU lengths tensor tells for free whether any request is padded; on an accelerator
+        # the check would sync, so the padding-aware path runs instead.
+        full = lengths.device.type == "cpu" and bool((lengths == t).all())
+        lengths = lengths.to(x.device)
+        mask = time_mask(lengths, t)  # (B, T)
+        mf = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        return _Context(mask, mf, mf.sum(1).clamp_min(1.0), full)
+
+    def _forward(self, x: torch.Tensor, lengths: torch.Tensor) -> NetworkOutput:
+        self.model.check_input(x, lengths)
+        ctx = self._context(x, lengths)
+        lengths = lengths.to(x.device)
+        kept: dict[str, torch.Tensor] = {}
+        logits = self._conv(x, ctx, kept) if self.is_conv else self._transformer(x, ctx, kept)
+        with_predictor = self.settings.mode == "dynamic"
+        if self._macs_coef is not None:
+            macs = _eval_quadratic(self._macs_coef, lengths)
+        else:
+            macs = _network_macs(self.model, lengths, kept, with_predictor)
+        dense = _eval_quadratic(cast(torch.Tensor, self._dense_coef), lengths)
+        return NetworkOutput(logits, kept, macs, dense)
+
+    def _conv(self, x: torch.Tensor, ctx: _Context, kept: dict[str, torch.Tensor]) -> torch.Tensor:
+        model = cast(GatedConvNet, self.model)
+        mf = ctx.mf
+        h = model.stem((x * mf).transpose(1, 2)).transpose(1, 2) * mf  # (B, T, C)
+        for block, layer in zip(
+            cast(Sequence[GatedConvBlock], model.blocks), self.layers, strict=True
+        ):
+            f = block.norm(h, ctx.mask) * mf  # (B, T, C); zero padding, as the conv's own
+            u = _unfold(f, block.kernel_size)  # (B, T, C·k)
+            y, kept[layer.name] = layer.forward(f, u, h, ctx, self.settings)
+            h = y.mul_(mf)
+        pooled = (h * mf).sum(1) / ctx.count  # (B, C)
+        return cast(torch.Tensor, model.head(pooled))
+
+    def _transformer(
+        self, x: torch.Tensor, ctx: _Context, kept: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        model = cast(GatedTransformer, self.model)
+        b = x.shape[0]
+        h = model.embed(x) + model.pos[: x.shape[1]]  # (B, T, D)
+        attn_mask = ctx.mask[:, None, None, :]  # (B, 1, 1, T)
+        ffn_kept: dict[str, torch.Tensor] = {}
+        for i, (enc, attn, layer) in enumerate(
+            zip(
+                cast(Sequence[GatedEncoderLayer], model.layers),
+                self.attention,
+                self.layers,
+                strict=True,
+            )
+        ):
+            h = attn(h, enc.norm1, attn_mask)
+            kept[f"layers.{i}.heads"] = h.new_full((1,), self._head_kept[i]).expand(b)
+            f = enc.norm2(h)  # (B, T, D)
+            h, ffn_kept[layer.name] = layer.forward(f, f, h, ctx, self.settings)
+        kept.update(ffn_kept)  # the reference lists every layer's heads, then every FFN
+        pooled = (model.norm(h) * ctx.mf).sum(1) / ctx.count  # (B, D)
+        return cast(torch.Tensor, model.head(pooled))
+
+
+def _unfold(f: torch.Tensor, kernel: int) -> torch.Tensor:
+    """(B, T, C) -> (B, T, C·k): the same-padded conv's input windows, channel-major like the
+    conv weight (H, C, k), so the conv is one matmul with W1 viewed (H, C·k)."""
+    if kernel == 1:
+        return f
+    b, t, c = f.shape
+    half = kernel // 2
+    padded = F.pad(f, (0, 0, half, half))  # (B, T + k − 1, C)
+    return padded.unfold(1, kernel, 1).reshape(b, t, c * kernel)  # (B, T, C, k) -> (B, T, C·k)
+
+
+def _layer_weights(
+    model: GatedNetwork, i: int
+) -> tuple[str, DynamicStructuredGate, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if isinstance(model, GatedConvNet):
+        block = cast(GatedConvBlock, model.blocks[i])
+        w1 = block.conv1.weight.detach().flatten(1)  # (H, C·k)
+        w2 = block.conv2.weight.detach().squeeze(-1)  # (C, H)
+        return f"blocks.{i}", block.gate, w1, block.conv1.bias, w2, block.conv2.bias
+    layer = cast(GatedEncoderLayer, cast(GatedTransformer, model).layers[i])
+    return (
+        f"layers.{i}.ffn",
+        layer.ffn_gate,
+        layer.fc1.weight.detach(),  # (H, D)
+        layer.fc1.bias,
+        layer.fc2.weight.detach(),  # (D, H)
+        layer.fc2.bias,
+    )
+
+
+def _static_keep(gate: DynamicStructuredGate, settings: GateSettings) -> torch.Tensor:
+    """(n,) float 0/1: the reference's static-mode keep set (input independent)."""
+    static = gate.static_values()  # (n,)
+    final = static.unsqueeze(0)  # (1, n)
+    hard = apply_keep_policy(
+        final,
+        static > 0,
+        settings.keep_ratio,
+        settings.threshold,
+        settings.bucket,
+        gate.static_gate.scores(),
+    )
+    return hard[0]
+
+
+def compile_plan(
+    model: GatedNetwork,
+    settings: GateSettings,
+    *,
+    calibrate: bool = True,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    calib_length: int | None = None,
+    reps: int = 3,
+    threshold_ks: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    strategy: Strategy | None = None,
+) -> SparsePlan:
+    """Compile ``model`` (eval mode, weights on their device) for ``settings``.
+
+    Static keep sets are applied here once. For dynamic mode with a per-request global
+    predictor, each layer's strategy is timed per batch size in ``batch_sizes`` and per k
+    (the configured bucketed k, or with a threshold policy the bucketed k at each fraction of
+    ``threshold_ks``) at ``calib_length`` steps (default min(max_length, 128)); at run time a
+    batch uses the nearest calibrated batch size. ``calibrate=False`` uses the dense fallback
+    for every (batch, k), which is always correct; ``strategy`` forces one strategy everywhere
+    (tests and benchmarks of a single strategy).
+    """
+    model.eval()
+    plan = SparsePlan(model, settings)
+    mode = settings.mode
+    dev = plan.device
+    n_layers = (
+        len(model.blocks)
+        if isinstance(model, GatedConvNet)
+        else len(cast(GatedTransformer, model).layers)
+    )
+    with torch.inference_mode():
+        head_kept: list[float] = []
+        if isinstance(model, GatedTransformer):
+            for enc in cast(Sequence[GatedEncoderLayer], model.layers):
+                z = None if mode == "dense" else enc.head_gate()  # (nh,)
+                att = _fold_heads(enc, z)
+                plan.attention.append(att)
+                head_kept.append(float(att.heads))
+        plan._head_kept = head_kept
+        calib_cache: dict[tuple[object, ...], tuple[Strategy, dict[str, float]]] = {}
+        for i in range(n_layers):
+            name, gate, w1, b1, w2, b2 = _layer_weights(model, i)
+            plan.layers.append(
+                _compile_layer(
+                    name,
+                    gate,
+                    w1,
+                    b1,
+                    w2,
+                    b2,
+                    settings,
+                    calibrate,
+                    batch_sizes,
+                    calib_length or min(model.config.model.max_length, 128),
+                    reps,
+                    threshold_ks,
+                    calib_cache,
+                    plan.report,
+                )
+            )
+            if strategy is not None:
+                plan.layers[-1].forced = strategy
+        # Dense MACs always, executed MACs when every layer's kept count is input independent,
+        # are quadratics in the length: two tensor ops per forward instead of dozens.
+        full = {
+            **{
+                f"layers.{i}.heads": torch.tensor(
+                    float(
+                        cast(GatedEncoderLayer, cast(GatedTransformer, model).layers[i]).num_heads
+                    )
+                )
+                for i in range(len(head_kept))
+            },
+            **{name: torch.tensor(float(w)) for name, w in model.gated_widths().items()},
+        }
+
+        def at(
+            kept: dict[str, torch.Tensor], with_pred: bool
+        ) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda seq: _network_macs(
+                model,
+                seq,
+                {n: v.to(dev).expand(seq.shape[0]) for n, v in kept.items()},
+                with_pred,
+            )
+
+        plan._dense_coef = _quadratic(at(full, False), dev)
+        if all(layer.kept_const is not None or layer.k is not None for layer in plan.layers) and (
+            all(not layer.per_step for layer in plan.layers)
+        ):
+            const = {
+                **{f"layers.{i}.heads": torch.tensor(v) for i, v in enumerate(head_kept)},
+                **{
+                    layer.name: torch.tensor(
+                        layer.kept_const
+                        if layer.kept_const is not None
+                        else float(min(cast(int, layer.k), layer.n_open))
+                    )
+                    for layer in plan.layers
+                },
+            }
+            plan._macs_coef = _quadratic(at(const, mode == "dynamic"), dev)
+    return plan
+
+
+def _compile_layer(
+    name: str,
+    gate: DynamicStructuredGate,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    settings: GateSettings,
+    calibrate: bool,
+    batch_sizes: Sequence[int],
+    calib_length: int,
+    reps: int,
+    threshold_ks: Sequence[float],
+    cache: dict[tuple[object, ...], tuple[Strategy, dict[str, float]]],
+    report: dict[str, dict[str, object]],
+) -> _GatedLayer:
+    n = gate.n
+    if settings.mode == "dense":
+        return _GatedLayer(name, _GatedMLP(w1, b1, w2, b2, None), gate, n, kept_const=float(n))
+    static = gate.static_values()  # (n,)
+    open_mask = static > 0
+    n_open = int(open_mask.sum())
+    dynamic = settings.mode == "dynamic" and gate.predictor is not None
+    if not dynamic:
+        # Input-independent keep set: remove the others now, fold z into W2's columns.
+        keep = _static_keep(gate, settings) > 0
+        rows = keep.nonzero().flatten()
+        mlp = _GatedMLP(w1, b1, w2, b2, rows, scale=static)
+        return _GatedLayer(name, mlp, gate, n_open, kept_const=float(rows.numel()))
+    open_rows = open_mask.nonzero().flatten()  # (n_open,)
+    all_open = n_open == n
+    dense_map = None
+    if not all_open:
+        dense_map = torch.zeros(n, dtype=torch.long, device=static.device)
+        dense_map[open_rows] = torch.arange(n_open, device=static.device)
+    mlp = _GatedMLP(w1, b1, w2, b2, None if all_open else open_rows, packed=True)
+    w = gate.dynamic_weight if settings.dynamic_weight is None else settings.dynamic_weight
+    assert gate.predictor is not None
+    layer = _GatedLayer(
+        name,
+        mlp,
+        gate,
+        n_open,
+        predictor=_FastPredictor(gate.predictor),
+        per_step=gate.per_step,
+        open_rows=None if all_open else open_rows,
+        closed=None if all_open else ~open_mask,
+        dense_map=dense_map,
+        static_part=(1.0 - w) * static,
+        static=static,
+        weight=w,
+    )
+    if settings.keep_ratio is not None:
+        layer.k = bucketed_k(settings.keep_ratio, n_open, settings.bucket)
+        ks = [layer.k]
+    elif settings.threshold is not None:
+        ks = sorted({bucketed_k(r, n_open, settings.bucket) for r in threshold_ks})
+    else:
+        layer.k = n_open  # no policy: every open channel, scaled by its final gate
+        ks = []
+    if gate.per_step or not calibrate:
+        return layer
+    for batch in batch_sizes:
+        for k in ks:
+            if k >= n_open or k == 0:
+                continue
+            key = (
+                tuple(mlp.packed.shape) if mlp.packed is not None else None,
+                n_open,
+                calib_length,
+                batch,
+                k,
+            )
+            if key not in cache:
+                cache[key] = _calibrate(mlp, open_rows, dense_map, batch, k, calib_length, reps)
+            best, times = cache[key]
+            layer.strategies[(batch, k)] = best
+            report.setdefault(name, {})[f"b{batch}/k{k}"] = {"chosen": str(best), **times}
+    return layer
