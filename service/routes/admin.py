@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.engine import GateConfig
 from service.errors import AdminDisabled, Forbidden, InvalidInput, Unauthorized
+from service.routes.v2 import read_body
 from service.state import ServiceState
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,9 @@ async def put_gate(request: Request, model_name: str) -> Response:
     runtime = state.model(model_name)
     state.check_ready()
     try:
-        update = GateUpdate.model_validate_json(await request.body())
+        update = GateUpdate.model_validate_json(
+            await read_body(request, state.settings.max_request_bytes)
+        )
     except ValidationError as err:
         raise InvalidInput(_describe(err)) from None
     engine = state.engine

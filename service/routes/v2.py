@@ -146,7 +146,7 @@ async def model_ready(
 
 async def repository_index(request: Request) -> Response:
     """Model repository extension: every model with its state; ``{"ready": true}`` filters."""
-    body = await request.body()
+    body = await read_body(request, _state(request).settings.max_request_bytes)
     try:
         query = RepositoryIndexRequest.model_validate_json(body) if body.strip() else None
     except ValueError:
@@ -191,7 +191,7 @@ async def infer(request: Request) -> Response:
         try:
             state.check_ready()
             settings = state.settings
-            body = await _read_body(request, settings.max_request_bytes)
+            body = await read_body(request, settings.max_request_bytes)
             decoded = decode_request(
                 body,
                 parse_header_length(request.headers.get(HEADER_LENGTH)),
@@ -242,7 +242,7 @@ def _account_failure(
         logger.warning("request %s: %s", request_id, err.message)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """The body, refusing more than ``limit`` bytes before and while reading (413)."""
     declared = request.headers.get("content-length")
     if declared is not None:

@@ -310,3 +310,14 @@ def test_lifespan_shutdown_marks_not_ready(service_client: ClientFactory) -> Non
         app = client.app
     state = app.state.service  # type: ignore[attr-defined]
     assert state.draining and not state.ready
+
+
+def test_small_bodies_are_bounded_too(service_client: ClientFactory) -> None:
+    with service_client(max_request_bytes=1024) as client:
+        big = b'{"mode": "dense"' + b" " * 2000 + b"}"
+        admin = client.put("/admin/models/tiny/gate", content=big, headers=AUTH)
+        assert admin.status_code == 413
+        index = client.post("/v2/repository/index", content=b" " * 2000)
+        assert index.status_code == 413
+        bad = client.post("/v2/repository/index", content=b'{"ready": "maybe"}')
+        assert bad.status_code == 400 and "ready" in bad.json()["error"]
