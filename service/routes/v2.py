@@ -388,6 +388,9 @@ async def _run(
     watcher.add_done_callback(lambda task: None if task.cancelled() else ticket.abandon())
     try:
         return await ticket.future
+    except asyncio.CancelledError:
+        ticket.abandon()  # the server gave up on this request (forced shutdown): skip compute
+        raise
     finally:
         watcher.cancel()
 
