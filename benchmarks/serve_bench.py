@@ -5,13 +5,14 @@ Usage::
     .venv/bin/python benchmarks/serve_bench.py            # full run, about 2 minutes
     .venv/bin/python benchmarks/serve_bench.py --quick    # smoke run, a few seconds per point
 
-For each server mode (``batched``: the dynamic batcher; ``naive``: ``GATED_BATCHING=false``, the
-same model and process doing one forward per request) a real server is started as a subprocess
-on 127.0.0.1, one after the other so they never compete for the cores. Against each, for each
-encoding (V2 binary tensors, V2 JSON) and each concurrency (1, 8, 32), C connections send
-requests back to back for a fixed time (closed loop: a connection sends its next request when
-the previous answer arrived). Reported per point: throughput, p50/p99 latency, errors, and the
-mean batch size read from the server's own ``gated_batch_size`` histogram.
+Two real servers run as subprocesses on 127.0.0.1: ``batched`` (the dynamic batcher) and
+``naive`` (``GATED_BATCHING=false``: the same model and process doing one forward per request).
+For each encoding (V2 binary tensors, V2 JSON) and each concurrency (1, 8, 32), C connections
+send requests back to back (closed loop: a connection sends its next request when the previous
+answer arrived), alternating between the two servers in short rounds so that both see the same
+background load; only one server is loaded at a time. Reported per point: throughput, p50/p99
+latency, errors, and the mean batch size read from the server's own ``gated_batch_size``
+histogram.
 
 The client speaks HTTP/1.1 over keep-alive sockets with pre-encoded request bodies, so that the
 load generator, which shares the machine with the server, costs as little CPU as possible.
@@ -219,44 +220,52 @@ def _repository(tmp: Path) -> tuple[Path, str]:
 # ---------------------------------------------------------------------- run and report
 
 
+def _measure(
+    port: int, payload: bytes, concurrency: int, seconds: float
+) -> tuple[list[float], list[int], float, float, float]:
+    """One measured window: latencies, error statuses, seconds, batch-size (sum, count) delta."""
+    before = _batch_stats(port)
+    latencies, errors, elapsed = asyncio.run(_load(port, payload, concurrency, seconds))
+    after = _batch_stats(port)
+    return latencies, errors, elapsed, after[0] - before[0], after[1] - before[1]
+
+
 def _run(args: argparse.Namespace) -> dict[str, object]:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 40)).astype(np.float32)
     bodies = _bodies(x)
     points: list[Point] = []
+    modes = ("batched", "naive")
     with tempfile.TemporaryDirectory() as tmp:
         repository, source = _repository(Path(tmp))
-        for mode in ("batched", "naive"):
-            process, port = _start(repository, mode, args, Path(tmp) / f"{mode}.log")
-            try:
-                for encoding in ("binary", "json"):
-                    payload = _http_request(port, *bodies[encoding])
-                    for concurrency in CONCURRENCIES:
+        servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        try:
+            # Both servers stay up (an idle one costs nothing) and every point alternates
+            # between them, round after round: background load on a shared machine then hits
+            # both alike instead of biasing whichever ran during a busy spell.
+            for mode in modes:
+                servers[mode] = _start(repository, mode, args, Path(tmp) / f"{mode}.log")
+            for encoding in ("binary", "json"):
+                for concurrency in CONCURRENCIES:
+                    pooled: dict[str, list[tuple[list[float], list[int], float, float, float]]]
+                    pooled = {mode: [] for mode in modes}
+                    for mode in modes:
+                        port = servers[mode][1]
+                        payload = _http_request(port, *bodies[encoding])
                         asyncio.run(_load(port, payload, concurrency, args.warmup))
-                        before = _batch_stats(port)
-                        latencies, errors, seconds = asyncio.run(
-                            _load(port, payload, concurrency, args.seconds)
-                        )
-                        after = _batch_stats(port)
-                        batches = after[1] - before[1]
-                        lat = np.array(latencies) * 1000.0
-                        point = Point(
-                            server=mode,
-                            encoding=encoding,
-                            concurrency=concurrency,
-                            requests=len(latencies),
-                            errors=len(errors),
-                            seconds=round(seconds, 3),
-                            throughput_rps=round(len(latencies) / seconds, 1),
-                            p50_ms=round(float(np.percentile(lat, 50)), 3) if len(lat) else 0.0,
-                            p99_ms=round(float(np.percentile(lat, 99)), 3) if len(lat) else 0.0,
-                            mean_batch_size=round((after[0] - before[0]) / batches, 2)
-                            if batches
-                            else 1.0,
-                        )
+                    for _ in range(args.rounds):
+                        for mode in modes:
+                            port = servers[mode][1]
+                            payload = _http_request(port, *bodies[encoding])
+                            pooled[mode].append(
+                                _measure(port, payload, concurrency, args.seconds / args.rounds)
+                            )
+                    for mode in modes:
+                        point = _point(mode, encoding, concurrency, pooled[mode])
                         points.append(point)
                         logger.info("%s", point)
-            finally:
+        finally:
+            for process, _ in servers.values():
                 _stop(process)
     return {
         "model": MODEL,
@@ -269,12 +278,38 @@ def _run(args: argparse.Namespace) -> dict[str, object]:
             "max_batch_size": args.max_batch_size,
             "max_queue_delay_ms": args.max_queue_delay_ms or "server default",
             "seconds_per_point": args.seconds,
+            "rounds_per_point": args.rounds,
             "warmup_seconds": args.warmup,
             "request": "one sequence [1, 40] FP32 per request",
         },
         "points": [asdict(p) for p in points],
         "acceptance_c32": _acceptance(points),
     }
+
+
+def _point(
+    mode: str,
+    encoding: str,
+    concurrency: int,
+    windows: list[tuple[list[float], list[int], float, float, float]],
+) -> Point:
+    latencies = [v for w in windows for v in w[0]]
+    errors = sum(len(w[1]) for w in windows)
+    seconds = sum(w[2] for w in windows)
+    batch_sum, batches = sum(w[3] for w in windows), sum(w[4] for w in windows)
+    lat = np.array(latencies) * 1000.0
+    return Point(
+        server=mode,
+        encoding=encoding,
+        concurrency=concurrency,
+        requests=len(latencies),
+        errors=errors,
+        seconds=round(seconds, 3),
+        throughput_rps=round(len(latencies) / seconds, 1),
+        p50_ms=round(float(np.percentile(lat, 50)), 3) if len(lat) else 0.0,
+        p99_ms=round(float(np.percentile(lat, 99)), 3) if len(lat) else 0.0,
+        mean_batch_size=round(batch_sum / batches, 2) if batches else 1.0,
+    )
 
 
 def _acceptance(points: list[Point]) -> dict[str, object]:
@@ -322,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 s per point, for smoke runs")
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point")
+    parser.add_argument("--rounds", type=int, default=4, help="alternations per point")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per point")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, help="default: the server's")
@@ -329,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seconds, args.warmup = 1.0, 0.2
+        args.seconds, args.warmup, args.rounds = 1.0, 0.2, 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     result = _run(args)
     table = markdown(result)
