@@ -589,7 +589,7 @@ def _layer_weights(
     )
 
 
-def _static_keep(gate: DynamicStructuredGate, settings: GateSettings) -> torch.Tensor:
+def static_keep_mask(gate: DynamicStructuredGate, settings: GateSettings) -> torch.Tensor:
     """(n,) float 0/1: the reference's static-mode keep set (input independent)."""
     static = gate.static_values()  # (n,)
     final = static.unsqueeze(0)  # (1, n)
@@ -734,7 +734,7 @@ def _compile_layer(
     dynamic = settings.mode == "dynamic" and gate.predictor is not None
     if not dynamic:
         # Input-independent keep set: remove the others now, fold z into W2's columns.
-        keep = _static_keep(gate, settings) > 0
+        keep = static_keep_mask(gate, settings) > 0
         rows = keep.nonzero().flatten()
         mlp = _GatedMLP(w1, b1, w2, b2, rows, scale=static)
         return _GatedLayer(name, mlp, gate, n_open, kept_const=float(rows.numel()))

@@ -1,0 +1,204 @@
+"""Sparse plans against the masked reference: logits within 1e-4, kept and MACs equal; export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import GatedNetwork, GateSettings, ModelConfig, build_network, load_checkpoint
+from models.export import export_checkpoint, prune_static
+from models.sparse import Strategy, compile_plan
+
+TINY = {
+    "conv": {"name": "conv", "channels": 8, "hidden": 16, "num_blocks": 2, "max_length": 64},
+    "transformer": {
+        "name": "transformer",
+        "d_model": 16,
+        "ffn": 32,
+        "num_heads": 2,
+        "num_layers": 2,
+        "max_length": 64,
+    },
+}
+
+SETTINGS = [
+    GateSettings("dense"),
+    GateSettings("static", bucket=2),
+    GateSettings("static", keep_ratio=0.5, bucket=2),
+    GateSettings("static", threshold=0.99, bucket=2),
+    GateSettings("dynamic", keep_ratio=0.5, bucket=2),
+    GateSettings("dynamic", keep_ratio=0.2, bucket=2, dynamic_weight=1.0),
+    GateSettings("dynamic", keep_ratio=1.0, bucket=2),
+    GateSettings("dynamic", threshold=0.4, bucket=2),
+    GateSettings("dynamic", bucket=2),
+]
+LENGTHS = {1: [23], 3: [5, 23, 11], 8: [3, 23, 9, 23, 1, 7, 23, 4]}
+
+
+def tiny(arch: str, gate_type: str = "hardconcrete", **dp: object) -> GatedNetwork:
+    torch.manual_seed(0)
+    cfg = ModelConfig.model_validate(
+        {"model": TINY[arch], "dynamic_pruning_config": {"bucket": 2, "gate_type": gate_type, **dp}}
+    )
+    net = build_network(cfg).eval()
+    for gate in net.static_gates():  # close a few structures so static mode differs from dense
+        data = next(gate.parameters()).data
+        data[::3] = -10.0
+        data[1::4] = data[1::4] * 0 - 0.8  # partly open: z strictly between 0 and 1
+    return net
+
+
+def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor(LENGTHS[size])
+    x = torch.full((size, 23, 1), 7.0)  # non-zero padding must not leak
+    gen = torch.Generator().manual_seed(size)
+    for i, n in enumerate(lengths.tolist()):
+        x[i, :n] = torch.randn(n, 1, generator=gen)
+    return x, lengths
+
+
+def assert_same(net: GatedNetwork, plan_fn: object, settings: GateSettings, size: int) -> None:
+    x, lengths = batch(size)
+    with torch.inference_mode():
+        ref = net(x, lengths, settings)
+        out = plan_fn(x, lengths)  # type: ignore[operator]
+    assert (out.logits - ref.logits).abs().max() < 1e-4
+    assert list(out.kept) == list(ref.kept)
+    for name in ref.kept:
+        assert torch.equal(out.kept[name].float(), ref.kept[name].float()), name
+    assert torch.equal(out.macs, ref.macs)
+    assert torch.equal(out.dense_macs, ref.dense_macs)
+
+
+@pytest.mark.parametrize("arch", ["conv", "transformer"])
+@pytest.mark.parametrize("global_pool", [True, False], ids=["global", "per-step"])
+@pytest.mark.parametrize("gate_type", ["hardconcrete", "sigmoid"])
+@pytest.mark.parametrize(
+    "settings",
+    SETTINGS,
+    ids=lambda s: f"{s.mode}-k{s.keep_ratio}-t{s.threshold}-w{s.dynamic_weight}",
+)
+def test_plan_matches_masked_reference(
+    arch: str, global_pool: bool, gate_type: str, settings: GateSettings
+) -> None:
+    net = tiny(arch, gate_type, predictor_config={"use_global_pool": global_pool})
+    plan = compile_plan(net, settings, calibrate=False)
+    for size in (1, 3, 8):
+        assert_same(net, plan, settings, size)
+
+
+@pytest.mark.parametrize("arch", ["conv", "transformer"])
+@pytest.mark.parametrize(
+    "strategy",
+    [Strategy("dense"), Strategy("gather", 1), Strategy("gather", 2), Strategy("gather", 8)],
+    ids=str,
+)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        GateSettings("dynamic", keep_ratio=0.5, bucket=2),
+        GateSettings("dynamic", keep_ratio=0.25, bucket=4, dynamic_weight=0.8),
+        GateSettings("dynamic", threshold=0.45, bucket=2),
+    ],
+    ids=lambda s: f"k{s.keep_ratio}-t{s.threshold}",
+)
+def test_every_strategy_matches(arch: str, strategy: Strategy, settings: GateSettings) -> None:
+    net = tiny(arch)
+    plan = compile_plan(net, settings, calibrate=False, strategy=strategy)
+    for size in (1, 3, 8):
+        assert_same(net, plan, settings, size)
+
+
+@pytest.mark.parametrize("arch", ["conv", "transformer"])
+def test_calibration_picks_a_strategy_per_batch_and_k(arch: str) -> None:
+    net = tiny(arch)
+    settings = GateSettings("dynamic", keep_ratio=0.5, bucket=2)
+    plan = compile_plan(net, settings, batch_sizes=(1, 3), calib_length=23, reps=1)
+    layer = plan.layers[0]
+    assert set(layer.strategies) == {(1, layer.k), (3, layer.k)}
+    assert plan.report[layer.name]
+    for size in (1, 3, 8):  # batch 8 maps onto the nearest calibrated size
+        assert_same(net, plan, settings, size)
+
+
+def test_static_plan_removes_closed_channels_and_heads() -> None:
+    net = tiny("transformer")
+    plan = compile_plan(net, GateSettings("static", bucket=2))
+    for attn, layer in zip(plan.attention, plan.layers, strict=True):
+        assert attn.heads < 2
+        assert layer.mlp.width < 32
+        assert layer.predictor is None  # no gate math at request time
+
+
+def test_plan_refuses_other_settings() -> None:
+    net = tiny("conv")
+    plan = compile_plan(net, GateSettings("static", bucket=2), calibrate=False)
+    x, lengths = batch(1)
+    with pytest.raises(ValueError, match="compiled for"):
+        plan(x, lengths, GateSettings("dense"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_plan_on_cuda() -> None:
+    net = tiny("transformer").cuda()
+    settings = GateSettings("dynamic", keep_ratio=0.5, bucket=2)
+    plan = compile_plan(net, settings, batch_sizes=(3,), calib_length=23, reps=1)
+    x, lengths = batch(3)
+    with torch.inference_mode():
+        ref = net(x.cuda(), lengths.cuda(), settings)
+        out = plan(x.cuda(), lengths)
+    assert (out.logits - ref.logits).abs().max() < 1e-4
+    assert torch.equal(out.macs, ref.macs)
+
+
+@pytest.mark.parametrize("arch", ["conv", "transformer"])
+@pytest.mark.parametrize("keep_ratio", [None, 0.5])
+def test_export_round_trip(arch: str, keep_ratio: float | None, tmp_path: Path) -> None:
+    from models import save_checkpoint
+
+    net = tiny(arch)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    save_checkpoint(net, src)
+    report = export_checkpoint(src, dst, keep_ratio=keep_ratio)
+    exported = load_checkpoint(dst)
+    assert report.params_after < report.params_before
+    assert sum(p.numel() for p in exported.parameters()) == report.params_after
+    assert report.bytes_after < report.bytes_before
+    assert report.static_macs_after == report.static_macs_before
+    assert report.dense_macs_after < report.dense_macs_before
+    static = GateSettings("static", keep_ratio=keep_ratio, bucket=2)
+    settings = [(static, GateSettings("static", bucket=2))]
+    if keep_ratio is None:  # same open counts: the dynamic policy is unchanged too
+        dyn = GateSettings("dynamic", keep_ratio=0.5, bucket=2)
+        settings.append((dyn, dyn))
+    for size in (1, 3):
+        x, lengths = batch(size)
+        for before, after in settings:
+            with torch.inference_mode():
+                ref = net(x, lengths, before)
+                out = exported(x, lengths, after)
+            assert (out.logits - ref.logits).abs().max() < 1e-4
+            if after.mode == "static":
+                assert torch.equal(out.macs, ref.macs)
+            else:  # the predictor's last layer shrank with the channels it gates
+                assert bool((out.macs < ref.macs).all())
+            plan = compile_plan(exported, after, calibrate=False)
+            assert_same(exported, plan, after, size)
+
+
+def test_prune_static_keeps_uneven_layers_loadable() -> None:
+    net = tiny("conv")
+    with torch.no_grad():
+        gate = next(net.static_gates())
+        gate.log_alpha[:12] = -10.0  # type: ignore[index]  # layer 0 keeps far fewer channels
+    pruned, kept = prune_static(net)
+    assert kept["blocks.0"] < kept["blocks.1"] == pruned.config.model.hidden
+    x, lengths = batch(3)
+    settings = GateSettings("static", bucket=2)
+    with torch.inference_mode():
+        ref = net(x, lengths, settings)
+        out = pruned(x, lengths, settings)
+    assert (out.logits - ref.logits).abs().max() < 1e-4
+    assert torch.equal(out.kept["blocks.0"], ref.kept["blocks.0"])
