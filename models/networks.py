@@ -84,6 +84,8 @@ class GatedNetwork(nn.Module):
             )
         if lengths.shape != (x.shape[0],):
             raise InvalidInputError(f"lengths must have shape [{x.shape[0]}]")
+        if x.shape[0] and (int(lengths.min()) < 1 or int(lengths.max()) > x.shape[1]):
+            raise InvalidInputError(f"lengths must be in [1, {x.shape[1]}] (the padded T)")
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

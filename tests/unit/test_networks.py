@@ -136,6 +136,10 @@ def test_input_shape_errors() -> None:
         net(torch.randn(2, 10), torch.tensor([10, 10]), GateSettings("dense"))
     with pytest.raises(InvalidInputError, match="max_length 64"):
         net(torch.randn(1, 65, 1), torch.tensor([65]), GateSettings("dense"))
+    with pytest.raises(InvalidInputError, match=r"lengths must be in \[1, 10\]"):
+        net(torch.randn(2, 10, 1), torch.tensor([10, 11]), GateSettings("dense"))
+    with pytest.raises(InvalidInputError, match="lengths must be in"):
+        net(torch.randn(2, 10, 1), torch.tensor([0, 5]), GateSettings("dense"))
 
 
 @pytest.mark.parametrize("arch", ["conv", "transformer"])
