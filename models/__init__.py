@@ -3,12 +3,13 @@
 The service uses only what this module exports.
 """
 
-from models.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from models.checkpoint import load_checkpoint, read_metadata, resolve_device, save_checkpoint
 from models.config import GATE_MODES, GateMode, ModelConfig, load_config, parse_config
 from models.errors import (
     ArchitectureError,
     CheckpointError,
     ConfigError,
+    DeviceError,
     InvalidInputError,
     ModelError,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "ArchitectureError",
     "CheckpointError",
     "ConfigError",
+    "DeviceError",
     "GateMode",
     "GateSettings",
     "GatedNetwork",
@@ -32,6 +34,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "read_metadata",
+    "resolve_device",
     "save_checkpoint",
     "settings_for",
 ]

@@ -15,11 +15,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.config import ModelConfig, load_config
-from models.errors import CheckpointError
+from models.errors import CheckpointError, DeviceError
 from models.networks import GatedNetwork, build_network
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device cuda requested but no CUDA device is available")
+    return dev
 
 
 def save_checkpoint(

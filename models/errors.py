@@ -19,3 +19,7 @@ class ArchitectureError(ModelError):
 
 class InvalidInputError(ModelError):
     """Model inputs have the wrong shape, length or values (the service answers 400)."""
+
+
+class DeviceError(ModelError):
+    """The requested device does not exist on this machine."""

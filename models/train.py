@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.checkpoint import save_checkpoint
+from models.checkpoint import resolve_device, save_checkpoint
 from models.config import GATE_MODES, ModelConfig
 from models.data import load_mnist1d
 from models.evaluate import evaluate
@@ -45,15 +45,6 @@ class TrainReport:
     steps: int
     params: int
     test: dict[str, dict[str, object]] = field(default_factory=dict)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but no CUDA device is available")
-    return torch.device(device)
 
 
 def expected_sparsity(model: GatedNetwork) -> torch.Tensor:

@@ -56,10 +56,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from models import load_checkpoint, settings_for
+    from models import load_checkpoint, resolve_device, settings_for
     from models.data import load_mnist1d
     from models.evaluate import evaluate
-    from models.train import resolve_device
 
     torch.set_grad_enabled(False)
     model = load_checkpoint(args.checkpoint, resolve_device(args.device))

@@ -247,12 +247,10 @@ class Engine:
 
 
 def _resolve_device(device: str) -> torch.device:
-    # `auto` picks CUDA when present; asking for CUDA without one is a configuration error.
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EngineError("device (GATED_DEVICE): cuda requested but no CUDA device is available")
-    return torch.device(device)
+    try:
+        return models.resolve_device(device)
+    except models.DeviceError as err:
+        raise EngineError(f"device (GATED_DEVICE): {err}") from None
 
 
 def _wrap(name: str, network: models.GatedNetwork, device: torch.device) -> _Loaded:
