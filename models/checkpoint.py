@@ -42,6 +42,8 @@ def save_checkpoint(
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata=meta)
+    # safetensors writes 0600; a checkpoint is read by other users (a container's non-root one).
+    (out / WEIGHTS_FILE).chmod(0o644)
     return out
 
 

@@ -382,7 +382,7 @@ def _network_macs(
                 lengths, kept[f"blocks.{i}"].to(torch.float64), with_predictor
             )
         return total
-    total = linear_macs(lengths, m.in_channels, m.d_model)
+    total = conv1d_macs(lengths, m.in_channels, m.d_model, m.kernel_size)
     total = total + linear_macs(ones, m.d_model, m.num_classes)
     for i, layer in enumerate(cast(Sequence[GatedEncoderLayer], model.layers)):
         total = total + layer.macs(
@@ -539,7 +539,7 @@ class SparsePlan:
     ) -> torch.Tensor:
         model = cast(GatedTransformer, self.model)
         b = x.shape[0]
-        h = model.embed(x) + model.pos[: x.shape[1]]  # (B, T, D)
+        h = model.embed_tokens(x, ctx.mask)  # (B, T, D)
         attn_mask = ctx.mask[:, None, None, :]  # (B, 1, 1, T)
         ffn_kept: dict[str, torch.Tensor] = {}
         for i, (enc, attn, layer) in enumerate(
