@@ -86,7 +86,6 @@ def test_sigterm_drains_in_flight_then_exits_zero(
         server.stop()
 
 
-@pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="no shipped checkpoint")
 def test_shipped_checkpoint_serves_by_default(tmp_path: Path) -> None:
     from models import load_checkpoint
     from tests.utils.service import reference_logits
