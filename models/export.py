@@ -27,7 +27,7 @@ from typing import cast
 
 import torch
 
-from models.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from models.checkpoint import WEIGHTS_FILE, load_checkpoint, read_metadata, save_checkpoint
 from models.gates import GateSettings
 from models.networks import (
     GatedConvBlock,
@@ -154,7 +154,7 @@ def export_checkpoint(
     save_checkpoint(
         pruned,
         out_dir,
-        metadata={"exported_from": str(ckpt_dir), "static_keep": kept},
+        metadata={**read_metadata(ckpt_dir), "exported_from": str(ckpt_dir), "static_keep": kept},
     )
     seq = length or min(model.config.model.max_length, 128)
     return ExportReport(
