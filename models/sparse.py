@@ -116,16 +116,26 @@ class _GatedMLP:
             pk[:, self.d_in + self.d_out] = b1.detach()
             self.packed = pk
 
-    def dense(self, u: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    def dense(
+        self,
+        u: torch.Tensor,
+        x: torch.Tensor,
+        gate: torch.Tensor | None,
+        ws: _Workspace,
+        out_name: str,
+    ) -> torch.Tensor:
         """u (B, T, D_in), x (B, T, D_out), gate (B, 1|T, n) or None -> (B, T, D_out)."""
         b, t, _ = u.shape
+        out = ws.get(out_name, x.shape, x)
         if self.width == 0:
-            return x + self.b2
-        h = F.gelu(torch.addmm(self.b1, u.reshape(b * t, -1), self.w1.t()))  # (B·T, n)
+            return torch.add(x, self.b2, out=out)
+        h = ws.get("h", (b * t, self.width), x)
+        torch.addmm(self.b1, u.reshape(b * t, -1), self.w1.t(), out=h)  # (B·T, n)
+        torch.ops.aten.gelu_(h)
         if gate is not None:
             h.view(b, t, -1).mul_(gate)
-        y = torch.addmm(self.b2, h, self.w2t)  # (B·T, D_out)
-        return y.view(b, t, -1).add_(x)
+        torch.addmm(self.b2, h, self.w2t, out=out.view(b * t, -1))  # (B·T, D_out)
+        return out.add_(x)
 
     def gather(
         self,
@@ -134,28 +144,35 @@ class _GatedMLP:
         idx: torch.Tensor,
         values: torch.Tensor,
         chunk: int,
+        ws: _Workspace,
+        out_name: str,
     ) -> torch.Tensor:
         """Kept channels only: idx (B, k) into the packed rows, values (B, k) their gates."""
         assert self.packed is not None
         b, t, _ = u.shape
         k = idx.shape[1]
         d_in, d_out = self.d_in, self.d_out
+        out = ws.get(out_name, x.shape, x)  # (B, T, D_out)
         if k == 0:
-            return x + self.b2
-        out = torch.empty_like(x)  # (B, T, D_out)
+            return torch.add(x, self.b2, out=out)
+        width = self.packed.shape[1]
         if chunk <= 1:
             for i in range(b):
-                g = self.packed.index_select(0, idx[i])  # (k, W): one contiguous row each
-                h = F.gelu(torch.addmm(g[:, d_in + d_out], u[i], g[:, :d_in].t()))  # (T, k)
-                h.mul_(values[i])
+                g = ws.get("g", (k, width), x)
+                torch.index_select(self.packed, 0, idx[i], out=g)  # (k, W): contiguous rows
+                h = ws.get("hk", (t, k), x)
+                torch.addmm(g[:, d_in + d_out], u[i], g[:, :d_in].t(), out=h)  # (T, k)
+                torch.ops.aten.gelu_(h).mul_(values[i])
                 torch.addmm(x[i], h, g[:, d_in : d_in + d_out], out=out[i])  # (T, D_out)
         else:
             for s in range(0, b, chunk):
                 e = min(b, s + chunk)
-                g = self.packed.index_select(0, idx[s:e].reshape(-1)).view(e - s, k, -1)
+                g = ws.get("g", (e - s, k, width), x)
+                torch.index_select(self.packed, 0, idx[s:e].reshape(-1), out=g.view(-1, width))
                 bias = g[:, :, d_in + d_out].unsqueeze(1)  # (c, 1, k)
-                h = F.gelu(torch.baddbmm(bias, u[s:e], g[:, :, :d_in].transpose(1, 2)))
-                h.mul_(values[s:e].unsqueeze(1))  # (c, T, k)
+                h = ws.get("hk", (e - s, t, k), x)
+                torch.baddbmm(bias, u[s:e], g[:, :, :d_in].transpose(1, 2), out=h)
+                torch.ops.aten.gelu_(h).mul_(values[s:e].unsqueeze(1))  # (c, T, k)
                 torch.baddbmm(x[s:e], h, g[:, :, d_in : d_in + d_out], out=out[s:e])
         return out.add_(self.b2)
 
@@ -167,13 +184,35 @@ class _GatedMLP:
         values: torch.Tensor,
         strategy: Strategy,
         dense_map: torch.Tensor | None,
+        ws: _Workspace,
+        out_name: str,
     ) -> torch.Tensor:
         """Kept channels (idx, values) by ``strategy``; ``dense_map`` (H,) -> dense column."""
         if strategy.kind == "gather":
-            return self.gather(u, x, idx, values, strategy.chunk)
+            return self.gather(u, x, idx, values, strategy.chunk, ws, out_name)
         gate = values.new_zeros(idx.shape[0], self.width)  # (B, n)
         gate.scatter_(1, idx if dense_map is None else dense_map[idx], values)
-        return self.dense(u, x, gate.unsqueeze(1))
+        return self.dense(u, x, gate.unsqueeze(1), ws, out_name)
+
+
+class _Workspace:
+    """Buffers reused across calls, one per role (a plan runs on one thread at a time).
+
+    The CPU allocator hands large blocks back to the OS, so a fresh (B, T, H) activation or a
+    batch of gathered weights page-faults on every call: on small VMs that costs more than the
+    gather itself. Layers run one after another, so a role's buffer is shared by all layers.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.device != like.device or buf.dtype != like.dtype:
+            buf = torch.empty(n, dtype=like.dtype, device=like.device)
+            self._bufs[name] = buf
+        return buf[:n].view(*shape)
 
 
 def _time_once(fn: Callable[[], object], device: torch.device) -> float:
@@ -209,10 +248,11 @@ def _calibrate(
     values, pos = scores.topk(k, dim=-1)
     idx = open_rows[pos]  # (B, k) full channel indices
     cands = _candidates(batch)
+    ws = _Workspace()
     times: dict[Strategy, list[float]] = {s: [] for s in cands}
     for rep in range(reps + 1):
         for s in cands:
-            t = _time_once(lambda s=s: mlp.run(u, x, idx, values, s, dense_map), dev)
+            t = _time_once(lambda s=s: mlp.run(u, x, idx, values, s, dense_map, ws, "y"), dev)
             if rep:  # the first round only warms up allocators and kernels
                 times[s].append(t)
     medians = {s: statistics.median(v) for s, v in times.items()}
@@ -224,8 +264,13 @@ def _calibrate(
 
 
 class _FastPredictor:
-    """SPEC §2 global-pool predictor with masks shared across layers; same math as
-    :class:`InputPredictor`, fewer kernel launches (one ``var_mean`` without padding)."""
+    """SPEC §2 global-pool predictor, same math as :class:`InputPredictor`, cheaper squeeze.
+
+    The padding-aware mean and mean square are two small batched matmuls with per-request
+    step weights (1/count on valid steps, shared by every layer); std = sqrt(E[x²] − mean² +
+    eps). Reductions over the time axis of a (B, T, C) tensor are many times slower than that
+    on CPU.
+    """
 
     def __init__(self, predictor: InputPredictor) -> None:
         self.use_std = predictor.use_std
@@ -236,19 +281,13 @@ class _FastPredictor:
 
     def __call__(self, x: torch.Tensor, ctx: _Context) -> torch.Tensor:
         """x (B, T, C) -> (B, n) gates in (0, 1)."""
-        if ctx.full:
-            if self.use_std:
-                var, mean = torch.var_mean(x, dim=1, correction=0)  # (B, C) each
-                stats = torch.cat([mean, var.add_(_VAR_EPS).sqrt_()], dim=-1)  # (B, 2C)
-            else:
-                stats = x.mean(1)  # (B, C)
+        mean = torch.bmm(ctx.step_weights, x)  # (B, 1, C)
+        if self.use_std:
+            sq = torch.mul(x, x, out=ctx.ws.get("sq", x.shape, x))  # (B, T, C)
+            var = torch.bmm(ctx.step_weights, sq).sub_(mean * mean).clamp_min_(0.0)
+            stats = torch.cat([mean, var.add_(_VAR_EPS).sqrt_()], dim=-1)[:, 0]  # (B, 2C)
         else:
-            mean = (x * ctx.mf).sum(1) / ctx.count  # (B, C)
-            if self.use_std:
-                var = (((x - mean.unsqueeze(1)) * ctx.mf) ** 2).sum(1) / ctx.count
-                stats = torch.cat([mean, var.add_(_VAR_EPS).sqrt_()], dim=-1)
-            else:
-                stats = mean
+            stats = mean[:, 0]  # (B, C)
         hidden = torch.addmm(self.b1, stats, self.w1.t()).relu_()  # (B, hidden)
         return torch.addmm(self.b2, hidden, self.w2.t()).sigmoid_()  # (B, n)
 
@@ -260,7 +299,8 @@ class _Context:
     mask: torch.Tensor  # (B, T) bool
     mf: torch.Tensor  # (B, T, 1) float
     count: torch.Tensor  # (B, 1) valid steps
-    full: bool  # no padding: statistics skip the mask multiplies
+    step_weights: torch.Tensor  # (B, 1, T): 1/count on valid steps, 0 on padding
+    ws: _Workspace
 
 
 @dataclass
@@ -303,12 +343,17 @@ class _GatedLayer:
         x: torch.Tensor,
         ctx: _Context,
         settings: GateSettings,
+        out_name: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predictor input f (B, T, C), features u, residual x -> (B, T, D_out), kept (B,)."""
+        """Predictor input f (B, T, C), features u, residual x -> (B, T, D_out), kept (B,).
+
+        The result lives in the workspace buffer ``out_name`` (not the one holding ``x``).
+        """
         batch = x.shape[0]
+        ws = ctx.ws
         if self.predictor is None:  # dense, static, or dynamic without a predictor
             kept = x.new_full((1,), cast(float, self.kept_const)).expand(batch)
-            return self.mlp.dense(u, x, None), kept
+            return self.mlp.dense(u, x, None, ws, out_name), kept
         if self.per_step:
             # Per-step gates differ at every time step: a token-level gather costs more than it
             # saves at these widths, so the reference gate runs and its mask multiplies.
@@ -316,7 +361,7 @@ class _GatedLayer:
             assert gate is not None
             if self.dense_map is not None:
                 gate = gate[..., cast(torch.Tensor, self.open_rows)]
-            return self.mlp.dense(u, x, gate), kept
+            return self.mlp.dense(u, x, gate, ws, out_name), kept
         # SPEC §3: final = (1 − w)·static + w·(static·dynamic), same operation order.
         final = self.predictor(f, ctx).mul_(self.static).mul_(self.weight)  # (B, n)
         final.add_(cast(torch.Tensor, self.static_part))
@@ -324,16 +369,24 @@ class _GatedLayer:
             if self.k >= self.n_open:
                 kept = x.new_full((1,), float(self.n_open)).expand(batch)
                 gate = final if self.open_rows is None else final[:, self.open_rows]
-                return self.mlp.dense(u, x, gate.unsqueeze(1)), kept
+                return self.mlp.dense(u, x, gate.unsqueeze(1), ws, out_name), kept
             ranked = final if self.closed is None else final.masked_fill(self.closed, -math.inf)
             values, idx = ranked.topk(self.k, dim=-1, sorted=False)  # (B, k)
             kept = x.new_full((1,), float(self.k)).expand(batch)
-            out = self.mlp.run(u, x, idx, values, self.strategy(batch, self.k), self.dense_map)
-            return out, kept
-        return self._threshold(final, u, x, cast(float, settings.threshold), settings.bucket)
+            strat = self.strategy(batch, self.k)
+            return self.mlp.run(u, x, idx, values, strat, self.dense_map, ws, out_name), kept
+        tau = cast(float, settings.threshold)
+        return self._threshold(final, u, x, tau, settings.bucket, ws, out_name)
 
     def _threshold(
-        self, final: torch.Tensor, u: torch.Tensor, x: torch.Tensor, tau: float, bucket: int
+        self,
+        final: torch.Tensor,
+        u: torch.Tensor,
+        x: torch.Tensor,
+        tau: float,
+        bucket: int,
+        ws: _Workspace,
+        out_name: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keep = final >= tau  # (B, n)
         if self.closed is not None:
@@ -351,14 +404,16 @@ class _GatedLayer:
             values, idx = ranked.topk(kb, dim=-1, sorted=False)
             values = values.clamp_min_(0.0)  # padding picks (-inf) compute with a zero gate
             strat = self.strategy(x.shape[0], kb)
-            return self.mlp.run(u, x, idx, values, strat, self.dense_map), kept
-        out = torch.empty_like(x)
+            return self.mlp.run(u, x, idx, values, strat, self.dense_map, ws, out_name), kept
+        out = ws.get(out_name, x.shape, x)
         for kb, members in groups.items():
             rows = torch.tensor(members, device=x.device)
             values, idx = ranked[rows].topk(kb, dim=-1, sorted=False)
             values = values.clamp_min_(0.0)
             strat = self.strategy(len(members), kb)
-            out[rows] = self.mlp.run(u[rows], x[rows], idx, values, strat, self.dense_map)
+            out[rows] = self.mlp.run(
+                u[rows], x[rows], idx, values, strat, self.dense_map, ws, "group"
+            )
         return out, kept
 
 
@@ -421,17 +476,30 @@ class _Attention:
     heads: int
     head_dim: int
 
-    def __call__(self, x: torch.Tensor, norm: nn.Module, attn_mask: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
+    def __call__(
+        self,
+        x: torch.Tensor,
+        norm: nn.Module,
+        attn_mask: torch.Tensor,
+        ws: _Workspace,
+        out_name: str,
+    ) -> torch.Tensor:
+        """x (B, T, D) -> x + attention, in the workspace buffer ``out_name``."""
+        b, t, d = x.shape
+        out = ws.get(out_name, x.shape, x)
         if self.heads == 0:
-            return x + self.proj_b
-        qkv = F.linear(norm(x), self.qkv_w, self.qkv_b)  # (B, T, 3·h·hd)
+            return torch.add(x, self.proj_b, out=out)
+        width = self.heads * self.head_dim
+        qkv = ws.get("qkv", (b, t, 3 * width), x)
+        torch.addmm(self.qkv_b, norm(x).view(b * t, d), self.qkv_w.t(), out=qkv.view(b * t, -1))
         q, k, v = qkv.view(b, t, 3, self.heads, self.head_dim).unbind(2)
         a = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
-        )  # (B, h, T, hd)
-        a = a.transpose(1, 2).reshape(b * t, self.heads * self.head_dim)
-        return torch.addmm(self.proj_b, a, self.proj_w.t()).view(b, t, -1).add_(x)
+        ).transpose(1, 2)  # (B, T, h, hd)
+        if not a.is_contiguous():
+            a = ws.get("attn", a.shape, x).copy_(a)
+        torch.addmm(self.proj_b, a.reshape(b * t, width), self.proj_w.t(), out=out.view(b * t, d))
+        return out.add_(x)
 
 
 def _fold_heads(layer: GatedEncoderLayer, z: torch.Tensor | None) -> _Attention:
@@ -482,6 +550,7 @@ class SparsePlan:
         self._macs_coef: torch.Tensor | None = None
         self._dense_coef: torch.Tensor | None = None
         self._head_kept: list[float] = []
+        self._ws = _Workspace()
 
     # ------------------------------------------------------------------ running
 
@@ -497,14 +566,11 @@ class SparsePlan:
             return self._forward(x, lengths)
 
     def _context(self, x: torch.Tensor, lengths: torch.Tensor) -> _Context:
-        t = x.shape[1]
-        # A CPU lengths tensor tells for free whether any request is padded; on an accelerator
-        # the check would sync, so the padding-aware path runs instead.
-        full = lengths.device.type == "cpu" and bool((lengths == t).all())
-        lengths = lengths.to(x.device)
-        mask = time_mask(lengths, t)  # (B, T)
+        mask = time_mask(lengths.to(x.device), x.shape[1])  # (B, T)
         mf = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-        return _Context(mask, mf, mf.sum(1).clamp_min(1.0), full)
+        count = mf.sum(1).clamp_min(1.0)  # (B, 1)
+        weights = (mf / count.unsqueeze(1)).transpose(1, 2)  # (B, 1, T)
+        return _Context(mask, mf, count, weights, self._ws)
 
     def _forward(self, x: torch.Tensor, lengths: torch.Tensor) -> NetworkOutput:
         self.model.check_input(x, lengths)
@@ -524,12 +590,13 @@ class SparsePlan:
         model = cast(GatedConvNet, self.model)
         mf = ctx.mf
         h = model.stem((x * mf).transpose(1, 2)).transpose(1, 2) * mf  # (B, T, C)
-        for block, layer in zip(
-            cast(Sequence[GatedConvBlock], model.blocks), self.layers, strict=True
+        for i, (block, layer) in enumerate(
+            zip(cast(Sequence[GatedConvBlock], model.blocks), self.layers, strict=True)
         ):
             f = block.norm(h, ctx.mask) * mf  # (B, T, C); zero padding, as the conv's own
-            u = _unfold(f, block.kernel_size)  # (B, T, C·k)
-            y, kept[layer.name] = layer.forward(f, u, h, ctx, self.settings)
+            u = _unfold(f, block.kernel_size, ctx.ws)  # (B, T, C·k)
+            # Residual buffers alternate: a block never writes the buffer it reads.
+            y, kept[layer.name] = layer.forward(f, u, h, ctx, self.settings, f"res{i % 2}")
             h = y.mul_(mf)
         pooled = (h * mf).sum(1) / ctx.count  # (B, C)
         return cast(torch.Tensor, model.head(pooled))
@@ -550,16 +617,17 @@ class SparsePlan:
                 strict=True,
             )
         ):
-            h = attn(h, enc.norm1, attn_mask)
+            # Residual buffers alternate: attention writes res1, the FFN res0.
+            h = attn(h, enc.norm1, attn_mask, ctx.ws, "res1")
             kept[f"layers.{i}.heads"] = h.new_full((1,), self._head_kept[i]).expand(b)
             f = enc.norm2(h)  # (B, T, D)
-            h, ffn_kept[layer.name] = layer.forward(f, f, h, ctx, self.settings)
+            h, ffn_kept[layer.name] = layer.forward(f, f, h, ctx, self.settings, "res0")
         kept.update(ffn_kept)  # the reference lists every layer's heads, then every FFN
         pooled = (model.norm(h) * ctx.mf).sum(1) / ctx.count  # (B, D)
         return cast(torch.Tensor, model.head(pooled))
 
 
-def _unfold(f: torch.Tensor, kernel: int) -> torch.Tensor:
+def _unfold(f: torch.Tensor, kernel: int, ws: _Workspace) -> torch.Tensor:
     """(B, T, C) -> (B, T, C·k): the same-padded conv's input windows, channel-major like the
     conv weight (H, C, k), so the conv is one matmul with W1 viewed (H, C·k)."""
     if kernel == 1:
@@ -567,7 +635,8 @@ def _unfold(f: torch.Tensor, kernel: int) -> torch.Tensor:
     b, t, c = f.shape
     half = kernel // 2
     padded = F.pad(f, (0, 0, half, half))  # (B, T + k − 1, C)
-    return padded.unfold(1, kernel, 1).reshape(b, t, c * kernel)  # (B, T, C, k) -> (B, T, C·k)
+    windows = padded.unfold(1, kernel, 1)  # (B, T, C, k), a view
+    return ws.get("unfold", windows.shape, f).copy_(windows).view(b, t, c * kernel)
 
 
 def _layer_weights(
@@ -611,7 +680,7 @@ def compile_plan(
     calibrate: bool = True,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     calib_length: int | None = None,
-    reps: int = 3,
+    reps: int = 5,
     threshold_ks: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
     strategy: Strategy | None = None,
 ) -> SparsePlan:
