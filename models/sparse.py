@@ -301,6 +301,7 @@ class _Context:
     count: torch.Tensor  # (B, 1) valid steps
     step_weights: torch.Tensor  # (B, 1, T): 1/count on valid steps, 0 on padding
     ws: _Workspace
+    full: bool  # known without a device sync that no request is padded
 
 
 @dataclass
@@ -318,12 +319,15 @@ class _GatedLayer:
     closed: torch.Tensor | None = None  # (n,) bool, None when every channel is open
     dense_map: torch.Tensor | None = None  # (n,) full -> dense column, None when identity
     static_part: torch.Tensor | None = None  # (n,) (1 − w)·static
-    static: torch.Tensor | None = None  # (n,)
-    weight: float = 0.0
+    weighted_static: torch.Tensor | None = None  # (n,) w·static
     k: int | None = None  # fixed k (keep ratio); None with a threshold policy
     strategies: dict[tuple[int, int], Strategy] = field(default_factory=dict)
     kept_const: float | None = None  # channels kept when input independent
     forced: Strategy | None = None
+    kept_vec: torch.Tensor | None = None  # (1,) channels kept when the same for every request
+
+    def kept(self, batch: int) -> torch.Tensor:
+        return cast(torch.Tensor, self.kept_vec).expand(batch)  # (B,) float32
 
     def strategy(self, batch: int, k: int) -> Strategy:
         if self.forced is not None:
@@ -352,7 +356,7 @@ class _GatedLayer:
         batch = x.shape[0]
         ws = ctx.ws
         if self.predictor is None:  # dense, static, or dynamic without a predictor
-            kept = x.new_full((1,), cast(float, self.kept_const)).expand(batch)
+            kept = self.kept(batch)
             return self.mlp.dense(u, x, None, ws, out_name), kept
         if self.per_step:
             # Per-step gates differ at every time step: a token-level gather costs more than it
@@ -362,17 +366,17 @@ class _GatedLayer:
             if self.dense_map is not None:
                 gate = gate[..., cast(torch.Tensor, self.open_rows)]
             return self.mlp.dense(u, x, gate, ws, out_name), kept
-        # SPEC §3: final = (1 − w)·static + w·(static·dynamic), same operation order.
-        final = self.predictor(f, ctx).mul_(self.static).mul_(self.weight)  # (B, n)
-        final.add_(cast(torch.Tensor, self.static_part))
+        # SPEC §3: final = (1 − w)·static + w·(static·dynamic), one fused multiply-add.
+        dynamic = self.predictor(f, ctx)  # (B, n)
+        final = torch.addcmul(self.static_part, dynamic, self.weighted_static)  # (B, n)
         if self.k is not None:
             if self.k >= self.n_open:
-                kept = x.new_full((1,), float(self.n_open)).expand(batch)
+                kept = self.kept(batch)
                 gate = final if self.open_rows is None else final[:, self.open_rows]
                 return self.mlp.dense(u, x, gate.unsqueeze(1), ws, out_name), kept
             ranked = final if self.closed is None else final.masked_fill(self.closed, -math.inf)
             values, idx = ranked.topk(self.k, dim=-1, sorted=False)  # (B, k)
-            kept = x.new_full((1,), float(self.k)).expand(batch)
+            kept = self.kept(batch)
             strat = self.strategy(batch, self.k)
             return self.mlp.run(u, x, idx, values, strat, self.dense_map, ws, out_name), kept
         tau = cast(float, settings.threshold)
@@ -480,7 +484,7 @@ class _Attention:
         self,
         x: torch.Tensor,
         norm: nn.Module,
-        attn_mask: torch.Tensor,
+        attn_mask: torch.Tensor | None,
         ws: _Workspace,
         out_name: str,
     ) -> torch.Tensor:
@@ -550,6 +554,7 @@ class SparsePlan:
         self._macs_coef: torch.Tensor | None = None
         self._dense_coef: torch.Tensor | None = None
         self._head_kept: list[float] = []
+        self._head_vecs: list[torch.Tensor] = []
         self._ws = _Workspace()
 
     # ------------------------------------------------------------------ running
@@ -566,11 +571,13 @@ class SparsePlan:
             return self._forward(x, lengths)
 
     def _context(self, x: torch.Tensor, lengths: torch.Tensor) -> _Context:
+        # Host lengths tell for free whether any request is padded; device lengths would sync.
+        full = lengths.device.type == "cpu" and bool((lengths == x.shape[1]).all())
         mask = time_mask(lengths.to(x.device), x.shape[1])  # (B, T)
         mf = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
         count = mf.sum(1).clamp_min(1.0)  # (B, 1)
         weights = (mf / count.unsqueeze(1)).transpose(1, 2)  # (B, 1, T)
-        return _Context(mask, mf, count, weights, self._ws)
+        return _Context(mask, mf, count, weights, self._ws, full)
 
     def _forward(self, x: torch.Tensor, lengths: torch.Tensor) -> NetworkOutput:
         self.model.check_input(x, lengths)
@@ -607,7 +614,8 @@ class SparsePlan:
         model = cast(GatedTransformer, self.model)
         b = x.shape[0]
         h = model.embed_tokens(x, ctx.mask)  # (B, T, D)
-        attn_mask = ctx.mask[:, None, None, :]  # (B, 1, 1, T)
+        # Without padding the key mask is all true: SDPA skips it.
+        attn_mask = None if ctx.full else ctx.mask[:, None, None, :]  # (B, 1, 1, T)
         ffn_kept: dict[str, torch.Tensor] = {}
         for i, (enc, attn, layer) in enumerate(
             zip(
@@ -619,7 +627,7 @@ class SparsePlan:
         ):
             # Residual buffers alternate: attention writes res1, the FFN res0.
             h = attn(h, enc.norm1, attn_mask, ctx.ws, "res1")
-            kept[f"layers.{i}.heads"] = h.new_full((1,), self._head_kept[i]).expand(b)
+            kept[f"layers.{i}.heads"] = self._head_vecs[i].expand(b)
             f = enc.norm2(h)  # (B, T, D)
             h, ffn_kept[layer.name] = layer.forward(f, f, h, ctx, self.settings, "res0")
         kept.update(ffn_kept)  # the reference lists every layer's heads, then every FFN
@@ -712,6 +720,7 @@ def compile_plan(
                 plan.attention.append(att)
                 head_kept.append(float(att.heads))
         plan._head_kept = head_kept
+        plan._head_vecs = [torch.tensor([v], device=dev) for v in head_kept]
         calib_cache: dict[tuple[object, ...], tuple[Strategy, dict[str, float]]] = {}
         for i in range(n_layers):
             name, gate, w1, b1, w2, b2 = _layer_weights(model, i)
@@ -733,8 +742,13 @@ def compile_plan(
                     plan.report,
                 )
             )
-            if strategy is not None:
-                plan.layers[-1].forced = strategy
+            layer = plan.layers[-1]
+            layer.forced = strategy
+            if layer.kept_const is not None or layer.k is not None:
+                value = layer.kept_const
+                if value is None:
+                    value = float(min(cast(int, layer.k), layer.n_open))
+                layer.kept_vec = torch.tensor([value], device=dev)
         # Dense MACs always, executed MACs when every layer's kept count is input independent,
         # are quadratics in the length: two tensor ops per forward instead of dozens.
         full = {
@@ -827,8 +841,7 @@ def _compile_layer(
         closed=None if all_open else ~open_mask,
         dense_map=dense_map,
         static_part=(1.0 - w) * static,
-        static=static,
-        weight=w,
+        weighted_static=w * static,
     )
     if settings.keep_ratio is not None:
         layer.k = bucketed_k(settings.keep_ratio, n_open, settings.bucket)
