@@ -103,6 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=SHIPPED)
     parser.add_argument(
+        "--static-checkpoint",
+        type=Path,
+        default=None,
+        help="model trained for static gating (use_input_gating: false) for the static curve; "
+        "default: --checkpoint, whose static ranking was never trained when it has a predictor",
+    )
+    parser.add_argument(
         "--keep-ratios", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.375, 0.25, 0.125]
     )
     parser.add_argument("--batch", type=int, default=32)
@@ -115,13 +122,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     model = load_checkpoint(args.checkpoint)
+    static_model = load_checkpoint(args.static_checkpoint) if args.static_checkpoint else model
     _, test = load_mnist1d(model.config.data.seed)
     bucket = model.config.dynamic_pruning_config.bucket
     settings = [GateSettings("dense")]
     for mode in ("static", "dynamic"):
         settings += [GateSettings(mode, keep_ratio=r, bucket=bucket) for r in args.keep_ratios]
     plans = [
-        compile_plan(model, s, batch_sizes=(args.batch,), calib_length=test.x.shape[1])
+        compile_plan(
+            static_model if s.mode == "static" else model,
+            s,
+            batch_sizes=(args.batch,),
+            calib_length=test.x.shape[1],
+        )
         for s in settings
     ]
     ms = latencies(plans, test.x[: args.batch], test.lengths[: args.batch], args.repeats)
@@ -148,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     summary = {
         "checkpoint": str(args.checkpoint),
+        "static_checkpoint": str(args.static_checkpoint or args.checkpoint),
         "split": f"mnist1d test (seed {model.config.data.seed}, {len(test)} sequences)",
         "batch": args.batch,
         "threads": args.threads,
@@ -156,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     (args.out_dir / "pareto.json").write_text(json.dumps(summary, indent=1))
     title = f"{args.checkpoint.name}: MNIST-1D test accuracy vs cost"
+    if args.static_checkpoint:
+        title += f" (static curve: {args.static_checkpoint.name}, trained without predictor)"
     plot(points, args.out_dir / "pareto.png", title, args.batch)
     return 0
 
