@@ -122,20 +122,19 @@ class _GatedMLP:
         x: torch.Tensor,
         gate: torch.Tensor | None,
         ws: _Workspace,
-        out_name: str,
     ) -> torch.Tensor:
-        """u (B, T, D_in), x (B, T, D_out), gate (B, 1|T, n) or None -> (B, T, D_out)."""
+        """u (B, T, D_in), gate (B, 1|T, n) or None; adds the layer into x (B, T, D_out)."""
         b, t, _ = u.shape
-        out = ws.get(out_name, x.shape, x)
+        x.add_(self.b2)  # the residual takes the bias first: the matmul then accumulates
         if self.width == 0:
-            return torch.add(x, self.b2, out=out)
+            return x
         h = ws.get("h", (b * t, self.width), x)
         torch.addmm(self.b1, u.reshape(b * t, -1), self.w1.t(), out=h)  # (B·T, n)
         torch.ops.aten.gelu_(h)
         if gate is not None:
             h.view(b, t, -1).mul_(gate)
-        torch.addmm(self.b2, h, self.w2t, out=out.view(b * t, -1))  # (B·T, D_out)
-        return out.add_(x)
+        x.view(b * t, -1).addmm_(h, self.w2t)  # (B·T, D_out)
+        return x
 
     def gather(
         self,
@@ -145,16 +144,16 @@ class _GatedMLP:
         values: torch.Tensor,
         chunk: int,
         ws: _Workspace,
-        out_name: str,
     ) -> torch.Tensor:
-        """Kept channels only: idx (B, k) into the packed rows, values (B, k) their gates."""
+        """Kept channels only: idx (B, k) into the packed rows, values (B, k) their gates;
+        adds the layer into x (B, T, D_out)."""
         assert self.packed is not None
         b, t, _ = u.shape
         k = idx.shape[1]
         d_in, d_out = self.d_in, self.d_out
-        out = ws.get(out_name, x.shape, x)  # (B, T, D_out)
+        x.add_(self.b2)
         if k == 0:
-            return torch.add(x, self.b2, out=out)
+            return x
         width = self.packed.shape[1]
         if chunk <= 1:
             for i in range(b):
@@ -163,7 +162,7 @@ class _GatedMLP:
                 h = ws.get("hk", (t, k), x)
                 torch.addmm(g[:, d_in + d_out], u[i], g[:, :d_in].t(), out=h)  # (T, k)
                 torch.ops.aten.gelu_(h).mul_(values[i])
-                torch.addmm(x[i], h, g[:, d_in : d_in + d_out], out=out[i])  # (T, D_out)
+                x[i].addmm_(h, g[:, d_in : d_in + d_out])  # (T, D_out)
         else:
             for s in range(0, b, chunk):
                 e = min(b, s + chunk)
@@ -173,8 +172,8 @@ class _GatedMLP:
                 h = ws.get("hk", (e - s, t, k), x)
                 torch.baddbmm(bias, u[s:e], g[:, :, :d_in].transpose(1, 2), out=h)
                 torch.ops.aten.gelu_(h).mul_(values[s:e].unsqueeze(1))  # (c, T, k)
-                torch.baddbmm(x[s:e], h, g[:, :, d_in : d_in + d_out], out=out[s:e])
-        return out.add_(self.b2)
+                x[s:e].baddbmm_(h, g[:, :, d_in : d_in + d_out])  # (c, T, D_out)
+        return x
 
     def run(
         self,
@@ -185,14 +184,14 @@ class _GatedMLP:
         strategy: Strategy,
         dense_map: torch.Tensor | None,
         ws: _Workspace,
-        out_name: str,
     ) -> torch.Tensor:
-        """Kept channels (idx, values) by ``strategy``; ``dense_map`` (H,) -> dense column."""
+        """Kept channels (idx, values) by ``strategy``, added into x in place; ``dense_map``
+        (H,) maps a channel to its dense column."""
         if strategy.kind == "gather":
-            return self.gather(u, x, idx, values, strategy.chunk, ws, out_name)
+            return self.gather(u, x, idx, values, strategy.chunk, ws)
         gate = values.new_zeros(idx.shape[0], self.width)  # (B, n)
         gate.scatter_(1, idx if dense_map is None else dense_map[idx], values)
-        return self.dense(u, x, gate.unsqueeze(1), ws, out_name)
+        return self.dense(u, x, gate.unsqueeze(1), ws)
 
 
 class _Workspace:
@@ -243,7 +242,8 @@ def _calibrate(
     dev = open_rows.device
     gen = torch.Generator(device="cpu").manual_seed(batch * 7919 + k)
     u = torch.randn(batch, length, mlp.d_in, generator=gen).to(dev)
-    x = torch.randn(batch, length, mlp.d_out, generator=gen).to(dev)
+    x0 = torch.randn(batch, length, mlp.d_out, generator=gen).to(dev)
+    x = x0.clone()
     scores = torch.rand(batch, open_rows.numel(), generator=gen).to(dev)
     values, pos = scores.topk(k, dim=-1)
     idx = open_rows[pos]  # (B, k) full channel indices
@@ -254,7 +254,8 @@ def _calibrate(
     times: dict[Strategy, list[float]] = {s: [] for s in cands}
     for rep in range(reps + 1):
         for s in cands:
-            t = _time_once(lambda s=s: mlp.run(u, x, idx, values, s, dense_map, ws, "y"), dev)
+            x.copy_(x0)  # the kernels add into x in place
+            t = _time_once(lambda s=s: mlp.run(u, x, idx, values, s, dense_map, ws), dev)
             if rep:  # the first round only warms up allocators and kernels
                 times[s].append(t)
     medians = {s: statistics.median(v) for s, v in times.items()}
@@ -349,17 +350,16 @@ class _GatedLayer:
         x: torch.Tensor,
         ctx: _Context,
         settings: GateSettings,
-        out_name: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictor input f (B, T, C), features u, residual x -> (B, T, D_out), kept (B,).
 
-        The result lives in the workspace buffer ``out_name`` (not the one holding ``x``).
+        The layer is added into ``x`` in place (the caller no longer needs the residual alone).
         """
         batch = x.shape[0]
         ws = ctx.ws
         if self.predictor is None:  # dense, static, or dynamic without a predictor
             kept = self.kept(batch)
-            return self.mlp.dense(u, x, None, ws, out_name), kept
+            return self.mlp.dense(u, x, None, ws), kept
         if self.per_step:
             # Per-step gates differ at every time step: a token-level gather costs more than it
             # saves at these widths, so the reference gate runs and its mask multiplies.
@@ -367,7 +367,7 @@ class _GatedLayer:
             assert gate is not None
             if self.dense_map is not None:
                 gate = gate[..., cast(torch.Tensor, self.open_rows)]
-            return self.mlp.dense(u, x, gate, ws, out_name), kept
+            return self.mlp.dense(u, x, gate, ws), kept
         # SPEC §3: final = (1 − w)·static + w·(static·dynamic), one fused multiply-add.
         dynamic = self.predictor(f, ctx)  # (B, n)
         final = torch.addcmul(self.static_part, dynamic, self.weighted_static)  # (B, n)
@@ -375,14 +375,14 @@ class _GatedLayer:
             if self.k >= self.n_open:
                 kept = self.kept(batch)
                 gate = final if self.open_rows is None else final[:, self.open_rows]
-                return self.mlp.dense(u, x, gate.unsqueeze(1), ws, out_name), kept
+                return self.mlp.dense(u, x, gate.unsqueeze(1), ws), kept
             ranked = final if self.closed is None else final.masked_fill(self.closed, -math.inf)
             values, idx = ranked.topk(self.k, dim=-1, sorted=False)  # (B, k)
             kept = self.kept(batch)
             strat = self.strategy(batch, self.k)
-            return self.mlp.run(u, x, idx, values, strat, self.dense_map, ws, out_name), kept
+            return self.mlp.run(u, x, idx, values, strat, self.dense_map, ws), kept
         tau = cast(float, settings.threshold)
-        return self._threshold(final, u, x, tau, settings.bucket, ws, out_name)
+        return self._threshold(final, u, x, tau, settings.bucket, ws)
 
     def _threshold(
         self,
@@ -392,7 +392,6 @@ class _GatedLayer:
         tau: float,
         bucket: int,
         ws: _Workspace,
-        out_name: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keep = final >= tau  # (B, n)
         if self.closed is not None:
@@ -410,16 +409,15 @@ class _GatedLayer:
             values, idx = ranked.topk(kb, dim=-1, sorted=False)
             values = values.clamp_min_(0.0)  # padding picks (-inf) compute with a zero gate
             strat = self.strategy(x.shape[0], kb)
-            return self.mlp.run(u, x, idx, values, strat, self.dense_map, ws, out_name), kept
-        out = ws.get(out_name, x.shape, x)
+            return self.mlp.run(u, x, idx, values, strat, self.dense_map, ws), kept
+        out = x
         for kb, members in groups.items():
             rows = torch.tensor(members, device=x.device)
             values, idx = ranked[rows].topk(kb, dim=-1, sorted=False)
             values = values.clamp_min_(0.0)
             strat = self.strategy(len(members), kb)
-            out[rows] = self.mlp.run(
-                u[rows], x[rows], idx, values, strat, self.dense_map, ws, "group"
-            )
+            # x[rows] is a copy, so each group writes back once it is done.
+            out[rows] = self.mlp.run(u[rows], x[rows], idx, values, strat, self.dense_map, ws)
         return out, kept
 
 
@@ -599,14 +597,14 @@ class SparsePlan:
         model = cast(GatedConvNet, self.model)
         mf = ctx.mf
         h = model.stem((x * mf).transpose(1, 2)).transpose(1, 2) * mf  # (B, T, C)
-        for i, (block, layer) in enumerate(
-            zip(cast(Sequence[GatedConvBlock], model.blocks), self.layers, strict=True)
+        h = h.contiguous()  # the blocks add into h in place through flat views
+        for block, layer in zip(
+            cast(Sequence[GatedConvBlock], model.blocks), self.layers, strict=True
         ):
             f = block.norm(h, ctx.mask) * mf  # (B, T, C); zero padding, as the conv's own
             u = _unfold(f, block.kernel_size, ctx.ws)  # (B, T, C·k)
-            # Residual buffers alternate: a block never writes the buffer it reads.
-            y, kept[layer.name] = layer.forward(f, u, h, ctx, self.settings, f"res{i % 2}")
-            h = y.mul_(mf)
+            h, kept[layer.name] = layer.forward(f, u, h, ctx, self.settings)
+            h.mul_(mf)
         pooled = (h * mf).sum(1) / ctx.count  # (B, C)
         return cast(torch.Tensor, model.head(pooled))
 
@@ -627,11 +625,11 @@ class SparsePlan:
                 strict=True,
             )
         ):
-            # Residual buffers alternate: attention writes res1, the FFN res0.
-            h = attn(h, enc.norm1, attn_mask, ctx.ws, "res1")
+            # Attention writes the buffer that does not hold its input; the FFN adds in place.
+            h = attn(h, enc.norm1, attn_mask, ctx.ws, f"res{i % 2}")
             kept[f"layers.{i}.heads"] = self._head_vecs[i].expand(b)
             f = enc.norm2(h)  # (B, T, D)
-            h, ffn_kept[layer.name] = layer.forward(f, f, h, ctx, self.settings, "res0")
+            h, ffn_kept[layer.name] = layer.forward(f, f, h, ctx, self.settings)
         kept.update(ffn_kept)  # the reference lists every layer's heads, then every FFN
         pooled = (model.norm(h) * ctx.mf).sum(1) / ctx.count  # (B, D)
         return cast(torch.Tensor, model.head(pooled))
