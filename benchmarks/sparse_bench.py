@@ -3,12 +3,13 @@
     python benchmarks/sparse_bench.py            # markdown table on stdout
     python benchmarks/sparse_bench.py --json     # one JSON object per cell on stdout
 
-Model forward only, inputs already on the device. Per cell (model, batch, keep ratio) it times,
-interleaved in one process, the reference network in ``dense`` mode, the dense plan, the
-reference in ``dynamic`` mode (masked dense: the mask is multiplied, nothing is saved) and the
-compiled dynamic plan (:mod:`models.sparse`), and reports medians. ``dense_ms`` is the faster of
-the two dense runs, so that the speedup owes nothing to how the baseline is written.
-``ideal_speedup`` is dense MACs over the MACs the plan reports as executed (predictor included).
+Model forward only, inputs already on the device. Per cell (model, batch, keep ratio) it
+times, interleaved in one process (the order rotates every repeat), the reference network in
+``dense`` mode, the dense plan, the reference in ``dynamic`` mode (masked dense: the mask is
+multiplied, nothing is saved) and the compiled dynamic plan (:mod:`models.sparse`), and reports
+medians. ``dense_ms`` is the faster of the two dense runs, so that the speedup owes nothing to
+how the baseline is written. ``ideal_speedup`` is dense MACs over the MACs the plan reports as
+executed (predictor included).
 
 Models: ``conv`` (``models/configs/mnist1d_conv.yaml``, the shipped checkpoint when present,
 else random weights; T 40) and ``transformer-base`` (d_model 256, FFN 1024, 4 layers, 4 heads,
@@ -126,9 +127,12 @@ def bench_model(
                 for _ in range(2):  # warm-up: allocator, kernel selection
                     for fn in fns.values():
                         fn()
-                for _ in range(repeats):
-                    for v, fn in fns.items():
-                        times[v].append(timer(fn))
+                order = list(fns)
+                for rep in range(repeats):
+                    # Rotate the order so that no variant always runs right after the one
+                    # that leaves the caches and the allocator in the worst state.
+                    for v in order[rep % 4 :] + order[: rep % 4]:
+                        times[v].append(timer(fns[v]))
                 out = plan(x, lengths)
                 ref = model(x, lengths, settings)
             med = {v: statistics.median(t) for v, t in times.items()}
