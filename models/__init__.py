@@ -13,8 +13,10 @@ from models.errors import (
     InvalidInputError,
     ModelError,
 )
+from models.export import export_checkpoint
 from models.gates import GateSettings, settings_for
 from models.networks import GatedNetwork, NetworkOutput, build_network
+from models.sparse import SparsePlan, compile_plan
 
 __all__ = [
     "GATE_MODES",
@@ -29,7 +31,10 @@ __all__ = [
     "ModelConfig",
     "ModelError",
     "NetworkOutput",
+    "SparsePlan",
     "build_network",
+    "compile_plan",
+    "export_checkpoint",
     "load_checkpoint",
     "load_config",
     "parse_config",

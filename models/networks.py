@@ -287,7 +287,7 @@ class GatedTransformer(GatedNetwork):
     def embed_tokens(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (B, T, C_in), mask (B, T) -> tokens (B, T, D) with positions; padding zeroed first."""
         mf = mask.unsqueeze(-1).to(x.dtype)
-        h = self.embed((x * mf).transpose(1, 2)).transpose(1, 2)  # (B, T, D)
+        h: torch.Tensor = self.embed((x * mf).transpose(1, 2)).transpose(1, 2)  # (B, T, D)
         return h + self.pos[: x.shape[1]]
 
     def forward(

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -82,13 +83,20 @@ class ItemResult:
     layer_active_ratios: tuple[float, ...]  # aligned with ModelInfo.layers
 
 
+# Compiled plans kept per model. A plan holds gathered/folded weights and workspace buffers;
+# per-request keep ratios are unbounded in number, so the least recently used plans are dropped.
+MAX_PLANS = 16
+
+
 @dataclass(slots=True)
 class _Loaded:
     info: ModelInfo
     network: models.GatedNetwork
     device: torch.device
     widths: torch.Tensor  # (L,) float64, gated channels of each layer in `layers` order
-    settings: dict[GateConfig, models.GateSettings]
+    bucket: int
+    plans: OrderedDict[GateConfig, models.SparsePlan] = field(default_factory=OrderedDict)
+    calib_batches: tuple[int, ...] = (1, 8, 32)
 
 
 class Engine:
@@ -138,9 +146,7 @@ class Engine:
             except models.ModelError as err:
                 raise EngineError(f"model {name!r}: {err}") from None
             loaded[name] = _wrap(name, network, dev)
-            logger.info(
-                "loaded model %s on %s in %.2f s", name, dev, time.monotonic() - start
-            )
+            logger.info("loaded model %s on %s in %.2f s", name, dev, time.monotonic() - start)
         return cls(loaded)
 
     def warm_up(self, max_batch_rows: int) -> None:
@@ -151,6 +157,7 @@ class Engine:
         """
         for name, loaded in self._models.items():
             info = loaded.info
+            loaded.calib_batches = tuple(sorted({1, min(8, max_batch_rows), max_batch_rows}))
             length = min(info.max_length, 64)
             for mode in GATE_MODES:
                 gate = self.resolve_gate(name, mode)
@@ -182,13 +189,44 @@ class Engine:
             raise InvalidInput(f"gate_mode: got {mode!r}; allowed: {', '.join(GATE_MODES)}")
         try:
             settings = models.settings_for(
-                loaded.network.config, mode, keep_ratio, threshold, dynamic_weight  # type: ignore[arg-type]
+                loaded.network.config,
+                cast(models.GateMode, mode),  # checked against GATE_MODES above
+                keep_ratio,
+                threshold,
+                dynamic_weight,
             )
         except models.ConfigError as err:
             raise InvalidInput(str(err)) from None
-        gate = _canonical(settings)
-        loaded.settings.setdefault(gate, _settings_of(gate, settings.bucket))
-        return gate
+        return _canonical(settings)
+
+    def _plan(self, loaded: _Loaded, gate: GateConfig) -> models.SparsePlan:
+        """The compiled sparse plan of ``gate`` (compiled on first use, on the compute thread).
+
+        Plans are what makes a closed channel cost nothing (SPEC §4): static channels are
+        removed once, dynamic ones gathered per request. Compiling includes a short strategy
+        calibration (well under a second for the shipped model).
+        """
+        plan = loaded.plans.get(gate)
+        if plan is not None:
+            loaded.plans.move_to_end(gate)
+            return plan
+        start = time.monotonic()
+        plan = models.compile_plan(
+            loaded.network,
+            _settings_of(gate, loaded.bucket),
+            batch_sizes=loaded.calib_batches,
+            calib_length=min(loaded.info.max_length, 64),
+        )
+        loaded.plans[gate] = plan
+        if len(loaded.plans) > MAX_PLANS:
+            loaded.plans.popitem(last=False)
+        logger.info(
+            "compiled %s plan for model %s in %.2f s",
+            gate,
+            loaded.info.name,
+            time.monotonic() - start,
+        )
+        return plan
 
     # ------------------------------------------------------------------ compute
 
@@ -199,9 +237,7 @@ class Engine:
         does not depend on its batch mates. Blocking; call it on :attr:`executor`.
         """
         loaded = self._models[model]
-        settings = loaded.settings.get(gate)
-        if settings is None:
-            raise InvalidInput(f"gate configuration {gate} was not resolved for model {model!r}")
+        plan = self._plan(loaded, gate)
         rows = [a.shape[0] for a in inputs]
         total = sum(rows)
         longest = max(a.shape[1] for a in inputs)
@@ -221,7 +257,7 @@ class Engine:
             xt = torch.from_numpy(x).to(loaded.device, non_blocking=True)  # (B, T, C)
             lt = torch.from_numpy(lengths).to(loaded.device, non_blocking=True)  # (B,)
             try:
-                out = loaded.network(xt, lt, settings)
+                out = plan(xt, lt)
             except models.InvalidInputError as err:
                 raise InvalidInput(str(err)) from None
             kept = torch.stack(
@@ -229,7 +265,8 @@ class Engine:
             )  # (B, L)
             layer_ratio = (kept / loaded.widths).cpu().numpy()  # (B, L)
             flops = out.flops_ratio.cpu().numpy()  # (B,)
-            logits = out.logits.float().cpu().numpy()  # (B, classes)
+            # A copy: plans reuse their buffers, and results outlive this batch.
+            logits = out.logits.float().cpu().numpy().copy()  # (B, classes)
         results: list[ItemResult] = []
         row = 0
         for n in rows:
@@ -271,7 +308,7 @@ def _wrap(name: str, network: models.GatedNetwork, device: torch.device) -> _Loa
         device=str(device),
     )
     width_t = torch.tensor([float(widths[k]) for k in layers], dtype=torch.float64, device=device)
-    return _Loaded(info, network, device, width_t, {})
+    return _Loaded(info, network, device, width_t, dp.bucket)
 
 
 def _canonical(settings: models.GateSettings) -> GateConfig:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models import load_checkpoint
-from service.engine import Engine, EngineError, GateConfig
+from service.engine import MAX_PLANS, Engine, EngineError, GateConfig
 from service.errors import InvalidInput
 from tests.utils.service import TINY_MAX_LENGTH, reference_logits
 
@@ -77,9 +77,13 @@ def test_mixed_lengths_in_one_batch_equal_solo(engine: Engine) -> None:
         assert batched.active_channel_ratio == pytest.approx(solo.active_channel_ratio)
 
 
-def test_unresolved_gate_is_refused(engine: Engine) -> None:
-    with pytest.raises(InvalidInput, match="not resolved"):
-        engine.infer("tiny", GateConfig("dynamic", 0.123), [np.zeros((1, 4, 1), np.float32)])
+def test_compiled_plans_are_bounded(engine: Engine) -> None:
+    x = np.random.default_rng(0).standard_normal((1, 9, 1)).astype(np.float32)
+    for i in range(MAX_PLANS + 5):
+        gate = engine.resolve_gate("tiny", "dynamic", keep_ratio=(i + 1) / (MAX_PLANS + 5))
+        [result] = engine.infer("tiny", gate, [x])
+        assert np.isfinite(result.logits).all()
+    assert len(engine._models["tiny"].plans) == MAX_PLANS
 
 
 def test_warm_up_runs_every_mode(engine: Engine) -> None:
