@@ -94,6 +94,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from models.export import main as export_main
+
+    return export_main(args.rest)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from models.bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gated", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -128,11 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
     p.add_argument("--config", type=Path, help="settings YAML file (keys as in Settings)")
     p.set_defaults(func=_cmd_serve)
+    for name, func, text in (
+        ("export", _cmd_export, "write a statically pruned, smaller checkpoint (--help for flags)"),
+        ("bench", _cmd_bench, "time dense vs masked vs sparse forwards (--help for flags)"),
+    ):
+        # Their own parsers read the rest of the command line (see main).
+        sub.add_parser(name, help=text, add_help=False).set_defaults(func=func, forward=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "forward", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,0 +1,248 @@
+"""Dense vs masked-dense vs sparse forward time, per model, batch size and keep ratio.
+
+    gated bench                  # markdown table on stdout (or benchmarks/sparse_bench.py)
+    gated bench --json           # one JSON object per cell on stdout
+
+Model forward only, inputs already on the device. Per cell (model, batch, keep ratio) it
+times, interleaved in one process (the order rotates every repeat), the reference network in
+``dense`` mode, the dense plan, the reference in ``dynamic`` mode (masked dense: the mask is
+multiplied, nothing is saved) and the compiled dynamic plan (:mod:`models.sparse`), and reports
+medians. ``dense_ms`` is the faster of the two dense runs, so that the speedup owes nothing to
+how the baseline is written. ``ideal_speedup`` is dense MACs over the MACs the plan reports as
+executed (predictor included).
+
+Models: ``conv`` (``models/configs/mnist1d_conv.yaml``, the shipped checkpoint when present,
+else random weights; T 40) and ``transformer-base`` (d_model 256, FFN 1024, 4 layers, 4 heads,
+T 128, random weights). Writes ``benchmarks/results/sparse_<device>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from models import GatedNetwork, GateSettings, ModelConfig, build_network, load_checkpoint
+from models.config import load_config
+from models.sparse import compile_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+CONV_CONFIG = ROOT / "models" / "configs" / "mnist1d_conv.yaml"
+SHIPPED = ROOT / "models" / "pretrained" / "mnist1d-conv"
+
+TRANSFORMER_BASE = {
+    "name": "transformer",
+    "in_channels": 1,
+    "num_classes": 10,
+    "max_length": 128,
+    "d_model": 256,
+    "ffn": 1024,
+    "num_heads": 4,
+    "num_layers": 4,
+}
+VARIANTS = ("dense_ref", "dense_plan", "masked", "sparse")
+
+
+def build_model(name: str, device: torch.device) -> tuple[GatedNetwork, int, str]:
+    """(network in eval mode, sequence length, where the weights come from)."""
+    torch.manual_seed(0)
+    if name == "conv":
+        if (SHIPPED / "model.safetensors").is_file():
+            return load_checkpoint(SHIPPED, device), 40, str(SHIPPED.relative_to(ROOT))
+        return build_network(load_config(CONV_CONFIG)).to(device).eval(), 40, "random"
+    if name == "transformer-base":
+        cfg = ModelConfig.model_validate({"model": TRANSFORMER_BASE})
+        return build_network(cfg).to(device).eval(), 128, "random"
+    raise SystemExit(f"unknown model {name!r}; use conv or transformer-base")
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    def run(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
+    return run
+
+
+def predictor_flops_ratio(model: GatedNetwork, length: int) -> float:
+    """Predictor MACs of all gated layers over the dense network's MACs, one request."""
+    lengths = torch.tensor([length])
+    pred = sum(float(g.predictor.macs(lengths)[0]) for _, g in model.dynamic_gates() if g.predictor)
+    with torch.inference_mode():
+        x = torch.zeros(1, length, model.config.model.in_channels, device=_device_of(model))
+        dense = float(model(x, lengths.to(x.device), GateSettings("dense")).dense_macs[0])
+    return pred / dense
+
+
+def _device_of(model: GatedNetwork) -> torch.device:
+    return next(model.parameters()).device
+
+
+def bench_model(
+    name: str,
+    batches: Sequence[int],
+    keep_ratios: Sequence[float],
+    repeats: int,
+    device: torch.device,
+) -> list[dict[str, object]]:
+    model, length, source = build_model(name, device)
+    bucket = model.config.dynamic_pruning_config.bucket
+    timer = _timer(device)
+    dense = GateSettings("dense")
+    dense_plan = compile_plan(model, dense, calibrate=False)
+    pred_ratio = predictor_flops_ratio(model, length)
+    cells: list[dict[str, object]] = []
+    for keep in keep_ratios:
+        settings = GateSettings("dynamic", keep_ratio=keep, bucket=bucket)
+        start = time.perf_counter()
+        plan = compile_plan(model, settings, batch_sizes=batches, calib_length=length)
+        compile_s = time.perf_counter() - start
+        for batch in batches:
+            gen = torch.Generator().manual_seed(batch)
+            x = torch.randn(batch, length, model.config.model.in_channels, generator=gen)
+            x = x.to(device)
+            lengths = torch.full((batch,), length)  # engine-style: lengths stay on the host
+            fns: dict[str, Callable[[], object]] = {
+                "dense_ref": lambda x=x, lengths=lengths: model(x, lengths, dense),
+                "dense_plan": lambda x=x, lengths=lengths: dense_plan(x, lengths),
+                "masked": lambda x=x, lengths=lengths, s=settings: model(x, lengths, s),
+                "sparse": lambda x=x, lengths=lengths, p=plan: p(x, lengths),
+            }
+            times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            with torch.inference_mode():
+                for _ in range(2):  # warm-up: allocator, kernel selection
+                    for fn in fns.values():
+                        fn()
+                order = list(fns)
+                for rep in range(repeats):
+                    # Rotate the order so that no variant always runs right after the one
+                    # that leaves the caches and the allocator in the worst state.
+                    for v in order[rep % 4 :] + order[: rep % 4]:
+                        times[v].append(timer(fns[v]))
+                out = plan(x, lengths)
+                ref = model(x, lengths, settings)
+            med = {v: statistics.median(t) for v, t in times.items()}
+            dense_ms = min(med["dense_ref"], med["dense_plan"])
+            ideal = float((out.dense_macs / out.macs).mean())
+            speedup = dense_ms / med["sparse"]
+            strategies = sorted(
+                {
+                    str(layer.strategy(batch, layer.k or 0))
+                    for layer in plan.layers
+                    if layer.k is not None and layer.k < layer.n_open
+                }
+            ) or ["dense"]
+            cells.append(
+                {
+                    "model": name,
+                    "batch": batch,
+                    "keep_ratio": keep,
+                    "dense_ms": round(dense_ms, 3),
+                    "masked_ms": round(med["masked"], 3),
+                    "sparse_ms": round(med["sparse"], 3),
+                    "speedup": round(speedup, 3),
+                    "ideal_speedup": round(ideal, 3),
+                    "speedup_over_ideal": round(speedup / ideal, 3),
+                    "dense_ref_ms": round(med["dense_ref"], 3),
+                    "dense_plan_ms": round(med["dense_plan"], 3),
+                    "masked_speedup": round(dense_ms / med["masked"], 3),
+                    "max_abs_logit_diff": float((out.logits - ref.logits).abs().max()),
+                    "predictor_flops_ratio": round(pred_ratio, 5),
+                    "strategy": "+".join(strategies),
+                    "compile_s": round(compile_s, 2),
+                    "length": length,
+                    "weights": source,
+                }
+            )
+    return cells
+
+
+def markdown(cells: Sequence[dict[str, object]], meta: dict[str, object]) -> str:
+    lines = [
+        f"Sparse forward on {meta['device_name']}, {meta['threads']} threads, torch "
+        f"{meta['torch']}; medians of {meta['repeats']} interleaved repeats; dynamic mode, "
+        "keep ratio per request (top-k of the predictor's gates).",
+        "",
+        "| model | batch | keep | dense ms | masked ms | sparse ms | speedup | ideal | "
+        "speedup/ideal | strategy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        lines.append(
+            f"| {c['model']} | {c['batch']} | {c['keep_ratio']} | {c['dense_ms']:.2f} | "
+            f"{c['masked_ms']:.2f} | {c['sparse_ms']:.2f} | {c['speedup']:.2f}× | "
+            f"{c['ideal_speedup']:.2f}× | {c['speedup_over_ideal']:.2f} | {c['strategy']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["conv", "transformer-base"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--keep-ratios", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--json", action="store_true", help="one JSON object per cell")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--no-write", action="store_true", help="do not write result files")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    meta: dict[str, object] = {
+        "device": device.type,
+        "device_name": device_name,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    cells: list[dict[str, object]] = []
+    for name in args.models:
+        for cell in bench_model(name, args.batches, args.keep_ratios, args.repeats, device):
+            cells.append(cell)
+            if args.json:
+                sys.stdout.write(json.dumps(cell) + "\n")
+                sys.stdout.flush()
+    table = markdown(cells, meta)
+    if not args.json:
+        sys.stdout.write(table)
+    if not args.no_write:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        stem = args.out_dir / f"sparse_{device.type}"
+        stem.with_suffix(".json").write_text(json.dumps({**meta, "cells": cells}, indent=1))
+        stem.with_suffix(".md").write_text(table)
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"CPU {platform.processor() or platform.machine()}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
