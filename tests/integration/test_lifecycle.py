@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import orjson
-import pytest
 import tritonclient.http as triton
 
 from tests.integration.conftest import ROOT, start_server
