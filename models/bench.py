@@ -32,7 +32,7 @@ import torch
 
 from models import GatedNetwork, GateSettings, ModelConfig, build_network, load_checkpoint
 from models.config import load_config
-from models.sparse import compile_plan
+from models.sparse import compile_plan, time_once
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -66,16 +66,7 @@ def build_model(name: str, device: torch.device) -> tuple[GatedNetwork, int, str
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    def run(fn: Callable[[], object]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) * 1e3
-
-    return run
+    return lambda fn: time_once(fn, device) * 1e3
 
 
 def predictor_flops_ratio(model: GatedNetwork, length: int) -> float:

@@ -214,7 +214,8 @@ class _Workspace:
         return buf[:n].view(*shape)
 
 
-def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of one call of ``fn``, synchronising CUDA around it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -255,7 +256,7 @@ def _calibrate(
     for rep in range(reps + 1):
         for s in cands:
             x.copy_(x0)  # the kernels add into x in place
-            t = _time_once(lambda s=s: mlp.run(u, x, idx, values, s, dense_map, ws), dev)
+            t = time_once(lambda s=s: mlp.run(u, x, idx, values, s, dense_map, ws), dev)
             if rep:  # the first round only warms up allocators and kernels
                 times[s].append(t)
     medians = {s: statistics.median(v) for s, v in times.items()}

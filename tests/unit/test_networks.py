@@ -18,18 +18,7 @@ from models import (
     save_checkpoint,
 )
 from models.gates import bucketed_k
-
-TINY = {
-    "conv": {"name": "conv", "channels": 8, "hidden": 16, "num_blocks": 2, "max_length": 64},
-    "transformer": {
-        "name": "transformer",
-        "d_model": 16,
-        "ffn": 32,
-        "num_heads": 2,
-        "num_layers": 2,
-        "max_length": 64,
-    },
-}
+from tests.utils.models import TINY
 
 
 def tiny(arch: str, **dp: object) -> GatedNetwork:

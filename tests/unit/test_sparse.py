@@ -10,18 +10,7 @@ import torch
 from models import GatedNetwork, GateSettings, ModelConfig, build_network, load_checkpoint
 from models.export import export_checkpoint, prune_static
 from models.sparse import Strategy, compile_plan
-
-TINY = {
-    "conv": {"name": "conv", "channels": 8, "hidden": 16, "num_blocks": 2, "max_length": 64},
-    "transformer": {
-        "name": "transformer",
-        "d_model": 16,
-        "ffn": 32,
-        "num_heads": 2,
-        "num_layers": 2,
-        "max_length": 64,
-    },
-}
+from tests.utils.models import TINY
 
 SETTINGS = [
     GateSettings("dense"),
