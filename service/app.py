@@ -123,7 +123,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.info(
             "ready: %d model(s) [%s] on %s in %.1f s (batching %s, max_batch_size %d, "
             "max_queue_delay_ms %g)",
-            len(state.models), ", ".join(state.models), settings.device,
+            len(state.models), ", ".join(state.models),
+            ", ".join(sorted({r.info.device for r in state.models.values()})),
             time.monotonic() - start, "on" if settings.batching else "off",
             settings.max_batch_size, settings.max_queue_delay_ms,
         )
