@@ -276,14 +276,15 @@ class _DrainingServer(uvicorn.Server):
 def serve(settings: Settings) -> int:
     """Run the service until SIGTERM; returns the process exit code.
 
-    Errors a user can fix (empty repository, unloadable checkpoint) are logged as one line and
-    give 2.
+    Errors a user can fix (empty repository, missing device, unloadable checkpoint) are logged
+    as one line and give 2.
     """
     configure_logging(settings)
     # The *_created series double every scrape for no use to us; process-wide, hence here.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
         Engine.scan(settings.model_repository)
+        Engine.check_device(settings.device)
     except EngineError as err:
         logger.error("%s", err)
         return 2

@@ -132,6 +132,11 @@ class Engine:
             )
         return names
 
+    @staticmethod
+    def check_device(device: str) -> None:
+        """Raise EngineError when ``device`` does not exist here (before the server starts)."""
+        _resolve_device(device)
+
     @classmethod
     def load(cls, repository: Path, device: str = "auto", torch_threads: int = 1) -> Engine:
         """Load every model of ``repository`` on ``device``; raises EngineError."""

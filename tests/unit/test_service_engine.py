@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from models import load_checkpoint
@@ -90,3 +91,10 @@ def test_warm_up_runs_every_mode(engine: Engine) -> None:
     engine.warm_up(max_batch_rows=2)
     for mode in ("dense", "static", "dynamic"):
         assert engine.resolve_gate("tiny2", mode) is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_missing_cuda_is_a_clear_error() -> None:
+    with pytest.raises(EngineError, match=r"GATED_DEVICE.*no CUDA device"):
+        Engine.check_device("cuda")
+    Engine.check_device("auto")
