@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from models import load_checkpoint
 from service.engine import MAX_PLANS, Engine, EngineError, GateConfig
