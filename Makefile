@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check models service tests benchmarks
 	$(BIN)/mypy service
 
-# Rebuilds the shipped checkpoint exactly as committed (about 2 minutes on 2 CPU cores).
+# Rebuilds the shipped checkpoint exactly as committed (about 4 minutes on 2 CPU cores).
 train-shipped: $(STAMP)
 	$(BIN)/gated train --config models/configs/mnist1d_conv.yaml --out models/pretrained/mnist1d-conv
 
