@@ -4,6 +4,7 @@ built-in kinds and by the trimmed CRD schemas in deploy/schemas for custom resou
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -187,3 +188,24 @@ def test_kserve_runtime_serves_v2_from_mnt_models() -> None:
     assert model["runtime"] == runtime["metadata"]["name"]
     assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"][
         "supportedModelFormats"]}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_renderer_matches_kubectl_kustomize(overlay: str) -> None:
+    # A cross-check of the renderer where a recent kubectl happens to be installed. CI does not
+    # install one (Debian's kubernetes-client is 1.20, whose kustomize predates inline
+    # `patches`), so this test skips there instead of failing.
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed; optional cross-check of tests/deploy/kustomize.py")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+    def key(document: dict[str, Any]) -> tuple[str, str]:
+        return document["kind"], document["metadata"]["name"]
+
+    expected = sorted(yaml.safe_load_all(result.stdout), key=key)
+    assert sorted(_overlay(overlay), key=key) == expected
