@@ -24,9 +24,12 @@ COPY service ./service
 RUN python -m pip install .
 
 FROM ${BASE_IMAGE} AS runtime
+# HOME on /tmp: the user has no home directory, and /tmp is the only writable mount under
+# Kubernetes' readOnlyRootFilesystem (deploy/k8s).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
     GATED_HOST=0.0.0.0 \
     GATED_PORT=8000 \
     GATED_MODEL_REPOSITORY=/models
@@ -34,8 +37,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gated
 COPY --from=build /opt/venv /opt/venv
 # The shipped model is the default repository; mount another repository over /models to serve
-# other models (each <name>/ sub-folder is one model).
-COPY --chown=10001:10001 models/pretrained/ /models/
+# other models (each <name>/ sub-folder is one model). Owned by root: the server only reads it.
+COPY models/pretrained/ /models/
 USER 10001
 WORKDIR /tmp
 EXPOSE 8000
