@@ -190,7 +190,9 @@ class _GatedMLP:
         if strategy.kind == "gather":
             return self.gather(u, x, idx, values, strategy.chunk, ws)
         gate = values.new_zeros(idx.shape[0], self.width)  # (B, n)
-        gate.scatter_(1, idx if dense_map is None else dense_map[idx], values)
+        # Add, not assign: padding picks of a threshold policy carry 0 and may map (through a
+        # closed channel) onto the column of an open one, whose value must survive.
+        gate.scatter_add_(1, idx if dense_map is None else dense_map[idx], values)
         return self.dense(u, x, gate.unsqueeze(1), ws)
 
 
@@ -306,6 +308,9 @@ class _Context:
     step_weights: torch.Tensor  # (B, 1, T): 1/count on valid steps, 0 on padding
     ws: _Workspace
     full: bool  # known without a device sync that no request is padded
+    # Channels computed per request by layers that ran more than they kept (the dense
+    # fallback, per-step gates, bucket padding of a threshold policy): MACs count these.
+    executed: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -368,6 +373,7 @@ class _GatedLayer:
             assert gate is not None
             if self.dense_map is not None:
                 gate = gate[..., cast(torch.Tensor, self.open_rows)]
+            self._ran_dense(ctx, batch)
             return self.mlp.dense(u, x, gate, ws), kept
         # SPEC §3: final = (1 − w)·static + w·(static·dynamic), one fused multiply-add.
         dynamic = self.predictor(f, ctx)  # (B, n)
@@ -381,9 +387,14 @@ class _GatedLayer:
             values, idx = ranked.topk(self.k, dim=-1, sorted=False)  # (B, k)
             kept = self.kept(batch)
             strat = self.strategy(batch, self.k)
+            if strat.kind != "gather":
+                self._ran_dense(ctx, batch)
             return self.mlp.run(u, x, idx, values, strat, self.dense_map, ws), kept
         tau = cast(float, settings.threshold)
-        return self._threshold(final, u, x, tau, settings.bucket, ws)
+        return self._threshold(final, u, x, tau, settings.bucket, ctx)
+
+    def _ran_dense(self, ctx: _Context, batch: int) -> None:
+        ctx.executed[self.name] = self.mlp.b1.new_full((batch,), float(self.mlp.width))
 
     def _threshold(
         self,
@@ -392,8 +403,9 @@ class _GatedLayer:
         x: torch.Tensor,
         tau: float,
         bucket: int,
-        ws: _Workspace,
+        ctx: _Context,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        ws = ctx.ws
         keep = final >= tau  # (B, n)
         if self.closed is not None:
             keep &= ~self.closed
@@ -405,11 +417,15 @@ class _GatedLayer:
         groups: dict[int, list[int]] = {}
         for i, kb in enumerate(ks):
             groups.setdefault(kb, []).append(i)
+        executed = list(ks)  # bucket padding runs too
         if len(groups) == 1:
             kb = ks[0]
             values, idx = ranked.topk(kb, dim=-1, sorted=False)
             values = values.clamp_min_(0.0)  # padding picks (-inf) compute with a zero gate
             strat = self.strategy(x.shape[0], kb)
+            if strat.kind != "gather":
+                executed = [self.mlp.width] * len(ks)
+            ctx.executed[self.name] = kept.new_tensor(executed)
             return self.mlp.run(u, x, idx, values, strat, self.dense_map, ws), kept
         out = x
         for kb, members in groups.items():
@@ -417,8 +433,12 @@ class _GatedLayer:
             values, idx = ranked[rows].topk(kb, dim=-1, sorted=False)
             values = values.clamp_min_(0.0)
             strat = self.strategy(len(members), kb)
+            if strat.kind != "gather":
+                for i in members:
+                    executed[i] = self.mlp.width
             # x[rows] is a copy, so each group writes back once it is done.
             out[rows] = self.mlp.run(u[rows], x[rows], idx, values, strat, self.dense_map, ws)
+        ctx.executed[self.name] = kept.new_tensor(executed)
         return out, kept
 
 
@@ -587,10 +607,11 @@ class SparsePlan:
         kept: dict[str, torch.Tensor] = {}
         logits = self._conv(x, ctx, kept) if self.is_conv else self._transformer(x, ctx, kept)
         with_predictor = self.settings.mode == "dynamic"
-        if self._macs_coef is not None:
+        if self._macs_coef is not None and not ctx.executed:
             macs = _eval_quadratic(self._macs_coef, lengths)
         else:
-            macs = _network_macs(self.model, lengths, kept, with_predictor)
+            ran = {**kept, **{k: v.to(lengths.device) for k, v in ctx.executed.items()}}
+            macs = _network_macs(self.model, lengths, ran, with_predictor)
         dense = _eval_quadratic(cast(torch.Tensor, self._dense_coef), lengths)
         return NetworkOutput(logits, kept, macs, dense)
 

@@ -126,7 +126,6 @@ def train(
     gating_start = tc.dense_warmup_epochs * steps_per_epoch
     warmup_steps = max(1, int(tc.sparsity_warmup_epochs * steps_per_epoch))
     keep_choices = tc.train_keep_ratios or [cfg.dynamic_pruning_config.keep_ratio or 1.0]
-    gated = cfg.use_dynamic_pruning
     bucket = cfg.dynamic_pruning_config.bucket
     l1 = cfg.dynamic_l1_weight
     gen = torch.Generator().manual_seed(tc.seed)
@@ -156,7 +155,9 @@ def train(
             dense = model(x, lengths, GateSettings(mode="dense"))
             loss = F.cross_entropy(dense.logits, y)
             sparsity = torch.zeros((), device=dev)
-            if gated and step >= gating_start:
+            # The gated pass trains the static gates too (SPEC §3: without dynamic pruning,
+            # final = static), so it runs whatever use_dynamic_pruning says.
+            if step >= gating_start:
                 ratio = rng.choice(keep_choices)
                 settings = GateSettings(mode="dynamic", keep_ratio=ratio, bucket=bucket)
                 out = model(x, lengths, settings)

@@ -204,7 +204,9 @@ async def infer(request: Request) -> Response:
                                  settings.allow_non_finite)
             gate, timeout_s = _request_options(state, runtime, decoded.parameters)
             result = await _run(state, runtime, gate, array, timeout_s, request_id, request)
-            response = _response(runtime.info, decoded, gate, result)
+            response = _response(
+                runtime.info, decoded, gate, result, settings.allow_non_finite
+            )
         finally:
             runtime.inflight -= 1
     except Exception as err:
@@ -402,7 +404,11 @@ async def _disconnected(request: Request) -> None:
 
 
 def _response(
-    info: ModelInfo, decoded: DecodedRequest, gate: GateConfig, result: ItemResult
+    info: ModelInfo,
+    decoded: DecodedRequest,
+    gate: GateConfig,
+    result: ItemResult,
+    allow_non_finite: bool = False,
 ) -> Response:
     parameters: dict[str, ParameterValue] = {"gate_mode": gate.mode}
     if gate.keep_ratio is not None:
@@ -413,6 +419,10 @@ def _response(
         parameters["keep_ratio"] = 1.0  # no keep policy: every open channel runs
     if gate.dynamic_weight is not None:
         parameters["dynamic_weight"] = gate.dynamic_weight
+    if not allow_non_finite and not np.isfinite(result.logits).all():
+        # Finite but huge inputs can overflow float32 inside the network; JSON would carry the
+        # result as nulls. The client has to scale its input.
+        raise InvalidInput("input values too large: the model's outputs are not finite")
     parameters["active_channel_ratio"] = result.active_channel_ratio
     parameters["flops_ratio"] = result.flops_ratio
     binary = decoded.binary_output_names((OUTPUT_NAME,))

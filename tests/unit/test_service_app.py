@@ -197,6 +197,15 @@ def test_limits_length_rows_non_finite_and_body_size(service_client: ClientFacto
         assert malformed.status_code == 400 and "malformed JSON" in malformed.text
 
 
+def test_overflowing_input_is_a_400_not_null_logits(service_client: ClientFactory) -> None:
+    x = np.full((1, 8), 3e38, dtype=np.float32)  # finite, but squares overflow float32
+    with service_client() as client:
+        response = client.post("/v2/models/tiny/infer", json=json_request(x))
+        assert response.status_code == 400
+        assert "not finite" in response.json()["error"]
+        assert client.get("/v2/health/ready").status_code == 200
+
+
 def test_non_finite_allowed_when_configured(service_client: ClientFactory) -> None:
     x = _x(1, 8)
     x[0, 0] = np.inf

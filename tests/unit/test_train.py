@@ -56,6 +56,9 @@ def test_lagrangian_drives_sparsity_toward_target() -> None:
     )
     model, _ = train(cfg, None, progress=False)
     assert expected_sparsity(model).item() > 0.25
+    # Static gates train without dynamic pruning too (final = static, SPEC §3).
+    static_only = cfg.model_copy(update={"use_dynamic_pruning": False})
+    assert expected_sparsity(train(static_only, None, progress=False)[0]).item() > 0.25
     assert expected_sparsity(train(tiny_cfg(epochs=4), None, progress=False)[0]).item() < 0.05
 
 
