@@ -15,7 +15,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # Same order as `make install`: torch alone first, so the project's dependency resolution finds
-# the pinned wheel already installed. tests/deploy/test_image_install.py runs these commands.
+# the pinned wheel already installed. tests/deploy/test_dockerfile.py runs these commands.
 RUN python -m pip install torch==2.13.0
 WORKDIR /src
 COPY pyproject.toml README.md ./
