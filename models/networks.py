@@ -67,6 +67,12 @@ class GatedNetwork(nn.Module):
         """Key of each dynamically gated layer in ``NetworkOutput.kept`` -> its channel count."""
         return {name: gate.n for name, gate in self.dynamic_gates()}
 
+    def count_macs(
+        self, lengths: torch.Tensor, kept: dict[str, torch.Tensor], with_predictor: bool
+    ) -> torch.Tensor:
+        """MACs per request (B,) float64 for per-layer kept counts keyed as in NetworkOutput."""
+        raise NotImplementedError
+
     def predictor_parameters(self) -> Iterator[nn.Parameter]:
         for _, gate in self.dynamic_gates():
             if gate.predictor is not None:
@@ -198,16 +204,21 @@ class GatedConvNet(GatedNetwork):
         for i, block in enumerate(self.blocks):
             h, kept[f"blocks.{i}"] = block(h, mask, settings)
         logits = self.head(_masked_mean(h, mask))
+        macs = self.count_macs(lengths, kept, settings.mode == "dynamic")
+        full = {name: torch.full_like(lengths, m.hidden) for name in kept}
+        return NetworkOutput(logits, kept, macs, self.count_macs(lengths, full, False))
 
-        with_predictor = settings.mode == "dynamic"
-        fixed = conv1d_macs(lengths, m.in_channels, m.channels, m.kernel_size)
-        fixed = fixed + linear_macs(torch.ones_like(lengths), m.channels, m.num_classes)
-        macs, dense = fixed.clone(), fixed.clone()
+    def count_macs(
+        self, lengths: torch.Tensor, kept: dict[str, torch.Tensor], with_predictor: bool
+    ) -> torch.Tensor:
+        m = self.config.model
+        total = conv1d_macs(lengths, m.in_channels, m.channels, m.kernel_size)
+        total = total + linear_macs(torch.ones_like(lengths), m.channels, m.num_classes)
         for i, block in enumerate(cast(list[GatedConvBlock], self.blocks)):
-            macs = macs + block.macs(lengths, kept[f"blocks.{i}"].to(torch.float64), with_predictor)
-            full = torch.full_like(lengths, m.hidden, dtype=torch.float64)
-            dense = dense + block.macs(lengths, full, with_predictor=False)
-        return NetworkOutput(logits, kept, macs, dense)
+            total = total + block.macs(
+                lengths, kept[f"blocks.{i}"].to(torch.float64), with_predictor
+            )
+        return total
 
 
 class GatedEncoderLayer(nn.Module):
@@ -302,23 +313,28 @@ class GatedTransformer(GatedNetwork):
         for i, layer in enumerate(self.layers):
             h, heads[f"layers.{i}.heads"], kept[f"layers.{i}.ffn"] = layer(h, mask, settings)
         logits = self.head(_masked_mean(self.norm(h), mask))
+        everything = {**heads, **kept}
+        macs = self.count_macs(lengths, everything, settings.mode == "dynamic")
+        full = {
+            name: torch.full_like(lengths, m.num_heads if name.endswith(".heads") else m.ffn)
+            for name in everything
+        }
+        return NetworkOutput(logits, everything, macs, self.count_macs(lengths, full, False))
 
-        with_predictor = settings.mode == "dynamic"
-        ones = torch.ones_like(lengths)
-        fixed = conv1d_macs(lengths, m.in_channels, m.d_model, m.kernel_size)
-        fixed = fixed + linear_macs(ones, m.d_model, m.num_classes)
-        macs, dense = fixed.clone(), fixed.clone()
+    def count_macs(
+        self, lengths: torch.Tensor, kept: dict[str, torch.Tensor], with_predictor: bool
+    ) -> torch.Tensor:
+        m = self.config.model
+        total = conv1d_macs(lengths, m.in_channels, m.d_model, m.kernel_size)
+        total = total + linear_macs(torch.ones_like(lengths), m.d_model, m.num_classes)
         for i, layer in enumerate(cast(list[GatedEncoderLayer], self.layers)):
-            hk = heads[f"layers.{i}.heads"].to(torch.float64)
-            fk = kept[f"layers.{i}.ffn"].to(torch.float64)
-            macs = macs + layer.macs(lengths, hk, fk, with_predictor)
-            dense = dense + layer.macs(
+            total = total + layer.macs(
                 lengths,
-                torch.full_like(hk, m.num_heads),
-                torch.full_like(fk, m.ffn),
-                with_predictor=False,
+                kept[f"layers.{i}.heads"].to(torch.float64),
+                kept[f"layers.{i}.ffn"].to(torch.float64),
+                with_predictor,
             )
-        return NetworkOutput(logits, {**heads, **kept}, macs, dense)
+        return total
 
 
 NetworkFactory = Callable[[ModelConfig], GatedNetwork]

@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.flops import conv1d_macs, linear_macs
 from models.gates import DynamicStructuredGate, GateSettings, apply_keep_policy, bucketed_k
 from models.networks import (
     GatedConvBlock,
@@ -445,35 +444,6 @@ class _GatedLayer:
 # --------------------------------------------------------------------------- MAC counts
 
 
-def _network_macs(
-    model: GatedNetwork,
-    lengths: torch.Tensor,
-    kept: dict[str, torch.Tensor],
-    with_predictor: bool,
-) -> torch.Tensor:
-    """Executed MACs per request, by the reference network's own per-layer formulas."""
-    m = model.config.model
-    ones = torch.ones_like(lengths)
-    if isinstance(model, GatedConvNet):
-        total = conv1d_macs(lengths, m.in_channels, m.channels, m.kernel_size)
-        total = total + linear_macs(ones, m.channels, m.num_classes)
-        for i, block in enumerate(cast(Sequence[GatedConvBlock], model.blocks)):
-            total = total + block.macs(
-                lengths, kept[f"blocks.{i}"].to(torch.float64), with_predictor
-            )
-        return total
-    total = conv1d_macs(lengths, m.in_channels, m.d_model, m.kernel_size)
-    total = total + linear_macs(ones, m.d_model, m.num_classes)
-    for i, layer in enumerate(cast(Sequence[GatedEncoderLayer], model.layers)):
-        total = total + layer.macs(
-            lengths,
-            kept[f"layers.{i}.heads"].to(torch.float64),
-            kept[f"layers.{i}.ffn"].to(torch.float64),
-            with_predictor,
-        )
-    return total
-
-
 def _quadratic(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> torch.Tensor:
     """Coefficients (c0, c1, c2) of a per-request count that is a polynomial of degree ≤ 2 in
     the length (every MAC formula is). Integer counts stay exact in float64."""
@@ -611,7 +581,7 @@ class SparsePlan:
             macs = _eval_quadratic(self._macs_coef, lengths)
         else:
             ran = {**kept, **{k: v.to(lengths.device) for k, v in ctx.executed.items()}}
-            macs = _network_macs(self.model, lengths, ran, with_predictor)
+            macs = self.model.count_macs(lengths, ran, with_predictor)
         dense = _eval_quadratic(cast(torch.Tensor, self._dense_coef), lengths)
         return NetworkOutput(logits, kept, macs, dense)
 
@@ -788,8 +758,7 @@ def compile_plan(
         def at(
             kept: dict[str, torch.Tensor], with_pred: bool
         ) -> Callable[[torch.Tensor], torch.Tensor]:
-            return lambda seq: _network_macs(
-                model,
+            return lambda seq: model.count_macs(
                 seq,
                 {n: v.to(dev).expand(seq.shape[0]) for n, v in kept.items()},
                 with_pred,
