@@ -24,7 +24,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check models service tests benchmarks
-	$(BIN)/mypy service
+	$(BIN)/mypy service models
 
 # Rebuilds the shipped checkpoint exactly as committed (about 4 minutes on 2 CPU cores).
 train-shipped: $(STAMP)

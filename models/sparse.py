@@ -35,6 +35,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import cast
 
 import torch
@@ -257,7 +258,7 @@ def _calibrate(
     for rep in range(reps + 1):
         for s in cands:
             x.copy_(x0)  # the kernels add into x in place
-            t = time_once(lambda s=s: mlp.run(u, x, idx, values, s, dense_map, ws), dev)
+            t = time_once(partial(mlp.run, u, x, idx, values, s, dense_map, ws), dev)
             if rep:  # the first round only warms up allocators and kernels
                 times[s].append(t)
     medians = {s: statistics.median(v) for s, v in times.items()}
@@ -376,7 +377,8 @@ class _GatedLayer:
             return self.mlp.dense(u, x, gate, ws), kept
         # SPEC §3: final = (1 − w)·static + w·(static·dynamic), one fused multiply-add.
         dynamic = self.predictor(f, ctx)  # (B, n)
-        final = torch.addcmul(self.static_part, dynamic, self.weighted_static)  # (B, n)
+        static_part = cast(torch.Tensor, self.static_part)
+        final = torch.addcmul(static_part, dynamic, cast(torch.Tensor, self.weighted_static))
         if self.k is not None:
             if self.k >= self.n_open:
                 kept = self.kept(batch)
@@ -646,7 +648,8 @@ def _layer_weights(
         block = cast(GatedConvBlock, model.blocks[i])
         w1 = block.conv1.weight.detach().flatten(1)  # (H, C·k)
         w2 = block.conv2.weight.detach().squeeze(-1)  # (C, H)
-        return f"blocks.{i}", block.gate, w1, block.conv1.bias, w2, block.conv2.bias
+        b1, b2 = cast(torch.Tensor, block.conv1.bias), cast(torch.Tensor, block.conv2.bias)
+        return f"blocks.{i}", block.gate, w1, b1, w2, b2
     layer = cast(GatedEncoderLayer, cast(GatedTransformer, model).layers[i])
     return (
         f"layers.{i}.ffn",
