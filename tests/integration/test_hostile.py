@@ -1,0 +1,139 @@
+"""Hostile input against a real server: every case is a 4xx naming the problem, never a crash.
+
+After the whole battery the server must still be ready and answer a valid request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from tests.integration.conftest import Server, start_server
+from tests.utils.service import binary_request, json_request
+
+MAX_BYTES = 1024 * 1024
+MAX_ROWS = 4
+HEADER = "Inference-Header-Content-Length"
+X = np.zeros((1, 8), dtype=np.float32)
+
+
+def _valid() -> dict[str, object]:
+    return json_request(X)
+
+
+def _with_input(**fields: object) -> bytes:
+    body = _valid()
+    body["inputs"][0].update(fields)  # type: ignore[index]
+    return orjson.dumps(body)
+
+
+def _binary(
+    size: int | None = None, cut: int = 0, header_extra: int = 0
+) -> tuple[bytes, dict[str, str]]:
+    body, headers = binary_request(X)
+    header_len = int(headers[HEADER])
+    if size is not None:
+        head = orjson.loads(body[:header_len])
+        head["inputs"][0]["parameters"]["binary_data_size"] = size
+        raw = orjson.dumps(head)
+        body, header_len = raw + body[header_len:], len(raw)
+    if cut:
+        body = body[:-cut]
+    return body, {HEADER: str(header_len + header_extra)}
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"inputs": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+# (case id, path suffix, body, extra headers, expected status, word the message must contain)
+CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
+    ("malformed_json", "models/tiny/infer", b'{"inputs": [', {}, 400, "json"),
+    ("not_an_object", "models/tiny/infer", b"[1, 2, 3]", {}, 400, "object"),
+    ("wrong_datatype", "models/tiny/infer", _with_input(datatype="INT64", data=[0] * 8), {}, 400,
+     "FP32"),
+    ("unknown_datatype", "models/tiny/infer", _with_input(datatype="FP99"), {}, 400, "datatype"),
+    ("shape_data_mismatch", "models/tiny/infer", _with_input(shape=[1, 9]), {}, 400, "shape"),
+    ("negative_shape", "models/tiny/infer", _with_input(shape=[-1, 8]), {}, 400, "shape"),
+    ("string_in_data", "models/tiny/infer", _with_input(data=["a"] * 8), {}, 400, "numbers"),
+    ("wrong_input_name", "models/tiny/infer", _with_input(name="nope"), {}, 400, "input"),
+    ("binary_size_too_big", "models/tiny/infer", *_binary(size=10_000), 400, "binary_data_size"),
+    ("binary_size_too_small", "models/tiny/infer", *_binary(size=4), 400, "binary_data_size"),
+    ("truncated_binary_body", "models/tiny/infer", *_binary(cut=5), 400, "truncated"),
+    ("header_past_body", "models/tiny/infer", *_binary(header_extra=10_000), 400, "header"),
+    ("header_not_a_number", "models/tiny/infer", _binary()[0], {HEADER: "abc"}, 400, "header"),
+    ("nan_json_null", "models/tiny/infer", _with_input(data=[None] * 8), {}, 400, "numbers"),
+    ("nan_binary", "models/tiny/infer", *binary_request(np.full((1, 8), np.nan, np.float32)),
+     400, "NaN"),
+    ("inf_json_literal", "models/tiny/infer",
+     b'{"inputs":[{"name":"input","shape":[1,2],"datatype":"FP32","data":[Infinity,1]}]}',
+     {}, 400, "infinite"),
+    ("inf_binary", "models/tiny/infer", *binary_request(np.full((1, 8), np.inf, np.float32)),
+     400, "infinite"),
+    ("too_many_rows", "models/tiny/infer",
+     orjson.dumps(json_request(np.zeros((MAX_ROWS + 1, 8), np.float32))), {}, 400, str(MAX_ROWS)),
+    ("too_long", "models/tiny/infer",
+     orjson.dumps(json_request(np.zeros((1, 65), np.float32))), {}, 400, "64"),
+    ("unknown_model", "models/nope/infer", orjson.dumps(_valid()), {}, 404, "nope"),
+    ("unknown_version", "models/tiny/versions/7/infer", orjson.dumps(_valid()), {}, 404, "7"),
+    ("unknown_gate_mode", "models/tiny/infer",
+     orjson.dumps(json_request(X, gate_mode="sparse")), {}, 400, "gate_mode"),
+    ("keep_ratio_zero", "models/tiny/infer",
+     orjson.dumps(json_request(X, keep_ratio=0.0)), {}, 400, "keep_ratio"),
+    ("keep_ratio_above_one", "models/tiny/infer",
+     orjson.dumps(json_request(X, keep_ratio=1.5)), {}, 400, "keep_ratio"),
+    ("keep_ratio_string", "models/tiny/infer",
+     orjson.dumps(json_request(X, keep_ratio="half")), {}, 400, "keep_ratio"),
+    ("gate_mode_number", "models/tiny/infer",
+     orjson.dumps(json_request(X, gate_mode=3)), {}, 400, "gate_mode"),
+    ("parameters_not_object", "models/tiny/infer",
+     orjson.dumps({**_valid(), "parameters": [1, 2]}), {}, 400, "parameters"),
+    ("timeout_string", "models/tiny/infer",
+     orjson.dumps(json_request(X, timeout="soon")), {}, 400, "timeout"),
+    ("deep_nested_json", "models/tiny/infer", _nested(100_000), {}, 400, "depth"),
+    ("body_over_limit", "models/tiny/infer", b" " * (MAX_BYTES + 1), {}, 413, "limit"),
+    ("ten_mb_string_id", "models/tiny/infer",
+     orjson.dumps({**_valid(), "id": "x" * 10_000_000}), {}, 413, "limit"),
+    ("id_not_string", "models/tiny/infer", orjson.dumps({**_valid(), "id": {"a": 1}}), {}, 400,
+     "id"),
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_server(
+    integration_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    srv = start_server(
+        integration_repository, tmp_path_factory.mktemp("logs"),
+        max_request_bytes=MAX_BYTES, max_request_rows=MAX_ROWS,
+    )
+    yield srv
+    assert srv.stop() == 0, srv.output()
+
+
+def test_hostile_inputs_get_4xx_and_server_keeps_serving(hostile_server: Server) -> None:
+    failures = []
+    with httpx.Client(base_url=f"{hostile_server.url}/v2/", timeout=20.0) as client:
+        for case, path, body, headers, status, word in CASES:
+            response = client.post(path, content=body, headers=headers)
+            try:
+                message = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                message = None
+            ok = (
+                response.status_code == status and isinstance(message, str) and message
+                and word.lower() in message.lower()
+            )
+            if not ok:
+                failures.append(f"{case}: {response.status_code} {response.text[:200]!r}")
+        assert client.get("health/ready").status_code == 200
+        valid = client.post("models/tiny/infer", content=orjson.dumps(_valid()))
+        assert valid.status_code == 200, valid.text
+    assert not failures, "\n".join(failures)
+    assert hostile_server.process.poll() is None
+    assert "Traceback" not in hostile_server.output()
