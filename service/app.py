@@ -10,13 +10,12 @@ process then exits 0; a second signal forces the exit.
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from types import FrameType
@@ -28,13 +27,12 @@ from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry, disable_created_metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.batcher import DynamicBatcher
 from service.engine import GATE_MODES, Engine, EngineError
 from service.errors import InvalidInput, ServiceError, Unauthorized, Unavailable
 from service.metrics import CONTENT_TYPE_LATEST, Metrics, render
 from service.routes import admin, v2
 from service.settings import Settings
-from service.state import ModelRuntime, ServiceState
+from service.state import ServiceState
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +62,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app.state.registry = registry if registry is not None else CollectorRegistry()
     app.include_router(v2.build_router())
     app.include_router(admin.build_router())
+    app.include_router(admin.build_repository_router())
     app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
     register_exception_handlers(app)
     return app
@@ -93,27 +92,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         await loop.run_in_executor(engine.executor, engine.warm_up, settings.max_batch_size)
         for name, info in engine.models.items():
-            gate = engine.resolve_gate(
-                name, settings.default_gate_mode,
-                settings.default_keep_ratio if settings.default_gate_mode != "dense" else None,
-            )
-            runtime = ModelRuntime(info=info, gate=gate, batcher=None)
-            if settings.batching:
-                runtime.batcher = DynamicBatcher(
-                    model=name,
-                    compute=functools.partial(engine.infer, name),
-                    executor=engine.executor,
-                    metrics=metrics,
-                    max_batch_size=settings.max_batch_size,
-                    max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
-                    max_queue_size=settings.max_queue_size,
-                    inflight=_inflight_of(runtime),
-                )
-                runtime.batcher.start()
-            state.models[name] = runtime
-            metrics.watch(name, _depth_of(runtime.batcher), _inflight_of(runtime))
-            metrics.set_gate(name, gate.mode, gate.keep_ratio)
-            metrics.model_ready.labels(name).set(1)
+            state.serve(name, info)
         # torch, fastapi and the models leave ~200k long-lived objects; every full collection
         # would walk them all (~90 ms here), a latency spike every few hundred requests. Frozen
         # objects are skipped by the collector; only what is allocated from now on is scanned.
@@ -136,14 +115,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await runtime.batcher.stop(settings.drain_timeout_s)
         await asyncio.to_thread(engine.close)
         logger.info("stopped")
-
-
-def _depth_of(batcher: DynamicBatcher | None) -> Callable[[], int]:
-    return (lambda: batcher.depth) if batcher is not None else (lambda: 0)
-
-
-def _inflight_of(runtime: ModelRuntime) -> Callable[[], int]:
-    return lambda: runtime.inflight
 
 
 async def _metrics(request: Request) -> Response:

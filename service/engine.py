@@ -102,8 +102,16 @@ class _Loaded:
 class Engine:
     """Every model of one repository, on one device, behind a single compute thread."""
 
-    def __init__(self, loaded: Mapping[str, _Loaded]) -> None:
+    def __init__(
+        self,
+        loaded: Mapping[str, _Loaded],
+        repository: Path | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         self._models = dict(loaded)
+        self._repository = repository
+        self._device = device if device is not None else torch.device("cpu")
+        # The models loaded now; hot reload replaces the whole mapping rather than mutating it.
         self.models: Mapping[str, ModelInfo] = {n: m.info for n, m in self._models.items()}
         # One thread: the forward is already parallel inside torch, and serialising batches is
         # what makes a runtime gate switch atomic per batch.
@@ -152,7 +160,44 @@ class Engine:
                 raise EngineError(f"model {name!r}: {err}") from None
             loaded[name] = _wrap(name, network, dev)
             logger.info("loaded model %s on %s in %.2f s", name, dev, time.monotonic() - start)
-        return cls(loaded)
+        return cls(loaded, repository, dev)
+
+    def load_model(self, name: str) -> ModelInfo:
+        """Read ``name``'s checkpoint from the repository again and swap it in; raises EngineError.
+
+        Blocking; call it off the event loop but not on :attr:`executor`. The checkpoint is read
+        on the calling thread, then the entry is replaced by one job on the compute thread: a
+        batch already computing finishes on the old weights and every later one sees the new.
+        The old entry, its network and its compiled plans become garbage with that swap.
+        """
+        if self._repository is None or name not in self.scan(self._repository):
+            raise EngineError(f"model {name!r}: no such model in the repository")
+        start = time.monotonic()
+        try:
+            network = models.load_checkpoint(self._repository / name, self._device)
+        except models.ModelError as err:
+            raise EngineError(f"model {name!r}: {err}") from None
+        fresh = _wrap(name, network, self._device)
+        old = self._models.get(name)
+        if old is not None:
+            fresh.calib_batches = old.calib_batches
+        self.executor.submit(self._install, fresh).result()
+        logger.info("reloaded model %s in %.2f s", name, time.monotonic() - start)
+        return fresh.info
+
+    def unload_model(self, name: str) -> None:
+        """Drop ``name`` (after the batch computing now); its memory is released with it."""
+        self.executor.submit(self._remove, name).result()
+        logger.info("unloaded model %s", name)
+
+    def _install(self, loaded: _Loaded) -> None:
+        # Runs on the compute thread, between batches: one dict store, no lock needed.
+        self._models[loaded.info.name] = loaded
+        self.models = {n: m.info for n, m in self._models.items()}
+
+    def _remove(self, name: str) -> None:
+        self._models.pop(name, None)
+        self.models = {n: m.info for n, m in self._models.items()}
 
     def warm_up(self, max_batch_rows: int) -> None:
         """Run each model once per gate mode at batch 1 and ``max_batch_rows``.

@@ -7,12 +7,14 @@ shutdown. Readiness is derived from it: loaded, warmed up and not draining.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.batcher import DynamicBatcher
-from service.engine import Engine, GateConfig, ModelInfo
+from service.engine import Engine, EngineError, GateConfig, ModelInfo
 from service.errors import ModelNotFound, ModelNotReady, ServerNotReady
 from service.metrics import Metrics
 from service.settings import Settings
@@ -41,6 +43,8 @@ class ServiceState:
         self.models: dict[str, ModelRuntime] = {}
         self.loaded = False
         self.draining = False
+        # Serialises repository load/unload calls; inference never takes it.
+        self.repository_lock = asyncio.Lock()
 
     @property
     def ready(self) -> bool:
@@ -66,6 +70,62 @@ class ServiceState:
             )
         return runtime
 
+    def serve(self, name: str, info: ModelInfo) -> ModelRuntime:
+        """Start serving the loaded engine model ``name``: default gate, batcher, metrics."""
+        engine, metrics, settings = self.engine, self.metrics, self.settings
+        assert engine is not None and metrics is not None  # the lifespan set both
+        mode = settings.default_gate_mode
+        keep = settings.default_keep_ratio if mode != "dense" else None
+        runtime = ModelRuntime(info=info, gate=engine.resolve_gate(name, mode, keep), batcher=None)
+        if settings.batching:
+            runtime.batcher = DynamicBatcher(
+                model=name,
+                compute=functools.partial(engine.infer, name),
+                executor=engine.executor,
+                metrics=metrics,
+                max_batch_size=settings.max_batch_size,
+                max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+                max_queue_size=settings.max_queue_size,
+                inflight=_inflight_of(runtime),
+            )
+            runtime.batcher.start()
+        self.models[name] = runtime
+        metrics.watch(name, _depth_of(runtime.batcher), _inflight_of(runtime))
+        metrics.set_gate(name, runtime.gate.mode, runtime.gate.keep_ratio)
+        metrics.model_ready.labels(name).set(1)
+        return runtime
+
+    async def reload(self, name: str) -> ModelRuntime:
+        """Load ``name``'s checkpoint again and swap it in under load (model repository API).
+
+        Requests keep flowing: the batcher looks the model up by name on every batch, so the
+        swap on the compute thread is the only switch point. Raises ModelNotFound when the
+        repository has no such model.
+        """
+        engine = self.engine
+        assert engine is not None  # callers check readiness first
+        try:
+            info = await asyncio.to_thread(engine.load_model, name)
+        except EngineError as err:
+            raise ModelNotFound(str(err)) from None
+        runtime = self.models.get(name)
+        if runtime is None:
+            return self.serve(name, info)
+        runtime.info = info
+        return runtime
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name``: new requests get 404, queued ones are still answered."""
+        runtime = self.model(name)
+        del self.models[name]
+        if self.metrics is not None:
+            self.metrics.model_ready.labels(name).set(0)
+        if runtime.batcher is not None:
+            await runtime.batcher.stop(self.settings.drain_timeout_s)
+        engine = self.engine
+        assert engine is not None
+        await asyncio.to_thread(engine.unload_model, name)
+
     def inflight(self) -> int:
         return sum(r.inflight for r in self.models.values())
 
@@ -87,3 +147,11 @@ class ServiceState:
             logger.error("drain timed out with %d requests in flight", self.inflight())
             return False
         return True
+
+
+def _depth_of(batcher: DynamicBatcher | None) -> Callable[[], int]:
+    return (lambda: batcher.depth) if batcher is not None else (lambda: 0)
+
+
+def _inflight_of(runtime: ModelRuntime) -> Callable[[], int]:
+    return lambda: runtime.inflight

@@ -48,6 +48,14 @@ def build_router() -> APIRouter:
     return router
 
 
+def build_repository_router() -> APIRouter:
+    """Model repository extension, load and unload: admin calls, same token as ``/admin``."""
+    router = APIRouter(prefix="/v2/repository", tags=["admin"])
+    router.add_api_route("/models/{model_name}/load", load_model, methods=["POST"])
+    router.add_api_route("/models/{model_name}/unload", unload_model, methods=["POST"])
+    return router
+
+
 def _authorize(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.service
     token = state.settings.admin_token
@@ -132,4 +140,33 @@ def _describe(err: ValidationError) -> str:
     return "invalid gate update: " + "; ".join(parts) + (
         " (fields: mode in dense|static|dynamic, keep_ratio in (0, 1], threshold in [0, 1], "
         "dynamic_weight in [0, 1])"
+    )
+
+
+async def load_model(request: Request, model_name: str) -> Response:
+    """Load ``model_name``'s checkpoint from the repository again and swap it in under load.
+
+    Requests already queued or computing finish on the weights they started with; the previous
+    weights are released once the last batch using them is done. Loads an unloaded model too.
+    """
+    state = _authorize(request)
+    state.check_ready()
+    async with state.repository_lock:
+        runtime = await state.reload(model_name)
+    logger.info("model %s: loaded from the repository", model_name)
+    return Response(
+        orjson.dumps({"name": model_name, "version": runtime.info.version, "state": "READY"}),
+        media_type="application/json",
+    )
+
+
+async def unload_model(request: Request, model_name: str) -> Response:
+    """Stop serving ``model_name`` (then 404); queued requests are still answered first."""
+    state = _authorize(request)
+    state.check_ready()
+    async with state.repository_lock:
+        await state.unload(model_name)
+    logger.info("model %s: unloaded", model_name)
+    return Response(
+        orjson.dumps({"name": model_name, "state": "UNAVAILABLE"}), media_type="application/json"
     )
