@@ -22,11 +22,22 @@ from tests.utils.service import ADMIN_TOKEN, reference_logits
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 METRICS = (
-    "gated_requests", "gated_request_duration_seconds", "gated_queue_duration_seconds",
-    "gated_compute_duration_seconds", "gated_batch_size", "gated_request_active_channel_ratio",
-    "gated_request_flops_ratio", "gated_layer_active_channel_ratio", "gated_queue_depth",
-    "gated_inflight_requests", "gated_model_ready", "gated_gate_mode", "gated_gate_keep_ratio",
-    "gated_gate_mode_switches", "gated_rejected_requests", "gated_build_info",
+    "gated_requests",
+    "gated_request_duration_seconds",
+    "gated_queue_duration_seconds",
+    "gated_compute_duration_seconds",
+    "gated_batch_size",
+    "gated_request_active_channel_ratio",
+    "gated_request_flops_ratio",
+    "gated_layer_active_channel_ratio",
+    "gated_queue_depth",
+    "gated_inflight_requests",
+    "gated_model_ready",
+    "gated_gate_mode",
+    "gated_gate_keep_ratio",
+    "gated_gate_mode_switches",
+    "gated_rejected_requests",
+    "gated_build_info",
 )
 
 
@@ -48,8 +59,9 @@ def _infer(
     inp = triton.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=binary)
     out = triton.InferRequestedOutput("logits", binary_data=binary)
-    result = client.infer("tiny", [inp], outputs=[out], request_id="req-1",
-                          parameters=params or None)
+    result = client.infer(
+        "tiny", [inp], outputs=[out], request_id="req-1", parameters=params or None
+    )
     response = result.get_response()
     assert response["id"] == "req-1"
     logits = result.as_numpy("logits")
@@ -61,7 +73,8 @@ def _samples(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     text = httpx.get(f"{server.url}/metrics").text
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text) for s in family.samples
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
     }
 
 
@@ -73,7 +86,8 @@ def test_tritonclient_infer_equals_model_forward(
     logits, params = _infer(client, x, binary)
     np.testing.assert_allclose(logits, reference_logits(network, x, "dynamic"), atol=1e-5)
     assert params["gate_mode"] == "dynamic" and params["keep_ratio"] == 0.5
-    assert 0.0 < float(params["flops_ratio"]) < 1.0  # type: ignore[arg-type]
+    # What ran: below 1 when the plan gathers, up to dense plus the predictor when it does not.
+    assert 0.0 < float(params["flops_ratio"]) < 1.1  # type: ignore[arg-type]
 
 
 def test_health_metadata_and_repository_index(client: triton.InferenceServerClient) -> None:
@@ -218,17 +232,23 @@ def test_metrics_exposed_with_plausible_values(
     assert s[("gated_requests_total", (("model", "tiny"), ("outcome", "success")))] >= 3
     assert s[("gated_requests_total", (("model", "tiny"), ("outcome", "invalid")))] >= 1
     assert s[("gated_rejected_requests_total", (("reason", "invalid_input"),))] >= 1
-    count, total = s[("gated_request_duration_seconds_count", tiny)], s[
-        ("gated_request_duration_seconds_sum", tiny)]
+    count, total = (
+        s[("gated_request_duration_seconds_count", tiny)],
+        s[("gated_request_duration_seconds_sum", tiny)],
+    )
     assert count >= 3 and 0.0 < total / count < 5.0
     assert s[("gated_queue_duration_seconds_count", tiny)] >= 3
     mean_batch = s[("gated_batch_size_sum", tiny)] / s[("gated_batch_size_count", tiny)]
     assert 1.0 <= mean_batch <= 8.0
     dyn = (("gate_mode", "dynamic"), ("model", "tiny"))
     assert s[("gated_compute_duration_seconds_count", dyn)] >= 1
-    for name in ("gated_request_active_channel_ratio", "gated_request_flops_ratio"):
+    # The flops ratio counts what ran, a little over 1 if the plan chose the dense fallback.
+    for name, top in (
+        ("gated_request_active_channel_ratio", 1.0),
+        ("gated_request_flops_ratio", 1.1),
+    ):
         n, v = s[(f"{name}_count", dyn)], s[(f"{name}_sum", dyn)]
-        assert n >= 3 and 0.0 < v / n < 1.0
+        assert n >= 3 and 0.0 < v / n < top
     layer = (("layer", "blocks.0"), ("model", "tiny"))
     n = s[("gated_layer_active_channel_ratio_count", layer)]
     assert n >= 3 and 0.0 < s[("gated_layer_active_channel_ratio_sum", layer)] / n <= 1.0
