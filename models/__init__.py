@@ -16,7 +16,7 @@ from models.errors import (
 from models.export import export_checkpoint
 from models.gates import GateSettings, settings_for
 from models.networks import GatedNetwork, NetworkOutput, build_network
-from models.sparse import SparsePlan, compile_plan
+from models.sparse import SparsePlan, Workspace, compile_plan
 
 __all__ = [
     "GATE_MODES",
@@ -32,6 +32,7 @@ __all__ = [
     "ModelError",
     "NetworkOutput",
     "SparsePlan",
+    "Workspace",
     "build_network",
     "compile_plan",
     "export_checkpoint",

@@ -33,7 +33,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import cast
@@ -121,7 +122,7 @@ class _GatedMLP:
         u: torch.Tensor,
         x: torch.Tensor,
         gate: torch.Tensor | None,
-        ws: _Workspace,
+        ws: Workspace,
     ) -> torch.Tensor:
         """u (B, T, D_in), gate (B, 1|T, n) or None; adds the layer into x (B, T, D_out)."""
         b, t, _ = u.shape
@@ -143,7 +144,7 @@ class _GatedMLP:
         idx: torch.Tensor,
         values: torch.Tensor,
         chunk: int,
-        ws: _Workspace,
+        ws: Workspace,
     ) -> torch.Tensor:
         """Kept channels only: idx (B, k) into the packed rows, values (B, k) their gates;
         adds the layer into x (B, T, D_out)."""
@@ -183,7 +184,7 @@ class _GatedMLP:
         values: torch.Tensor,
         strategy: Strategy,
         dense_map: torch.Tensor | None,
-        ws: _Workspace,
+        ws: Workspace,
     ) -> torch.Tensor:
         """Kept channels (idx, values) by ``strategy``, added into x in place; ``dense_map``
         (H,) maps a channel to its dense column."""
@@ -196,12 +197,14 @@ class _GatedMLP:
         return self.dense(u, x, gate.unsqueeze(1), ws)
 
 
-class _Workspace:
+class Workspace:
     """Buffers reused across calls, one per role (a plan runs on one thread at a time).
 
     The CPU allocator hands large blocks back to the OS, so a fresh (B, T, H) activation or a
     batch of gathered weights page-faults on every call: on small VMs that costs more than the
-    gather itself. Layers run one after another, so a role's buffer is shared by all layers.
+    gather itself. Layers run one after another, so a role's buffer is shared by all layers;
+    plans that never run at the same time (a server's, on its one compute thread) may share one
+    workspace, which bounds the memory of many plans by that of the largest batch.
     """
 
     def __init__(self) -> None:
@@ -214,6 +217,23 @@ class _Workspace:
             buf = torch.empty(n, dtype=like.dtype, device=like.device)
             self._bufs[name] = buf
         return buf[:n].view(*shape)
+
+
+@contextmanager
+def _without_onednn() -> Iterator[None]:
+    """Run ATen's own CPU kernels instead of oneDNN's.
+
+    oneDNN compiles and caches a kernel per input shape (GELU is one of its ops here): a server
+    sees unboundedly many shapes, and that cache alone grew a serving process by hundreds of MB.
+    ATen's kernels cache nothing and are within noise at these sizes. The flag is process-wide;
+    a plan runs on one thread at a time and restores it.
+    """
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a ContextProp
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 def time_once(fn: Callable[[], object], device: torch.device) -> float:
@@ -251,16 +271,17 @@ def _calibrate(
     values, pos = scores.topk(k, dim=-1)
     idx = open_rows[pos]  # (B, k) full channel indices
     cands = _candidates(batch)
-    ws = _Workspace()
+    ws = Workspace()
     # Small batches run in well under a millisecond: more repeats for the same noise.
     reps = reps * max(1, 8 // batch)
     times: dict[Strategy, list[float]] = {s: [] for s in cands}
-    for rep in range(reps + 1):
-        for s in cands:
-            x.copy_(x0)  # the kernels add into x in place
-            t = time_once(partial(mlp.run, u, x, idx, values, s, dense_map, ws), dev)
-            if rep:  # the first round only warms up allocators and kernels
-                times[s].append(t)
+    with _without_onednn():  # the kernels a plan runs
+        for rep in range(reps + 1):
+            for s in cands:
+                x.copy_(x0)  # the kernels add into x in place
+                t = time_once(partial(mlp.run, u, x, idx, values, s, dense_map, ws), dev)
+                if rep:  # the first round only warms up allocators and kernels
+                    times[s].append(t)
     medians = {s: statistics.median(v) for s, v in times.items()}
     best = min(medians, key=lambda s: medians[s])
     return best, {str(s): round(v * 1e3, 4) for s, v in medians.items()}
@@ -306,7 +327,7 @@ class _Context:
     mf: torch.Tensor  # (B, T, 1) float
     count: torch.Tensor  # (B, 1) valid steps
     step_weights: torch.Tensor  # (B, 1, T): 1/count on valid steps, 0 on padding
-    ws: _Workspace
+    ws: Workspace
     full: bool  # known without a device sync that no request is padded
     # Channels computed per request by layers that ran more than they kept (the dense
     # fallback, per-step gates, bucket padding of a threshold policy): MACs count these.
@@ -478,7 +499,7 @@ class _Attention:
         x: torch.Tensor,
         norm: nn.Module,
         attn_mask: torch.Tensor | None,
-        ws: _Workspace,
+        ws: Workspace,
         out_name: str,
     ) -> torch.Tensor:
         """x (B, T, D) -> x + attention, in the workspace buffer ``out_name``."""
@@ -531,7 +552,9 @@ class SparsePlan:
     calibration timings (ms) per layer shape, batch size and k.
     """
 
-    def __init__(self, model: GatedNetwork, settings: GateSettings) -> None:
+    def __init__(
+        self, model: GatedNetwork, settings: GateSettings, workspace: Workspace | None = None
+    ) -> None:
         if not isinstance(model, GatedConvNet | GatedTransformer):
             raise TypeError(
                 f"compile_plan supports the built-in conv and transformer networks, "
@@ -548,7 +571,7 @@ class SparsePlan:
         self._dense_coef: torch.Tensor | None = None
         self._head_kept: list[float] = []
         self._head_vecs: list[torch.Tensor] = []
-        self._ws = _Workspace()
+        self._ws = workspace if workspace is not None else Workspace()
 
     # ------------------------------------------------------------------ running
 
@@ -560,7 +583,7 @@ class SparsePlan:
     ) -> NetworkOutput:
         if settings is not None and settings != self.settings:
             raise ValueError(f"plan compiled for {self.settings}, called with {settings}")
-        with torch.inference_mode():
+        with _without_onednn(), torch.inference_mode():
             return self._forward(x, lengths)
 
     def _context(self, x: torch.Tensor, lengths: torch.Tensor) -> _Context:
@@ -590,8 +613,7 @@ class SparsePlan:
     def _conv(self, x: torch.Tensor, ctx: _Context, kept: dict[str, torch.Tensor]) -> torch.Tensor:
         model = cast(GatedConvNet, self.model)
         mf = ctx.mf
-        h = model.stem((x * mf).transpose(1, 2)).transpose(1, 2) * mf  # (B, T, C)
-        h = h.contiguous()  # the blocks add into h in place through flat views
+        h = _conv_same(x, model.stem, mf, ctx.ws)  # (B, T, C), contiguous
         for block, layer in zip(
             cast(Sequence[GatedConvBlock], model.blocks), self.layers, strict=True
         ):
@@ -607,7 +629,8 @@ class SparsePlan:
     ) -> torch.Tensor:
         model = cast(GatedTransformer, self.model)
         b = x.shape[0]
-        h = model.embed_tokens(x, ctx.mask)  # (B, T, D)
+        h = _conv_same(x, model.embed, ctx.mf, ctx.ws, zero_out=False)
+        h.add_(model.pos[: x.shape[1]])  # (B, T, D), = model.embed_tokens
         # Without padding the key mask is all true: SDPA skips it.
         attn_mask = None if ctx.full else ctx.mask[:, None, None, :]  # (B, 1, 1, T)
         ffn_kept: dict[str, torch.Tensor] = {}
@@ -629,7 +652,7 @@ class SparsePlan:
         return cast(torch.Tensor, model.head(pooled))
 
 
-def _unfold(f: torch.Tensor, kernel: int, ws: _Workspace) -> torch.Tensor:
+def _unfold(f: torch.Tensor, kernel: int, ws: Workspace) -> torch.Tensor:
     """(B, T, C) -> (B, T, C·k): the same-padded conv's input windows, channel-major like the
     conv weight (H, C, k), so the conv is one matmul with W1 viewed (H, C·k)."""
     if kernel == 1:
@@ -639,6 +662,24 @@ def _unfold(f: torch.Tensor, kernel: int, ws: _Workspace) -> torch.Tensor:
     padded = F.pad(f, (0, 0, half, half))  # (B, T + k − 1, C)
     windows = padded.unfold(1, kernel, 1)  # (B, T, C, k), a view
     return ws.get("unfold", windows.shape, f).copy_(windows).view(b, t, c * kernel)
+
+
+def _conv_same(
+    x: torch.Tensor, conv: nn.Conv1d, mf: torch.Tensor, ws: Workspace, zero_out: bool = True
+) -> torch.Tensor:
+    """A same-padded ``nn.Conv1d`` over x (B, T, C_in) as one matmul over the unfolded windows
+    -> (B, T, C_out); padding steps are zeroed in the input and, with ``zero_out``, the output.
+
+    With a handful of input channels oneDNN's direct convolution is many times slower than
+    this, and it compiles and caches a kernel per input shape.
+    """
+    b, t, _ = x.shape
+    u = _unfold(x * mf, conv.kernel_size[0], ws)  # (B, T, C_in·k)
+    w = conv.weight.detach().flatten(1)  # (C_out, C_in·k), a view
+    bias = cast(torch.Tensor, conv.bias).detach()
+    out = torch.addmm(bias, u.reshape(b * t, -1), w.t())  # (B·T, C_out)
+    out = out.view(b, t, -1)
+    return out.mul_(mf) if zero_out else out
 
 
 def _layer_weights(
@@ -686,6 +727,7 @@ def compile_plan(
     reps: int = 5,
     threshold_ks: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
     strategy: Strategy | None = None,
+    workspace: Workspace | None = None,
 ) -> SparsePlan:
     """Compile ``model`` (eval mode, weights on their device) for ``settings``.
 
@@ -695,10 +737,11 @@ def compile_plan(
     ``threshold_ks``) at ``calib_length`` steps (default min(max_length, 128)); at run time a
     batch uses the nearest calibrated batch size. ``calibrate=False`` uses the dense fallback
     for every (batch, k), which is always correct; ``strategy`` forces one strategy everywhere
-    (tests and benchmarks of a single strategy).
+    (tests and benchmarks of a single strategy). Plans that never run concurrently may share a
+    ``workspace``.
     """
     model.eval()
-    plan = SparsePlan(model, settings)
+    plan = SparsePlan(model, settings, workspace)
     mode = settings.mode
     dev = plan.device
     n_layers = (

@@ -111,6 +111,9 @@ class Engine:
         self._models = dict(loaded)
         self._repository = repository
         self._device = device if device is not None else torch.device("cpu")
+        # Plans run one at a time on the compute thread, so they share one set of buffers:
+        # memory is that of the largest batch, however many plans are compiled.
+        self._workspace = models.Workspace()
         # The models loaded now; hot reload replaces the whole mapping rather than mutating it.
         self.models: Mapping[str, ModelInfo] = {n: m.info for n, m in self._models.items()}
         # One thread: the forward is already parallel inside torch, and serialising batches is
@@ -200,20 +203,27 @@ class Engine:
         self.models = {n: m.info for n, m in self._models.items()}
 
     def warm_up(self, max_batch_rows: int) -> None:
-        """Run each model once per gate mode at batch 1 and ``max_batch_rows``.
+        """Run each model once per gate mode at batch 1 and ``max_batch_rows``, then once at
+        the largest batch the server accepts (``max_batch_rows`` × ``max_length``).
 
         The first forwards allocate and pick kernels; without this the first users pay for it
-        and readiness would be a lie.
+        and readiness would be a lie. The largest batch sizes the shared buffers once, so that
+        memory does not creep up later as longer batches arrive.
         """
         for name, loaded in self._models.items():
             info = loaded.info
             loaded.calib_batches = tuple(sorted({1, min(8, max_batch_rows), max_batch_rows}))
             length = min(info.max_length, 64)
+            rows_max = max(1, max_batch_rows)
             for mode in GATE_MODES:
                 gate = self.resolve_gate(name, mode)
-                for rows in sorted({1, max(1, max_batch_rows)}):
+                for rows in sorted({1, rows_max}):
                     x = np.zeros((rows, length, info.in_channels), dtype=np.float32)
                     self.infer(name, gate, [x])
+                # Padded (two lengths), so that every buffer of the masked path is sized too.
+                longest = np.zeros((rows_max, info.max_length, info.in_channels), np.float32)
+                self.infer(name, gate, [longest[:-1], longest[-1:, :-1]] if rows_max > 1
+                           else [longest])
             logger.info("warmed up model %s", name)
 
     def close(self) -> None:
@@ -266,6 +276,7 @@ class Engine:
             _settings_of(gate, loaded.bucket),
             batch_sizes=loaded.calib_batches,
             calib_length=min(loaded.info.max_length, 64),
+            workspace=self._workspace,
         )
         loaded.plans[gate] = plan
         if len(loaded.plans) > MAX_PLANS:

@@ -13,10 +13,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import orjson
+import pytest
 import tritonclient.http as triton
 
 from tests.integration.conftest import ROOT, start_server
-from tests.utils.service import json_request
+from tests.utils.service import json_request, reference_logits, tiny_network
 
 SHIPPED = ROOT / "models" / "pretrained" / "mnist1d-conv"
 
@@ -42,52 +43,73 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+DRAIN_REQUESTS = 100
+DRAIN_TIMEOUT_S = 20
+
+
 def test_sigterm_drains_in_flight_then_exits_zero(
     integration_repository: Path, tmp_path: Path
 ) -> None:
-    """Queued requests and one still uploading its body when SIGTERM arrives all get 200."""
-    # A long queue delay keeps requests queued while the signal arrives; the half-sent request
-    # keeps the batcher from taking the queue for the whole load.
+    """SIGTERM with 100 requests queued and one still uploading its body: readiness and new
+    requests get 503 at once, every accepted request gets its 200 with its own logits, and the
+    process exits 0 well within the drain timeout."""
+    # A batch size above the load and a long queue delay keep all 100 queued while the signal
+    # arrives; the half-sent request is in flight (its body is still being read).
     server = start_server(
-        integration_repository, tmp_path, max_batch_size=64, max_queue_delay_ms=1500
+        integration_repository,
+        tmp_path,
+        max_batch_size=DRAIN_REQUESTS + 28,
+        max_queue_delay_ms=3000,
+        drain_timeout_s=DRAIN_TIMEOUT_S,
     )
     try:
-        x = np.random.default_rng(0).standard_normal((1, 40)).astype(np.float32)
-        body = orjson.dumps(json_request(x))
+        rng = np.random.default_rng(0)
+        xs = [rng.standard_normal((1, 40)).astype(np.float32) for _ in range(DRAIN_REQUESTS)]
+        bodies = [orjson.dumps(json_request(x)) for x in xs]
+        slow_body = bodies[0]
         slow = socket.create_connection(("127.0.0.1", server.port), timeout=30)
         slow.sendall(
             b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: test\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10]
+            + f"Content-Length: {len(slow_body)}\r\n\r\n".encode() + slow_body[:10]
         )
         _wait_for(lambda: _inflight(server.url) == 1)
 
-        def call() -> int:
-            return httpx.post(
-                f"{server.url}/v2/models/tiny/infer", content=body, timeout=30
-            ).status_code
+        def call(body: bytes) -> tuple[int, list[float]]:
+            reply = httpx.post(f"{server.url}/v2/models/tiny/infer", content=body, timeout=30)
+            data = reply.json()["outputs"][0]["data"] if reply.status_code == 200 else []
+            return reply.status_code, data
 
-        with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(call) for _ in range(4)]
-            _wait_for(lambda: _queue_depth(server.url) == 4)
+        with ThreadPoolExecutor(DRAIN_REQUESTS) as pool:
+            futures = [pool.submit(call, body) for body in bodies]
+            _wait_for(lambda: _queue_depth(server.url) == DRAIN_REQUESTS, timeout_s=20)
             os.kill(server.process.pid, signal.SIGTERM)
+            signalled = time.monotonic()
             ready = httpx.get(f"{server.url}/v2/health/ready")
             assert ready.status_code == 503 and "shutting down" in ready.json()["error"]
             assert ready.headers["retry-after"]
-            late = httpx.post(f"{server.url}/v2/models/tiny/infer", content=body)
-            assert late.status_code == 503
-            slow.sendall(body[10:])
+            late = httpx.post(f"{server.url}/v2/models/tiny/infer", content=bodies[1])
+            assert late.status_code == 503 and late.headers["retry-after"]
+            slow.sendall(slow_body[10:])
             answer = slow.recv(65536)
             assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
-            assert [f.result(timeout=30) for f in futures] == [200] * 4
+            results = [f.result(timeout=30) for f in futures]
         slow.close()
-        assert server.process.wait(30) == 0, server.output()
+        assert [status for status, _ in results] == [200] * DRAIN_REQUESTS
+        # Each request got its own answer, computed in full.
+        expected = reference_logits(tiny_network(seed=0), np.concatenate(xs))
+        got = np.array([data for _, data in results], dtype=np.float32)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        assert server.process.wait(DRAIN_TIMEOUT_S) == 0, server.output()
+        assert time.monotonic() - signalled < DRAIN_TIMEOUT_S
+        # After exit the port is closed: a new connection is refused.
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{server.url}/v2/health/live", timeout=2)
     finally:
         server.stop()
 
 
 def test_shipped_checkpoint_serves_by_default(tmp_path: Path) -> None:
     from models import load_checkpoint
-    from tests.utils.service import reference_logits
 
     server = start_server(None, tmp_path)
     try:

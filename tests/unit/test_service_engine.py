@@ -88,10 +88,23 @@ def test_compiled_plans_are_bounded(engine: Engine) -> None:
     assert len(engine._models["tiny"].plans) == MAX_PLANS
 
 
-def test_warm_up_runs_every_mode(engine: Engine) -> None:
-    engine.warm_up(max_batch_rows=2)
+def test_warm_up_compiles_every_mode_and_sizes_the_shared_buffers(engine: Engine) -> None:
+    engine.warm_up(max_batch_rows=3)
+    for name in ("tiny", "tiny2"):
+        plans = engine._models[name].plans
+        modes = {gate.mode for gate in plans}
+        assert modes == {"dense", "static", "dynamic"}
+        # Every plan of the engine shares its buffers: memory is that of the largest batch.
+        assert all(plan._ws is engine._workspace for plan in plans.values())
+    sizes = {role: buf.numel() for role, buf in engine._workspace._bufs.items()}
+    assert sizes
+    # The largest batch warm-up ran (3 rows at max_length, padded) allocates nothing new.
+    x = np.ones((3, TINY_MAX_LENGTH, 1), dtype=np.float32)
     for mode in ("dense", "static", "dynamic"):
-        assert engine.resolve_gate("tiny2", mode) is not None
+        gate = engine.resolve_gate("tiny", mode)
+        engine.infer("tiny", gate, [x[:2], x[2:, :-5]])
+        engine.infer("tiny", gate, [x])
+    assert {role: buf.numel() for role, buf in engine._workspace._bufs.items()} == sizes
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")

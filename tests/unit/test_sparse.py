@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import GatedNetwork, GateSettings, ModelConfig, build_network, load_checkpoint
+from models import (
+    GatedNetwork,
+    GateSettings,
+    InvalidInputError,
+    ModelConfig,
+    build_network,
+    load_checkpoint,
+)
 from models.export import export_checkpoint, prune_static
 from models.sparse import Strategy, compile_plan
 from tests.utils.models import TINY
@@ -139,6 +146,31 @@ def test_plan_refuses_other_settings() -> None:
     x, lengths = batch(1)
     with pytest.raises(ValueError, match="compiled for"):
         plan(x, lengths, GateSettings("dense"))
+
+
+@pytest.mark.parametrize("arch", ["conv", "transformer"])
+def test_plan_runs_without_onednn_and_restores_the_flag(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """oneDNN caches a compiled kernel per input shape: a serving plan must not use it."""
+    net = tiny(arch)
+    plan = compile_plan(net, GateSettings("dynamic", keep_ratio=0.5, bucket=2), calibrate=False)
+    seen: list[bool] = []
+    gelu = torch.ops.aten.gelu_
+
+    def spy(t: torch.Tensor) -> torch.Tensor:
+        seen.append(bool(torch.backends.mkldnn.enabled))
+        return gelu(t)
+
+    monkeypatch.setattr(torch.ops.aten, "gelu_", spy)
+    x, lengths = batch(3)
+    assert torch.backends.mkldnn.enabled
+    plan(x, lengths)
+    assert seen and not any(seen)
+    assert torch.backends.mkldnn.enabled  # restored, also when the input is refused:
+    with pytest.raises(InvalidInputError):
+        plan(x[:, :, :0], lengths)
+    assert torch.backends.mkldnn.enabled
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
