@@ -124,6 +124,12 @@ async def _switcher(base: str, token: str, every_s: float, until: float) -> int:
     return switches
 
 
+async def _sample_rss(pid: int, every_s: float, until: float, samples: list[int]) -> None:
+    while time.monotonic() + every_s < until:
+        await asyncio.sleep(every_s)
+        samples.append(_rss_kib(pid))
+
+
 async def _soak(
     base: str, pid: int, args: argparse.Namespace, token: str, max_length: int
 ) -> dict[str, object]:
@@ -140,10 +146,12 @@ async def _soak(
     errors: list[str] = []
     start = time.monotonic()
     until = start + args.minutes * 60.0
-    *_, switches = await asyncio.gather(
+    timeline: list[int] = [rss_start]
+    *_, switches, _ = await asyncio.gather(
         *(_client(url, 1000 + i, max_length, until, latencies, errors)
           for i in range(args.concurrency)),
         _switcher(base, token, args.switch_every, until),
+        _sample_rss(pid, 15.0, until, timeline),
     )
     elapsed = time.monotonic() - start
     rss_end = _rss_kib(pid)
@@ -159,6 +167,7 @@ async def _soak(
         "rss_kib_after_warmup": rss_start,
         "rss_kib_end": rss_end,
         "rss_growth": round(rss_end / rss_start - 1.0, 4),
+        "rss_kib_every_15s": [*timeline, rss_end],
     }
 
 

@@ -90,7 +90,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     state.metrics = metrics
     try:
-        await loop.run_in_executor(engine.executor, engine.warm_up, settings.max_batch_size)
+        await loop.run_in_executor(engine.executor, engine.warm_up, settings.max_batch_rows)
         for name, info in engine.models.items():
             state.serve(name, info)
         # torch, fastapi and the models leave ~200k long-lived objects; every full collection

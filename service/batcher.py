@@ -1,9 +1,10 @@
 """Dynamic batching of inference requests, one batcher per served model.
 
 Requests queue per gate configuration; a batch holds requests of one configuration only, so a
-runtime gate switch takes effect between batches and never inside one. A batch is dispatched as
-soon as the oldest queued request has ``max_batch_size`` compatible mates or has waited
-``max_queue_delay`` (``time.monotonic()``), whichever comes first; at light load it does not
+runtime gate switch takes effect between batches and never inside one. A batch holds at most
+``max_batch_size`` requests and ``max_batch_rows`` rows (a request is never split), and is
+dispatched as soon as the oldest queued request has a full batch of compatible mates or has
+waited ``max_queue_delay`` (``time.monotonic()``), whichever comes first; at light load it does not
 wait when no other request for the model is in flight (``inflight``). Batches run one at a time on
 the engine's compute thread, so while one computes the next one fills up: under load the delay
 is rarely waited out, and at low load it bounds the latency added.
@@ -78,16 +79,20 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_size: int,
+        max_batch_rows: int | None = None,
         inflight: Callable[[], int] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError(
                 "max_batch_size and max_queue_size must be >= 1 and max_queue_delay_s >= 0"
             )
+        if max_batch_rows is not None and max_batch_rows < 1:
+            raise ValueError("max_batch_rows must be >= 1")
         self.model = model
         self._compute = compute
         self._executor = executor
         self._max_batch = max_batch_size
+        self._max_rows = max_batch_rows  # None: no row limit
         self._max_delay = max_queue_delay_s
         self._max_queue = max_queue_size
         self._inflight = inflight
@@ -149,7 +154,7 @@ class DynamicBatcher:
         if (
             waiter is not None
             and not waiter.done()
-            and (self._want is None or (self._want == gate and len(queue) >= self._max_batch))
+            and (self._want is None or (self._want == gate and self._full(queue)))
         ):
             waiter.set_result(None)
         return ticket
@@ -202,6 +207,19 @@ class DynamicBatcher:
             ),
         )
 
+    def _full(self, queue: deque[Ticket]) -> bool:
+        """A whole batch is queued: ``max_batch_size`` requests or ``max_batch_rows`` rows."""
+        if len(queue) >= self._max_batch:
+            return True
+        if self._max_rows is None:
+            return False
+        rows = 0
+        for ticket in queue:
+            rows += ticket.array.shape[0]
+            if rows >= self._max_rows:
+                return True
+        return False
+
     def _oldest(self) -> GateConfig | None:
         """Gate configuration whose first live request has waited longest; drops dead heads."""
         best: GateConfig | None = None
@@ -241,7 +259,7 @@ class DynamicBatcher:
                 await self._sleep(None, None)
                 continue
             queue = self._queues[gate]
-            if len(queue) >= self._max_batch or self._closing:
+            if self._full(queue) or self._closing:
                 break
             remaining = queue[0].enqueued + self._max_delay - time.monotonic()
             if remaining <= 0:
@@ -257,10 +275,17 @@ class DynamicBatcher:
                 break
             await self._sleep(gate, remaining)
         batch: list[Ticket] = []
+        rows = 0
         while queue and len(batch) < self._max_batch:
-            ticket = queue.popleft()
+            ticket = queue[0]
             if ticket.future.done():
+                queue.popleft()
                 continue
+            n = ticket.array.shape[0]
+            if batch and self._max_rows is not None and rows + n > self._max_rows:
+                break  # the next batch starts with it
+            queue.popleft()
+            rows += n
             ticket.taken = True
             if ticket.timer is not None:
                 ticket.timer.cancel()

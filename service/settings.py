@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -64,7 +64,11 @@ class Settings(BaseSettings):
     # Requests may lower or raise this with the V2 `timeout` parameter (microseconds).
     request_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="body limit (413)")
-    max_request_rows: int = Field(256, ge=1, description="batch dimension of one request")
+    max_request_rows: int = Field(64, ge=1, description="batch dimension of one request")
+    # Rows of one forward: a batch takes requests until the next would pass this. The warm-up
+    # computes a batch this large at the model's max_length, so the server's memory peaks before
+    # it turns ready and stays flat afterwards.
+    max_batch_rows: int = Field(64, ge=1, le=65536)
     # Non-finite inputs propagate into every logit of the request; refuse them unless asked.
     allow_non_finite: bool = False
     admin_token: SecretStr | None = Field(None, description="Bearer token of /admin; unset: off")
@@ -77,6 +81,15 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # One log line per request costs more than the request itself on a small model: off by default.
     access_log: bool = False
+
+    @model_validator(mode="after")
+    def _request_fits_a_batch(self) -> Settings:
+        if self.max_request_rows > self.max_batch_rows:
+            raise ValueError(
+                f"max_request_rows ({self.max_request_rows}) must not exceed max_batch_rows "
+                f"({self.max_batch_rows}): a request is never split across forwards"
+            )
+        return self
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -86,6 +86,7 @@ class ServiceState:
                 max_batch_size=settings.max_batch_size,
                 max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
                 max_queue_size=settings.max_queue_size,
+                max_batch_rows=settings.max_batch_rows,
                 inflight=_inflight_of(runtime),
             )
             runtime.batcher.start()

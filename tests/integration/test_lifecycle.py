@@ -53,12 +53,13 @@ def test_sigterm_drains_in_flight_then_exits_zero(
     """SIGTERM with 100 requests queued and one still uploading its body: readiness and new
     requests get 503 at once, every accepted request gets its 200 with its own logits, and the
     process exits 0 well within the drain timeout."""
-    # A batch size above the load and a long queue delay keep all 100 queued while the signal
-    # arrives; the half-sent request is in flight (its body is still being read).
+    # Batch limits (requests and rows) above the load and a long queue delay keep all 100 queued
+    # while the signal arrives; the half-sent request is in flight (its body is still being read).
     server = start_server(
         integration_repository,
         tmp_path,
         max_batch_size=DRAIN_REQUESTS + 28,
+        max_batch_rows=DRAIN_REQUESTS + 28,
         max_queue_delay_ms=3000,
         drain_timeout_s=DRAIN_TIMEOUT_S,
     )

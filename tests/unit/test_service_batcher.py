@@ -45,6 +45,7 @@ def _batcher(engine: FakeEngine, pool: ThreadPoolExecutor, **kw: float) -> Dynam
         max_batch_size=int(options["max_batch_size"]),
         max_queue_delay_s=float(options["max_queue_delay_s"]),
         max_queue_size=int(options["max_queue_size"]),
+        max_batch_rows=int(options["max_batch_rows"]) if "max_batch_rows" in options else None,
     )
 
 
@@ -68,6 +69,43 @@ def test_full_batch_dispatches_without_waiting_and_keeps_order() -> None:
 
     _run(scenario)
     assert [len(values) for _, values in engine.batches] == [4, 4]
+
+
+def test_batches_stop_at_max_batch_rows() -> None:
+    """Rows, not requests, bound a forward: a request that would pass the limit starts the next
+    batch, and a request as large as the limit runs alone."""
+    engine = FakeEngine()
+    sizes = [2, 3, 4, 1, 1, 1, 4]
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        b = _batcher(engine, pool, max_batch_size=8, max_batch_rows=4, max_queue_delay_s=0.0)
+        tickets = [
+            b.submit(DYNAMIC, np.full((n, 4, 1), i, dtype=np.float32), 5.0)
+            for i, n in enumerate(sizes)
+        ]
+        b.start()  # everything is queued before the first batch forms
+        results = await asyncio.gather(*(t.future for t in tickets))
+        assert [r.logits.shape[0] for r in results] == sizes
+        await b.stop(1.0)
+
+    _run(scenario)
+    assert [values for _, values in engine.batches] == [[0.0], [1.0], [2.0], [3.0, 4.0, 5.0], [6.0]]
+
+
+def test_a_batch_full_of_rows_does_not_wait_the_delay() -> None:
+    engine = FakeEngine()
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        b = _batcher(engine, pool, max_batch_size=8, max_batch_rows=4, max_queue_delay_s=10.0)
+        b.start()
+        start = time.monotonic()
+        tickets = [b.submit(DYNAMIC, np.zeros((2, 4, 1), np.float32), 5.0) for _ in range(2)]
+        await asyncio.gather(*(t.future for t in tickets))
+        assert time.monotonic() - start < 2.0  # 4 rows queued: the batch is full
+        await b.stop(1.0)
+
+    _run(scenario)
+    assert [len(values) for _, values in engine.batches] == [2]
 
 
 def test_partial_batch_waits_at_most_the_delay() -> None:

@@ -105,3 +105,11 @@ def test_cli_serve_empty_repository_exits_2(
 ) -> None:
     assert main(["serve", "--model-repository", str(tmp_path), "--port", "0"]) == 2
     assert "no model folders" in capsys.readouterr().err
+
+
+def test_a_request_must_fit_one_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATED_MAX_REQUEST_ROWS", "128")
+    with pytest.raises(SettingsError, match=r"max_request_rows \(128\).*max_batch_rows \(64\)"):
+        load_settings(model_repository=tmp_path)
+    monkeypatch.setenv("GATED_MAX_BATCH_ROWS", "128")
+    assert load_settings(model_repository=tmp_path).max_batch_rows == 128
