@@ -28,9 +28,6 @@ import logging
 import os
 import platform
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,12 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+from common import MODEL, RESULTS, ROOT, shipped_repository
 
-ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "models" / "pretrained"
-CONFIG = ROOT / "models" / "configs" / "mnist1d_conv.yaml"
-RESULTS = ROOT / "benchmarks" / "results"
-MODEL = "mnist1d-conv"
+from service.local import LocalServer, start_server
+
 CONCURRENCIES = (1, 8, 32)
 
 logger = logging.getLogger("serve_bench")
@@ -141,13 +136,6 @@ async def _load(
 # ---------------------------------------------------------------------- servers
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _batch_stats(port: int) -> tuple[float, float]:
     """(sum, count) of the server's gated_batch_size histogram for the model."""
     import urllib.request
@@ -163,58 +151,16 @@ def _batch_stats(port: int) -> tuple[float, float]:
     return total, count
 
 
-def _start(repository: Path, mode: str, args: argparse.Namespace, log: Path) -> tuple[
-    subprocess.Popen[bytes], int
-]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATED_")}
-    env.update(
-        GATED_BATCHING="true" if mode == "batched" else "false",
-        GATED_MAX_BATCH_SIZE=str(args.max_batch_size),
-        GATED_DEVICE=args.device,
-        GATED_LOG_LEVEL="warning",
-    )
+def _start(repository: Path, mode: str, args: argparse.Namespace, log: Path) -> LocalServer:
+    settings: dict[str, object] = {
+        "batching": "true" if mode == "batched" else "false",
+        "max_batch_size": args.max_batch_size,
+        "device": args.device,
+        "log_level": "warning",
+    }
     if args.max_queue_delay_ms is not None:
-        env["GATED_MAX_QUEUE_DELAY_MS"] = str(args.max_queue_delay_ms)
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repository),
-             "--port", str(port)],
-            stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-        )
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{mode} server exited:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1):
-                return process, port
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"{mode} server not ready:\n{log.read_text()}")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(10)
-
-
-def _repository(tmp: Path) -> tuple[Path, str]:
-    """The shipped checkpoint if present, else the shipped config with random weights."""
-    if (SHIPPED / MODEL / "model.safetensors").is_file():
-        return SHIPPED, "shipped checkpoint"
-    from models import build_network, load_config, save_checkpoint
-
-    save_checkpoint(build_network(load_config(CONFIG)).eval(), tmp / MODEL)
-    return tmp, "shipped config, random weights (checkpoint absent)"
+        settings["max_queue_delay_ms"] = args.max_queue_delay_ms
+    return start_server(repository, log, settings, cwd=ROOT, ready_timeout_s=120)
 
 
 # ---------------------------------------------------------------------- run and report
@@ -237,8 +183,8 @@ def _run(args: argparse.Namespace) -> dict[str, object]:
     points: list[Point] = []
     modes = ("batched", "naive")
     with tempfile.TemporaryDirectory() as tmp:
-        repository, source = _repository(Path(tmp))
-        servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        repository, source = shipped_repository(Path(tmp))
+        servers: dict[str, LocalServer] = {}
         try:
             # Both servers stay up (an idle one costs nothing) and every point alternates
             # between them, round after round: background load on a shared machine then hits
@@ -250,12 +196,12 @@ def _run(args: argparse.Namespace) -> dict[str, object]:
                     pooled: dict[str, list[tuple[list[float], list[int], float, float, float]]]
                     pooled = {mode: [] for mode in modes}
                     for mode in modes:
-                        port = servers[mode][1]
+                        port = servers[mode].port
                         payload = _http_request(port, *bodies[encoding])
                         asyncio.run(_load(port, payload, concurrency, args.warmup))
                     for _ in range(args.rounds):
                         for mode in modes:
-                            port = servers[mode][1]
+                            port = servers[mode].port
                             payload = _http_request(port, *bodies[encoding])
                             pooled[mode].append(
                                 _measure(port, payload, concurrency, args.seconds / args.rounds)
@@ -265,8 +211,8 @@ def _run(args: argparse.Namespace) -> dict[str, object]:
                         points.append(point)
                         logger.info("%s", point)
         finally:
-            for process, _ in servers.values():
-                _stop(process)
+            for server in servers.values():
+                server.stop()
     return {
         "model": MODEL,
         "model_source": source,

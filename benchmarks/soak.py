@@ -26,9 +26,6 @@ import os
 import platform
 import random
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,35 +34,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import orjson
+from common import MODEL, RESULTS, ROOT, shipped_repository
 
-ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "models" / "pretrained"
-CONFIG = ROOT / "models" / "configs" / "mnist1d_conv.yaml"
-RESULTS = ROOT / "benchmarks" / "results"
-MODEL = "mnist1d-conv"
+from service.local import start_server
+
 GATES: tuple[dict[str, object], ...] = (
     {"mode": "dense"}, {"mode": "static"}, {"mode": "dynamic"},
     {"mode": "dynamic", "keep_ratio": 0.25}, {"mode": "static", "keep_ratio": 0.5},
 )
 
 logger = logging.getLogger("soak")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _repository(tmp: Path) -> tuple[Path, str]:
-    """The shipped checkpoint if present, else the shipped config with random weights."""
-    if (SHIPPED / MODEL / "model.safetensors").is_file():
-        return SHIPPED, "shipped checkpoint"
-    from models import build_network, load_config, save_checkpoint
-
-    save_checkpoint(build_network(load_config(CONFIG)).eval(), tmp / MODEL)
-    return tmp, "shipped config, random weights (checkpoint absent)"
 
 
 def _rss_kib(pid: int) -> int:
@@ -176,29 +154,19 @@ def _run(args: argparse.Namespace) -> dict[str, object]:
 
     token = secrets.token_hex(16)
     with tempfile.TemporaryDirectory() as tmp:
-        repository, source = _repository(Path(tmp))
+        repository, source = shipped_repository(Path(tmp))
         max_length = load_checkpoint(repository / MODEL).config.model.max_length
-        port = _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATED_")}
-        env.update(GATED_ADMIN_TOKEN=token, GATED_LOG_LEVEL="warning", GATED_DEVICE=args.device)
-        log = Path(tmp) / "server.log"
-        with log.open("wb") as sink:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve", "--model-repository",
-                 str(repository), "--port", str(port)],
-                stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-            )
-        base = f"http://127.0.0.1:{port}"
+        server = start_server(
+            repository,
+            Path(tmp) / "server.log",
+            {"admin_token": token, "log_level": "warning", "device": args.device},
+            cwd=ROOT,
+            ready_timeout_s=120,
+        )
         try:
-            _wait_ready(base, process, log)
-            figures = asyncio.run(_soak(base, process.pid, args, token, max_length))
+            figures = asyncio.run(_soak(server.url, server.process.pid, args, token, max_length))
         finally:
-            os.kill(process.pid, signal.SIGTERM)
-            try:
-                exit_code = process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                exit_code = process.wait(10)
+            exit_code = server.stop(60)
     return {
         "device": "cuda" if args.device == "cuda" else "cpu",
         "minutes": args.minutes,
@@ -215,20 +183,6 @@ def _run(args: argparse.Namespace) -> dict[str, object]:
         "pass": figures["errors"] == 0 and float(figures["rss_growth"]) < 0.10  # type: ignore[arg-type]
         and exit_code == 0,
     }
-
-
-def _wait_ready(base: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server not ready:\n{log.read_text()}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -11,8 +9,9 @@ from pathlib import Path
 import httpx
 import yaml
 
+from service.local import free_port, stop_process
 from tests.deploy.conftest import DEPLOY, infer_once, require_tool
-from tests.integration.conftest import Server, free_port
+from tests.integration.conftest import Server
 
 PROMETHEUS = DEPLOY / "prometheus"
 SCRAPE_WAIT_S = 30.0
@@ -75,12 +74,7 @@ def test_prometheus_scrapes_the_server(shipped_server: Server, tmp_path: Path) -
         groups = httpx.get(f"{api}/rules", timeout=5.0).json()["data"]["groups"]
         assert sum(len(g["rules"]) for g in groups) == 6
     finally:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(10)
+        stop_process(process, 20)
 
 
 def _poll(
