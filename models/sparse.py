@@ -355,6 +355,7 @@ class _GatedLayer:
     kept_const: float | None = None  # channels kept when input independent
     forced: Strategy | None = None
     kept_vec: torch.Tensor | None = None  # (1,) channels kept when the same for every request
+    width_vec: torch.Tensor | None = None  # (1,) channels the dense path computes
 
     def kept(self, batch: int) -> torch.Tensor:
         return cast(torch.Tensor, self.kept_vec).expand(batch)  # (B,) float32
@@ -416,7 +417,9 @@ class _GatedLayer:
         return self._threshold(final, u, x, tau, settings.bucket, ctx)
 
     def _ran_dense(self, ctx: _Context, batch: int) -> None:
-        ctx.executed[self.name] = self.mlp.b1.new_full((batch,), float(self.mlp.width))
+        if self.width_vec is None:
+            self.width_vec = self.mlp.b1.new_full((1,), float(self.mlp.width))
+        ctx.executed[self.name] = self.width_vec.expand(batch)
 
     def _threshold(
         self,
@@ -569,6 +572,10 @@ class SparsePlan:
         self.report: dict[str, dict[str, object]] = {}
         self._macs_coef: torch.Tensor | None = None
         self._dense_coef: torch.Tensor | None = None
+        # MACs are affine in each gated layer's computed channels: base (3,) + Σ slope_l (L, 3)
+        # · channels_l, each a quadratic in the length. None: count with the model's formula.
+        self._macs_base: torch.Tensor | None = None
+        self._macs_slopes: torch.Tensor | None = None
         self._head_kept: list[float] = []
         self._head_vecs: list[torch.Tensor] = []
         self._ws = workspace if workspace is not None else Workspace()
@@ -604,6 +611,14 @@ class SparsePlan:
         with_predictor = self.settings.mode == "dynamic"
         if self._macs_coef is not None and not ctx.executed:
             macs = _eval_quadratic(self._macs_coef, lengths)
+        elif self._macs_slopes is not None:
+            ran_l = torch.stack(
+                [ctx.executed.get(layer.name, kept[layer.name]) for layer in self.layers], 1
+            ).to(torch.float64)  # (B, L) channels each layer computed
+            seq = lengths.to(torch.float64)
+            poly = torch.stack([torch.ones_like(seq), seq, seq * seq], 1)  # (B, 3)
+            base = cast(torch.Tensor, self._macs_base)
+            macs = poly @ base + (poly @ self._macs_slopes.t()).mul_(ran_l).sum(1)
         else:
             ran = {**kept, **{k: v.to(lengths.device) for k, v in ctx.executed.items()}}
             macs = self.model.count_macs(lengths, ran, with_predictor)
@@ -826,7 +841,36 @@ def compile_plan(
                 },
             }
             plan._macs_coef = _quadratic(at(const, mode == "dynamic"), dev)
+        _affine_macs(plan, at, head_kept)
     return plan
+
+
+def _affine_macs(
+    plan: SparsePlan,
+    at: Callable[[dict[str, torch.Tensor], bool], Callable[[torch.Tensor], torch.Tensor]],
+    head_kept: Sequence[float],
+) -> None:
+    """Fit executed MACs as base + Σ slope_l · channels_l (quadratics in the length), so that a
+    forward whose channel counts vary (dense fallback, threshold policy) counts them in a few
+    tensor ops. Checked against the model's formula at random counts; left unset if it differs."""
+    dev = plan.device
+    with_pred = plan.settings.mode == "dynamic"
+    heads = {f"layers.{i}.heads": torch.tensor(v) for i, v in enumerate(head_kept)}
+    names = [layer.name for layer in plan.layers]
+    zero = {**heads, **{n: torch.tensor(0.0) for n in names}}
+    base = _quadratic(at(zero, with_pred), dev)
+    slopes = torch.stack(
+        [_quadratic(at({**zero, n: torch.tensor(1.0)}, with_pred), dev) - base for n in names]
+    )  # (L, 3)
+    gen = torch.Generator().manual_seed(0)
+    probe = {n: torch.randint(0, 64, (), generator=gen).double() for n in names}
+    seq = torch.tensor([3.0, 17.0, 40.0], dtype=torch.float64, device=dev)
+    expected = at({**heads, **probe}, with_pred)(seq)
+    poly = torch.stack([torch.ones_like(seq), seq, seq * seq], 1)
+    counts = torch.stack([probe[n] for n in names]).to(dev)  # (L,)
+    fitted = poly @ base + (poly @ slopes.t()) @ counts
+    if torch.allclose(fitted, expected.to(torch.float64), rtol=1e-9, atol=0.5):
+        plan._macs_base, plan._macs_slopes = base, slopes
 
 
 def _compile_layer(
