@@ -248,15 +248,21 @@ class _BinaryLayout:
     size: int
 
 
+def _object_name(raw: Any, array: str, index: int) -> str:
+    """The ``name`` of the object at ``array[index]``; InvalidInput if it is not a named object."""
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"{array}[{index}] must be an object, got {_json_type(raw)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"{array}[{index}] is missing required string field 'name'")
+    return name
+
+
 def _decode_input(
     raw: Any, index: int, max_elements: int | None
 ) -> tuple[Tensor, _BinaryLayout | None]:
     """Build the tensor for one input; binary inputs come back with their array unset."""
-    if not isinstance(raw, dict):
-        raise InvalidInput(f"inputs[{index}] must be an object, got {_json_type(raw)}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        raise InvalidInput(f"inputs[{index}] is missing required string field 'name'")
+    name = _object_name(raw, "inputs", index)
     where = f"input {name!r}"
     _check_unknown_keys(raw, {"name", "shape", "datatype", "parameters", "data"}, where, 3)
     for key in ("shape", "datatype"):
@@ -336,11 +342,7 @@ def _decode_outputs(raw: Any) -> list[RequestedOutput]:
         raise InvalidInput(f"'outputs' must be an array, got {_json_type(raw)}")
     outputs: list[RequestedOutput] = []
     for index, item in enumerate(raw):
-        if not isinstance(item, dict):
-            raise InvalidInput(f"outputs[{index}] must be an object, got {_json_type(item)}")
-        name = item.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidInput(f"outputs[{index}] is missing required string field 'name'")
+        name = _object_name(item, "outputs", index)
         where = f"output {name!r}"
         _check_unknown_keys(item, {"name", "parameters"}, where, 3)
         if any(o.name == name for o in outputs):

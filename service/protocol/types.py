@@ -83,7 +83,17 @@ def datatype_of(dtype: np.dtype[Any]) -> str:
 # --------------------------------------------------------------------------- wire models
 
 
-class RequestInput(BaseModel):
+class _TensorBody(BaseModel):
+    """The V2 tensor object, the same in requests and responses."""
+
+    name: str
+    shape: list[NonNegativeInt]
+    datatype: Datatype
+    parameters: Parameters | None = None
+    data: list[Any] | None = None
+
+
+class RequestInput(_TensorBody):
     """One input tensor of an inference request.
 
     ```
@@ -93,12 +103,6 @@ class RequestInput(BaseModel):
     With the binary tensor extension `data` is absent and
     `parameters.binary_data_size` gives the byte length of the raw tensor.
     """
-
-    name: str
-    shape: list[NonNegativeInt]
-    datatype: Datatype
-    parameters: Parameters | None = None
-    data: list[Any] | None = None
 
 
 class RequestOutput(BaseModel):
@@ -130,7 +134,7 @@ class InferenceRequest(BaseModel):
     outputs: list[RequestOutput] | None = None
 
 
-class ResponseOutput(BaseModel):
+class ResponseOutput(_TensorBody):
     """One output tensor of an inference response.
 
     ```
@@ -139,12 +143,6 @@ class ResponseOutput(BaseModel):
     ```
     Binary outputs carry `parameters.binary_data_size` and no `data`.
     """
-
-    name: str
-    shape: list[NonNegativeInt]
-    datatype: Datatype
-    parameters: Parameters | None = None
-    data: list[Any] | None = None
 
 
 class InferenceResponse(BaseModel):
