@@ -553,6 +553,9 @@ class SparsePlan:
     ``settings`` may be passed again for drop-in use but must equal the compiled ones (only
     ``dynamic_weight`` and the policy matter). ``report`` lists the chosen strategies and the
     calibration timings (ms) per layer shape, batch size and k.
+
+    A plan reuses its buffers and switches oneDNN off process-wide while it runs: run plans
+    from one thread at a time (a server's compute thread).
     """
 
     def __init__(

@@ -208,15 +208,15 @@ class DynamicBatcher:
         )
 
     def _full(self, queue: deque[Ticket]) -> bool:
-        """A whole batch is queued: ``max_batch_size`` requests or ``max_batch_rows`` rows."""
-        if len(queue) >= self._max_batch:
-            return True
-        if self._max_rows is None:
-            return False
-        rows = 0
+        """A whole batch is queued: ``max_batch_size`` live requests or ``max_batch_rows`` rows
+        (expired or abandoned tickets may still sit in the queue; they do not count)."""
+        live = rows = 0
         for ticket in queue:
+            if ticket.future.done():
+                continue
+            live += 1
             rows += ticket.array.shape[0]
-            if rows >= self._max_rows:
+            if live >= self._max_batch or (self._max_rows is not None and rows >= self._max_rows):
                 return True
         return False
 
@@ -324,6 +324,12 @@ class DynamicBatcher:
             for ticket in batch:
                 _fail(ticket, err)
             return
+        except asyncio.CancelledError:
+            # The drain timed out and the loop is being cancelled: the batch still computes on
+            # the compute thread, but nobody will deliver it; its requests fail, none hangs.
+            for ticket in batch:
+                _fail(ticket, ServerNotReady("server shut down before the batch finished"))
+            raise
         except Exception:
             ids = ", ".join(str(t.request_id) for t in batch)
             logger.exception(

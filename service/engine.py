@@ -119,6 +119,7 @@ class Engine:
         # One thread: the forward is already parallel inside torch, and serialising batches is
         # what makes a runtime gate switch atomic per batch.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gated-compute")
+        self._warm_rows: int | None = None  # set by warm_up; reloaded models are warmed alike
 
     # ------------------------------------------------------------------ loading
 
@@ -181,20 +182,21 @@ class Engine:
         except models.ModelError as err:
             raise EngineError(f"model {name!r}: {err}") from None
         fresh = _wrap(name, network, self._device)
-        old = self._models.get(name)
-        if old is not None:
-            fresh.calib_batches = old.calib_batches
-        self.executor.submit(self._install, fresh).result()
+        self.executor.submit(self._warm_and_install, fresh).result()
         logger.info("reloaded model %s in %.2f s", name, time.monotonic() - start)
         return fresh.info
 
     def unload_model(self, name: str) -> None:
-        """Drop ``name`` (after the batch computing now); its memory is released with it."""
+        """Drop ``name`` (after the batch computing now). Its weights and compiled plans are
+        released; the buffers all plans share stay, sized for the largest batch."""
         self.executor.submit(self._remove, name).result()
         logger.info("unloaded model %s", name)
 
-    def _install(self, loaded: _Loaded) -> None:
-        # Runs on the compute thread, between batches: one dict store, no lock needed.
+    def _warm_and_install(self, loaded: _Loaded) -> None:
+        # Runs on the compute thread, between batches: the new model is warmed up like the
+        # first ones (batches wait meanwhile), then one dict store swaps it in, no lock needed.
+        if self._warm_rows is not None:
+            self._warm(loaded, self._warm_rows)
         self._models[loaded.info.name] = loaded
         self.models = {n: m.info for n, m in self._models.items()}
 
@@ -208,23 +210,28 @@ class Engine:
 
         The first forwards allocate and pick kernels; without this the first users pay for it
         and readiness would be a lie. The largest batch sizes the shared buffers once, so that
-        memory does not creep up later as longer batches arrive.
+        memory does not creep up later as longer batches arrive. Models loaded later through
+        :meth:`load_model` are warmed up the same way before they serve.
         """
-        for name, loaded in self._models.items():
-            info = loaded.info
-            loaded.calib_batches = tuple(sorted({1, min(8, max_batch_rows), max_batch_rows}))
-            length = min(info.max_length, 64)
-            rows_max = max(1, max_batch_rows)
-            for mode in GATE_MODES:
-                gate = self.resolve_gate(name, mode)
-                for rows in sorted({1, rows_max}):
-                    x = np.zeros((rows, length, info.in_channels), dtype=np.float32)
-                    self.infer(name, gate, [x])
-                # Padded (two lengths), so that every buffer of the masked path is sized too.
-                longest = np.zeros((rows_max, info.max_length, info.in_channels), np.float32)
-                self.infer(name, gate, [longest[:-1], longest[-1:, :-1]] if rows_max > 1
-                           else [longest])
-            logger.info("warmed up model %s", name)
+        self._warm_rows = max(1, max_batch_rows)
+        for loaded in self._models.values():
+            self._warm(loaded, self._warm_rows)
+
+    def _warm(self, loaded: _Loaded, rows_max: int) -> None:
+        info = loaded.info
+        loaded.calib_batches = tuple(sorted({1, min(8, rows_max), rows_max}))
+        length = min(info.max_length, 64)
+        for mode in GATE_MODES:
+            gate = self._resolve(loaded, mode)
+            for rows in sorted({1, rows_max}):
+                x = np.zeros((rows, length, info.in_channels), dtype=np.float32)
+                self._infer(loaded, gate, [x])
+            # Padded (two lengths) when it can be, so that every buffer of the masked path is
+            # sized too.
+            longest = np.zeros((rows_max, info.max_length, info.in_channels), np.float32)
+            padded = rows_max > 1 and info.max_length > 1
+            self._infer(loaded, gate, [longest[:-1], longest[-1:, :-1]] if padded else [longest])
+        logger.info("warmed up model %s", info.name)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=False)
@@ -244,7 +251,16 @@ class Engine:
         Dynamic mode without a keep policy uses the checkpoint's; raises InvalidInput naming the
         offending knob and its allowed values.
         """
-        loaded = self._models[model]
+        return self._resolve(self._models[model], mode, keep_ratio, threshold, dynamic_weight)
+
+    @staticmethod
+    def _resolve(
+        loaded: _Loaded,
+        mode: str,
+        keep_ratio: float | None = None,
+        threshold: float | None = None,
+        dynamic_weight: float | None = None,
+    ) -> GateConfig:
         if mode not in GATE_MODES:
             raise InvalidInput(f"gate_mode: got {mode!r}; allowed: {', '.join(GATE_MODES)}")
         try:
@@ -297,7 +313,11 @@ class Engine:
         Sequences are padded to the longest T and the true lengths passed, so a request's result
         does not depend on its batch mates. Blocking; call it on :attr:`executor`.
         """
-        loaded = self._models[model]
+        return self._infer(self._models[model], gate, inputs)
+
+    def _infer(
+        self, loaded: _Loaded, gate: GateConfig, inputs: Sequence[FloatArray]
+    ) -> list[ItemResult]:
         plan = self._plan(loaded, gate)
         rows = [a.shape[0] for a in inputs]
         total = sum(rows)

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from service.batcher import DynamicBatcher
 from service.engine import GATE_MODES, FloatArray, GateConfig, ItemResult
-from service.errors import ClientDisconnected, QueueFull, RequestTimeout
+from service.errors import ClientDisconnected, QueueFull, RequestTimeout, ServerNotReady
 from service.metrics import Metrics
 
 DYNAMIC = GateConfig("dynamic", 0.5)
@@ -99,8 +99,10 @@ def test_a_batch_full_of_rows_does_not_wait_the_delay() -> None:
         b = _batcher(engine, pool, max_batch_size=8, max_batch_rows=4, max_queue_delay_s=10.0)
         b.start()
         start = time.monotonic()
-        tickets = [b.submit(DYNAMIC, np.zeros((2, 4, 1), np.float32), 5.0) for _ in range(2)]
-        await asyncio.gather(*(t.future for t in tickets))
+        first = b.submit(DYNAMIC, np.zeros((2, 4, 1), np.float32), 5.0)
+        await asyncio.sleep(0.05)  # the batcher now waits for mates of the first request
+        second = b.submit(DYNAMIC, np.zeros((2, 4, 1), np.float32), 5.0)
+        await asyncio.gather(first.future, second.future)
         assert time.monotonic() - start < 2.0  # 4 rows queued: the batch is full
         await b.stop(1.0)
 
@@ -229,6 +231,24 @@ def test_stop_finishes_queued_requests_without_waiting_the_delay() -> None:
 
     _run(scenario)
     assert sum(len(v) for _, v in engine.batches) == 6
+
+
+def test_drain_timeout_fails_the_computing_and_queued_requests() -> None:
+    """When the drain runs out of time, every request still waiting fails with 503: the one
+    whose batch is computing as well as the queued ones; none is left hanging."""
+    engine = FakeEngine(delay_s=1.0)
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        b = _batcher(engine, pool, max_batch_size=1, max_queue_delay_s=0.0)
+        b.start()
+        tickets = [b.submit(DYNAMIC, _x(i), 60.0) for i in range(3)]
+        await asyncio.sleep(0.1)  # the first batch is computing
+        await b.stop(0.2)
+        await asyncio.sleep(0)
+        errors = [t.future.exception() if t.future.done() else None for t in tickets]
+        assert all(isinstance(e, ServerNotReady) for e in errors), errors
+
+    _run(scenario)
 
 
 def test_compute_failure_fails_the_batch_with_500() -> None:

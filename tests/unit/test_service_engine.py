@@ -105,6 +105,11 @@ def test_warm_up_compiles_every_mode_and_sizes_the_shared_buffers(engine: Engine
         engine.infer("tiny", gate, [x[:2], x[2:, :-5]])
         engine.infer("tiny", gate, [x])
     assert {role: buf.numel() for role, buf in engine._workspace._bufs.items()} == sizes
+    # A model loaded later is warmed up the same way before it serves.
+    engine.load_model("tiny")
+    reloaded = engine._models["tiny"]
+    assert {gate.mode for gate in reloaded.plans} == {"dense", "static", "dynamic"}
+    assert reloaded.calib_batches == (1, 3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
