@@ -1,0 +1,179 @@
+"""Where the time of one gated FFN layer goes: dense vs the sparse plan, phase by phase.
+
+    python benchmarks/sparse_breakdown.py [--batches 1 8 32] [--keep 0.5] [--repeats 25]
+
+Model: ``transformer-base`` of ``gated bench`` (d_model 256, FFN 1024, T 128, random weights),
+its first encoder layer, on CPU with 2 threads. The sparse side runs the kernels the compiled
+plan runs for that batch size (the strategy its calibration picks), phase by phase: predictor,
+selection (blend + top-k), weight gather, first matmul, GELU and gate scaling, second matmul;
+the dense side runs the dense plan's first matmul, GELU and second matmul. ``layer`` is the
+plan's own, un-instrumented call of the whole layer, so the phases can be checked against it.
+Before every measurement the other layers' packed weights are read once, so this layer's
+weights are as cold as in a real forward, and the layer's input is computed by its LayerNorm,
+so it is as warm. Medians of interleaved repeats, milliseconds. Results go to
+``benchmarks/results/sparse_breakdown_cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+from common import RESULTS
+
+from models.bench import build_model
+from models.gates import GateSettings
+from models.sparse import SparsePlan, Workspace, _without_onednn, compile_plan
+
+
+def _phases_sparse(plan: SparsePlan, f: torch.Tensor, ctx: object) -> dict[str, float]:
+    layer = plan.layers[0]
+    mlp = layer.mlp
+    assert layer.predictor is not None and mlp.packed is not None and layer.k is not None
+    b, t, _ = f.shape
+    x = torch.zeros_like(f)
+    ws: Workspace = ctx.ws  # type: ignore[attr-defined]
+    d_in, d_out, width = mlp.d_in, mlp.d_out, mlp.packed.shape[1]
+    strategy = layer.strategy(b, layer.k)
+    times: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def tick(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        times[name] = times.get(name, 0.0) + (now - clock) * 1e3
+        clock = now
+
+    dynamic = layer.predictor(f, ctx)  # type: ignore[arg-type]
+    tick("predictor")
+    final = torch.addcmul(layer.static_part, dynamic, layer.weighted_static)  # type: ignore[arg-type]
+    values, idx = final.topk(layer.k, dim=-1, sorted=False)
+    tick("select")
+    if strategy.kind != "gather":
+        mlp.run(f, x, idx, values, strategy, layer.dense_map, ws)
+        tick("dense fallback")
+        return times
+    chunk = max(1, strategy.chunk)
+    k = layer.k
+    for s in range(0, b, chunk):
+        e = min(b, s + chunk)
+        g = ws.get("g", (e - s, k, width), x)
+        torch.index_select(mlp.packed, 0, idx[s:e].reshape(-1), out=g.view(-1, width))
+        tick("gather")
+        h = ws.get("hk", (e - s, t, k), x)
+        torch.baddbmm(g[:, :, d_in + d_out].unsqueeze(1), f[s:e], g[:, :, :d_in].transpose(1, 2),
+                      out=h)
+        tick("matmul 1")
+        torch.ops.aten.gelu_(h).mul_(values[s:e].unsqueeze(1))
+        tick("gelu + scale")
+        x[s:e].baddbmm_(h, g[:, :, d_in : d_in + d_out])
+        tick("matmul 2")
+    return times
+
+
+def _phases_dense(plan: SparsePlan, f: torch.Tensor) -> dict[str, float]:
+    mlp = plan.layers[0].mlp
+    b, t, _ = f.shape
+    x = torch.zeros_like(f)
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+    h = torch.addmm(mlp.b1, f.reshape(b * t, -1), mlp.w1.t())
+    t1 = time.perf_counter()
+    torch.ops.aten.gelu_(h)
+    t2 = time.perf_counter()
+    x.view(b * t, -1).addmm_(h, mlp.w2t)
+    t3 = time.perf_counter()
+    times["matmul 1"], times["gelu"], times["matmul 2"] = (
+        (t1 - start) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
+    )
+    return times
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def breakdown(batch: int, keep: float, repeats: int) -> dict[str, object]:
+    model, length, _ = build_model("transformer-base", torch.device("cpu"))
+    bucket = model.config.dynamic_pruning_config.bucket
+    dense = compile_plan(model, GateSettings("dense"), calibrate=False)
+    sparse = compile_plan(
+        model, GateSettings("dynamic", keep_ratio=keep, bucket=bucket),
+        batch_sizes=[batch], calib_length=length,
+    )
+    gen = torch.Generator().manual_seed(batch)
+    residual = torch.randn(batch, length, 256, generator=gen)
+    norm = model.layers[0].norm2  # type: ignore[index]
+    x = torch.zeros(batch, length, 1)
+    lengths = torch.full((batch,), length)
+    others = [layer.mlp.packed for layer in sparse.layers[1:] if layer.mlp.packed is not None]
+    runs: dict[str, list[dict[str, float]]] = {"dense": [], "sparse": []}
+    with _without_onednn(), torch.inference_mode():
+        ctx_s = sparse._context(x, lengths)
+        ctx_d = dense._context(x, lengths)
+        for rep in range(repeats + 2):
+            for side in ("dense", "sparse"):
+                plan = dense if side == "dense" else sparse
+                ctx = ctx_d if side == "dense" else ctx_s
+                phases: dict[str, float] = {}
+                for timed in ("phases", "layer"):
+                    for w in others:  # this layer's weights as cold as in a forward
+                        w.sum()
+                    f = norm(residual)  # fresh in cache, as right after the layer's norm
+                    if timed == "layer":
+                        out = torch.zeros_like(f)
+                        phases["layer"] = _timed(
+                            partial(plan.layers[0].forward, f, f, out, ctx, plan.settings)
+                        )
+                    elif side == "dense":
+                        phases.update(_phases_dense(dense, f))
+                    else:
+                        phases.update(_phases_sparse(sparse, f, ctx))
+                if rep >= 2:  # two warm-up rounds
+                    runs[side].append(phases)
+    layer0 = sparse.layers[0]
+    return {
+        "batch": batch,
+        "keep_ratio": keep,
+        "k": layer0.k,
+        "strategy": str(layer0.strategy(batch, layer0.k or 0)),
+        **{
+            side: {p: round(statistics.median(r[p] for r in rs), 4) for p in rs[0]}
+            for side, rs in runs.items()
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    cells = []
+    for batch in args.batches:
+        cell = breakdown(batch, args.keep, args.repeats)
+        sys.stdout.write(json.dumps(cell) + "\n")
+        sys.stdout.flush()
+        cells.append(cell)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "sparse_breakdown_cpu.json"
+    out.write_text(json.dumps({"model": "transformer-base, layer 0 FFN", "threads": 2,
+                               "unit": "ms, medians", "cells": cells}, indent=2) + "\n")
+    sys.stderr.write(f"wrote {out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
