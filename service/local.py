@@ -3,7 +3,8 @@ by PID.
 
 The integration tests and the load benchmarks need real servers with their own settings
 (``GATED_*`` variables) and must never leave one running: SIGTERM first (the server drains and
-exits 0), SIGKILL only when that hangs.
+exits 0), SIGKILL only when that hangs. Standard library only: the package needs nothing more
+for it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
 
 HOST = "127.0.0.1"
 
@@ -74,9 +74,10 @@ class LocalServer:
                 code = self.process.returncode
                 raise RuntimeError(f"server exited with {code}:\n{self.output()}")
             try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
+                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=1.0) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:  # refused while starting, or 503 (HTTPError) while warming up
                 pass
             time.sleep(0.1)
         self.stop()
