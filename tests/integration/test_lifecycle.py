@@ -17,23 +17,17 @@ import pytest
 import tritonclient.http as triton
 
 from tests.integration.conftest import ROOT, start_server
-from tests.utils.service import json_request, reference_logits, tiny_network
+from tests.utils.service import json_request, metric, reference_logits, tiny_network
 
 SHIPPED = ROOT / "models" / "pretrained" / "mnist1d-conv"
 
 
-def _queue_depth(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith('gated_queue_depth{model="tiny"}'):
-            return float(line.split()[-1])
-    return 0.0
+def _queued(url: str) -> float:
+    return metric(url, "gated_queue_depth", model="tiny")
 
 
 def _inflight(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith('gated_inflight_requests{model="tiny"}'):
-            return float(line.split()[-1])
-    return 0.0
+    return metric(url, "gated_inflight_requests", model="tiny")
 
 
 def _read_response(sock: socket.socket) -> bytes:
@@ -98,7 +92,7 @@ def test_sigterm_drains_in_flight_then_exits_zero(
 
         with ThreadPoolExecutor(DRAIN_REQUESTS) as pool:
             futures = [pool.submit(call, body) for body in bodies]
-            _wait_for(lambda: _queue_depth(server.url) == DRAIN_REQUESTS, timeout_s=20)
+            _wait_for(lambda: _queued(server.url) == DRAIN_REQUESTS, timeout_s=20)
             os.kill(server.process.pid, signal.SIGTERM)
             signalled = time.monotonic()
             ready = httpx.get(f"{server.url}/v2/health/ready")
@@ -148,13 +142,6 @@ def test_shipped_checkpoint_serves_by_default(tmp_path: Path) -> None:
         server.stop()
 
 
-def _metric(url: str, prefix: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(prefix):
-            return float(line.split()[-1])
-    return 0.0
-
-
 def test_queue_timeout_full_queue_and_disconnect(
     integration_repository: Path, tmp_path: Path
 ) -> None:
@@ -184,11 +171,11 @@ def test_queue_timeout_full_queue_and_disconnect(
 
         leaver = socket.create_connection(("127.0.0.1", server.port), timeout=30)
         leaver.sendall(head + body)
-        _wait_for(lambda: _queue_depth(server.url) == 1)
+        _wait_for(lambda: _queued(server.url) == 1)
         leaver.close()
-        reason = 'gated_rejected_requests_total{reason="client_disconnected"}'
-        _wait_for(lambda: _metric(server.url, reason) == 1)
-        assert _queue_depth(server.url) == 0
+        rejected = "gated_rejected_requests_total"
+        _wait_for(lambda: metric(server.url, rejected, reason="client_disconnected") == 1)
+        assert _queued(server.url) == 0
 
         def call() -> int:
             return httpx.post(
@@ -197,7 +184,7 @@ def test_queue_timeout_full_queue_and_disconnect(
 
         with ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(call) for _ in range(2)]
-            _wait_for(lambda: _queue_depth(server.url) == 2)
+            _wait_for(lambda: _queued(server.url) == 2)
             full = httpx.post(f"{server.url}/v2/models/tiny/infer", content=body)
             assert full.status_code == 503 and "full" in full.json()["error"]
             assert full.headers["retry-after"] == "1"
@@ -205,10 +192,10 @@ def test_queue_timeout_full_queue_and_disconnect(
             assert holder.recv(65536).startswith(b"HTTP/1.1 503")
             assert [f.result(timeout=30) for f in futures] == [200, 200]
         holder.close()
-        computed = _metric(server.url, 'gated_batch_size_sum{model="tiny"}')
+        computed = metric(server.url, "gated_batch_size_sum", model="tiny")
         assert computed == 2  # the two callers; never the timed-out request or the leaver
-        assert _metric(server.url, 'gated_rejected_requests_total{reason="timeout"}') == 1
-        assert _metric(server.url, 'gated_rejected_requests_total{reason="queue_full"}') == 2
+        assert metric(server.url, rejected, reason="timeout") == 1
+        assert metric(server.url, rejected, reason="queue_full") == 2
         assert server.stop() == 0
     finally:
         server.stop()

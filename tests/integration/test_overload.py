@@ -16,10 +16,9 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import Server, start_server
-from tests.utils.service import json_request
+from tests.utils.service import json_request, metric
 
 REQUESTS = 300
 QUEUE_SIZE = 16
@@ -38,17 +37,6 @@ def small_queue_server(
     assert srv.stop() == 0, srv.output()
 
 
-def _rejected(server: Server, reason: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=5.0).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "gated_rejected_requests_total" and sample.labels == {
-                "reason": reason
-            }:
-                return sample.value
-    return 0.0
-
-
 async def _storm(url: str) -> list[httpx.Response]:
     body = orjson.dumps(json_request(np.zeros((1, 32), dtype=np.float32)))
     limits = httpx.Limits(max_connections=REQUESTS, max_keepalive_connections=REQUESTS)
@@ -59,7 +47,8 @@ async def _storm(url: str) -> list[httpx.Response]:
 
 
 def test_overload_sheds_with_503_and_counts_every_rejection(small_queue_server: Server) -> None:
-    before = _rejected(small_queue_server, "queue_full")
+    url = small_queue_server.url
+    before = metric(url, "gated_rejected_requests_total", reason="queue_full")
     # A hang would surface as httpx.ReadTimeout out of gather and fail the test.
     responses = asyncio.run(_storm(small_queue_server.url))
     statuses = [r.status_code for r in responses]
@@ -70,7 +59,8 @@ def test_overload_sheds_with_503_and_counts_every_rejection(small_queue_server: 
     for response in shed:
         assert response.headers.get("retry-after", "").isdecimal(), response.headers
         assert "queue" in response.json()["error"]
-    assert _rejected(small_queue_server, "queue_full") - before == len(shed)
+    rejected = metric(url, "gated_rejected_requests_total", reason="queue_full") - before
+    assert rejected == len(shed)
     assert httpx.get(f"{small_queue_server.url}/v2/health/ready", timeout=5.0).status_code == 200
     ok = httpx.post(
         f"{small_queue_server.url}/v2/models/tiny/infer",

@@ -15,14 +15,14 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from prometheus_client.parser import text_string_to_metric_families
 
 from models import load_checkpoint
 from tests.integration.conftest import Server, start_server
-from tests.utils.service import ADMIN_TOKEN, reference_logits
+from tests.utils.service import ADMIN_TOKEN, metric, reference_logits
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 REQUESTS = 2000
+SWITCHES_METRIC = "gated_gate_mode_switches_total"
 SWITCHES = 50
 WORKERS = 8
 INPUTS = 16
@@ -48,16 +48,6 @@ def storm_server(
     assert srv.stop() == 0, srv.output()
 
 
-def _switch_total(url: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "gated_gate_mode_switches_total" and sample.labels["model"] == "tiny"
-    )
-
-
 def test_switch_storm_loses_nothing_and_mixes_nothing(
     storm_server: Server, integration_repository: Path
 ) -> None:
@@ -65,7 +55,7 @@ def test_switch_storm_loses_nothing_and_mixes_nothing(
     rng = np.random.default_rng(7)
     xs = rng.standard_normal((INPUTS, 1, 40)).astype(np.float32)
     picks = rng.integers(0, INPUTS, REQUESTS)
-    switches_before = _switch_total(url)
+    switches_before = metric(url, SWITCHES_METRIC, model="tiny")
 
     completed = threading.Semaphore(0)
     lock = threading.Lock()
@@ -110,7 +100,7 @@ def test_switch_storm_loses_nothing_and_mixes_nothing(
 
     assert statuses == [200] * SWITCHES
     assert len(results) == REQUESTS
-    assert _switch_total(url) - switches_before == SWITCHES
+    assert metric(url, SWITCHES_METRIC, model="tiny") - switches_before == SWITCHES
 
     net = load_checkpoint(integration_repository / "tiny")
     references: dict[tuple[int, str, float], np.ndarray] = {}

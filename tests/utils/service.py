@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from models import GatedNetwork, ModelConfig, build_network, save_checkpoint
 
@@ -89,3 +91,18 @@ def reference_logits(
             settings,
         )
     return out.logits.numpy()
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples ``name`` at ``url``/metrics whose labels include ``labels``; 0 when
+    there is none."""
+    text = httpx.get(f"{url}/metrics", timeout=10.0).text
+    return sum(
+        (
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        ),
+        0.0,
+    )
