@@ -66,8 +66,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="body limit (413)")
     max_request_rows: int = Field(64, ge=1, description="batch dimension of one request")
     # Rows of one forward: a batch takes requests until the next would pass this. The warm-up
-    # computes a batch this large at the model's max_length, so the server's memory peaks before
-    # it turns ready and stays flat afterwards.
+    # computes a batch this large at the model's max_length, so the server's memory is near its
+    # peak when it turns ready.
     max_batch_rows: int = Field(64, ge=1, le=65536)
     # Non-finite inputs propagate into every logit of the request; refuse them unless asked.
     allow_non_finite: bool = False
