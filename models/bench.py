@@ -11,6 +11,13 @@ medians. ``dense_ms`` is the faster of the two dense runs, so that the speedup o
 how the baseline is written. ``ideal_speedup`` is dense MACs over the MACs of the kept
 channels, predictor included (the keep policy's ideal, whatever strategy the plan picked).
 
+Beside them runs the plan of ``static`` mode at the same keep ratio (``static_*``): the same
+number of channels per layer, removed once at compile time, so no predictor, no selection and
+no gather, just smaller contiguous matmuls. It is the ceiling of any per-request plan on this
+machine: where the static plan's speedup falls short of its FLOPs ideal (attention and norms
+run slower per MAC than the gated matmuls, smaller matmuls run slower per MAC than big ones),
+the dynamic plan, which does the same matmuls and more, cannot reach it either.
+
 Models: ``conv`` (``models/configs/mnist1d_conv.yaml``, the shipped checkpoint when present,
 else random weights; T 40) and ``transformer-base`` (d_model 256, FFN 1024, 4 layers, 4 heads,
 T 128, random weights). Writes ``benchmarks/results/sparse_<device>.{json,md}``.
@@ -50,7 +57,7 @@ TRANSFORMER_BASE = {
     "num_heads": 4,
     "num_layers": 4,
 }
-VARIANTS = ("dense_ref", "dense_plan", "masked", "sparse")
+VARIANTS = ("dense_ref", "dense_plan", "masked", "sparse", "static")
 
 
 def build_model(name: str, device: torch.device) -> tuple[GatedNetwork, int, str]:
@@ -103,6 +110,8 @@ def bench_model(
         start = time.perf_counter()
         plan = compile_plan(model, settings, batch_sizes=batches, calib_length=length)
         compile_s = time.perf_counter() - start
+        static = GateSettings("static", keep_ratio=keep, bucket=bucket)
+        static_plan = compile_plan(model, static, calibrate=False)
         for batch in batches:
             gen = torch.Generator().manual_seed(batch)
             x = torch.randn(batch, length, model.config.model.in_channels, generator=gen)
@@ -113,6 +122,7 @@ def bench_model(
                 "dense_plan": partial(dense_plan, x, lengths),
                 "masked": partial(model, x, lengths, settings),
                 "sparse": partial(plan, x, lengths),
+                "static": partial(static_plan, x, lengths),
             }
             times: dict[str, list[float]] = {v: [] for v in VARIANTS}
             with torch.inference_mode():
@@ -123,16 +133,19 @@ def bench_model(
                 for rep in range(repeats):
                     # Rotate the order so that no variant always runs right after the one
                     # that leaves the caches and the allocator in the worst state.
-                    for v in order[rep % 4 :] + order[: rep % 4]:
+                    for v in order[rep % len(order) :] + order[: rep % len(order)]:
                         times[v].append(timer(fns[v]))
                 out = plan(x, lengths)
                 ref = model(x, lengths, settings)
+                static_ref = model(x, lengths, static)
             med = {v: statistics.median(t) for v, t in times.items()}
             dense_ms = min(med["dense_ref"], med["dense_plan"])
             # The ideal is the keep policy's: MACs of the kept channels only (the reference
             # counts those), not what the plan chose to run.
             ideal = float((ref.dense_macs / ref.macs).mean())
             speedup = dense_ms / med["sparse"]
+            static_ideal = float((static_ref.dense_macs / static_ref.macs).mean())
+            static_speedup = dense_ms / med["static"]
             strategies = sorted(
                 {
                     str(layer.strategy(batch, layer.k or 0))
@@ -154,6 +167,10 @@ def bench_model(
                     "dense_ref_ms": round(med["dense_ref"], 3),
                     "dense_plan_ms": round(med["dense_plan"], 3),
                     "masked_speedup": round(dense_ms / med["masked"], 3),
+                    "static_ms": round(med["static"], 3),
+                    "static_speedup": round(static_speedup, 3),
+                    "static_ideal_speedup": round(static_ideal, 3),
+                    "static_speedup_over_ideal": round(static_speedup / static_ideal, 3),
                     "max_abs_logit_diff": float((out.logits - ref.logits).abs().max()),
                     "predictor_flops_ratio": round(pred_ratio, 5),
                     "strategy": "+".join(strategies),
@@ -169,17 +186,19 @@ def markdown(cells: Sequence[dict[str, object]], meta: dict[str, object]) -> str
     lines = [
         f"Sparse forward on {meta['device_name']}, {meta['threads']} threads, torch "
         f"{meta['torch']}; medians of {meta['repeats']} interleaved repeats; dynamic mode, "
-        "keep ratio per request (top-k of the predictor's gates).",
+        "keep ratio per request (top-k of the predictor's gates). Static bound: the static plan "
+        "at the same keep ratio (no predictor, no gather), its speedup / its FLOPs ideal.",
         "",
         "| model | batch | keep | dense ms | masked ms | sparse ms | speedup | ideal | "
-        "speedup/ideal | strategy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "speedup/ideal | static bound | strategy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         lines.append(
             f"| {c['model']} | {c['batch']} | {c['keep_ratio']} | {c['dense_ms']:.2f} | "
             f"{c['masked_ms']:.2f} | {c['sparse_ms']:.2f} | {c['speedup']:.2f}× | "
-            f"{c['ideal_speedup']:.2f}× | {c['speedup_over_ideal']:.2f} | {c['strategy']} |"
+            f"{c['ideal_speedup']:.2f}× | {c['speedup_over_ideal']:.2f} | "
+            f"{c['static_speedup']:.2f}× / {c['static_speedup_over_ideal']:.2f} | {c['strategy']} |"
         )
     return "\n".join(lines) + "\n"
 

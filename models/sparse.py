@@ -99,23 +99,35 @@ class _GatedMLP:
         scale: torch.Tensor | None = None,  # (H,) folded into W2's columns (static mode)
         packed: bool = False,
     ) -> None:
-        self.d_in, self.d_out = w1.shape[1], w2.shape[0]
+        d_in, d_out = w1.shape[1], w2.shape[0]
+        self.d_in, self.d_out = d_in, d_out
         self.b2 = b2.detach().contiguous()
+        w1, b1 = w1.detach(), b1.detach()
         w2 = w2.detach() if scale is None else w2.detach() * scale  # (D_out, H)
         rows = dense_rows
-        self.w1 = (w1 if rows is None else w1[rows]).detach().contiguous()  # (n, D_in)
-        self.b1 = (b1 if rows is None else b1[rows]).detach().contiguous()  # (n,)
-        self.w2t = (w2 if rows is None else w2[:, rows]).t().contiguous()  # (n, D_out)
-        self.width = self.w1.shape[0]
         self.packed: torch.Tensor | None = None
         if packed:
-            raw = self.d_in + self.d_out + 1
+            raw = d_in + d_out + 1
             width = -(-raw // _PACK_ALIGN) * _PACK_ALIGN
             pk = w1.new_zeros(w1.shape[0], width)  # (H, W)
-            pk[:, : self.d_in] = w1.detach()
-            pk[:, self.d_in : self.d_in + self.d_out] = w2.t()
-            pk[:, self.d_in + self.d_out] = b1.detach()
+            pk[:, :d_in] = w1
+            pk[:, d_in : d_in + d_out] = w2.t()
+            pk[:, d_in + d_out] = b1
             self.packed = pk
+        # Weights are views wherever a layout allows (BLAS takes row strides and transposes):
+        # a plan then adds no copy of the model's weights, and the dense path of a packed
+        # layer reads the packed matrix, so a plan's weights stay in cache once, not twice.
+        if rows is None and self.packed is not None:
+            self.w1 = self.packed[:, :d_in]  # (H, D_in), row stride W
+            self.w2t = self.packed[:, d_in : d_in + d_out]  # (H, D_out)
+            self.b1 = b1.contiguous()
+        elif rows is None:
+            self.w1, self.b1 = w1.contiguous(), b1.contiguous()
+            self.w2t = w2.t()  # (H, D_out), a transposed view
+        else:
+            self.w1, self.b1 = w1[rows].contiguous(), b1[rows].contiguous()  # (n, D_in), (n,)
+            self.w2t = w2[:, rows].t().contiguous()  # (n, D_out)
+        self.width = self.w1.shape[0]
 
     def dense(
         self,
@@ -526,15 +538,20 @@ class _Attention:
 def _fold_heads(layer: GatedEncoderLayer, z: torch.Tensor | None) -> _Attention:
     """Physically remove heads with z = 0; fold z into the output projection (SPEC §4)."""
     nh, hd, d = layer.num_heads, layer.head_dim, layer.d_model
+    if z is None or bool((z == 1).all()):  # nothing to remove or fold: the model's weights
+        return _Attention(
+            qkv_w=layer.qkv.weight.detach(),
+            qkv_b=layer.qkv.bias.detach(),
+            proj_w=layer.proj.weight.detach(),
+            proj_b=layer.proj.bias.detach(),
+            heads=nh,
+            head_dim=hd,
+        )
     qkv_w = layer.qkv.weight.detach().view(3, nh, hd, d)
     qkv_b = layer.qkv.bias.detach().view(3, nh, hd)
     proj_w = layer.proj.weight.detach().view(d, nh, hd)
-    if z is None:
-        keep = torch.arange(nh, device=qkv_w.device)
-        scale = torch.ones(nh, device=qkv_w.device)
-    else:
-        keep = (z > 0).nonzero().flatten()
-        scale = z[keep]
+    keep = (z > 0).nonzero().flatten()
+    scale = z[keep]
     h = int(keep.numel())
     return _Attention(
         qkv_w=qkv_w[:, keep].reshape(3 * h * hd, d).contiguous(),
@@ -555,7 +572,9 @@ class SparsePlan:
     calibration timings (ms) per layer shape, batch size and k.
 
     A plan reuses its buffers and switches oneDNN off process-wide while it runs: run plans
-    from one thread at a time (a server's compute thread).
+    from one thread at a time (a server's compute thread). Where nothing is removed or folded
+    (dense mode, attention with every head open at z = 1) the plan reads the model's own weight
+    tensors: compile a new plan after changing them, as after loading new weights.
     """
 
     def __init__(

@@ -60,3 +60,31 @@ def test_evaluate_errors_are_one_line(tmp_path: Path) -> None:
     assert "checkpoint directory not found" in proc.stderr and "Traceback" not in proc.stderr
     proc = _gated("evaluate", "--keep-ratio", "1.5")
     assert proc.returncode == 2 and "keep ratio must be in (0, 1]" in proc.stderr
+
+
+def test_bench_json_cells() -> None:
+    """`gated bench --json` on a one-cell grid of the shipped conv: the issue's keys, the static
+    bound beside them, and a sparse forward that matches the masked reference."""
+    proc = _gated(
+        "bench",
+        "--models",
+        "conv",
+        "--batches",
+        "2",
+        "--keep-ratios",
+        "0.5",
+        "--repeats",
+        "1",
+        "--json",
+        "--no-write",
+    )
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.splitlines()
+    cell = json.loads(line)
+    for key in ("model", "batch", "keep_ratio", "dense_ms", "masked_ms", "sparse_ms"):
+        assert key in cell
+    assert (cell["model"], cell["batch"], cell["keep_ratio"]) == ("conv", 2, 0.5)
+    assert abs(cell["speedup"] - cell["dense_ms"] / cell["sparse_ms"]) < 0.01
+    assert 1.5 < cell["ideal_speedup"] < 2.5  # half the gated channels, predictor included
+    assert 1.5 < cell["static_ideal_speedup"] < 2.5
+    assert cell["static_ms"] > 0 and cell["max_abs_logit_diff"] < 1e-4

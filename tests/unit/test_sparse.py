@@ -142,6 +142,32 @@ def test_static_plan_removes_closed_channels_and_heads() -> None:
         assert layer.predictor is None  # no gate math at request time
 
 
+def test_plans_read_the_models_weights_without_copies() -> None:
+    """Dense plans, unpruned attention and the dense path of a packed layer are views: a plan
+    adds no second copy of the weights to memory (or to the cache a forward streams through)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.model_validate(
+        {"model": TINY["transformer"], "dynamic_pruning_config": {"bucket": 2}}
+    )
+    net = build_network(cfg).eval()  # fresh gates: every channel and head open, z = 1
+    enc = net.layers[0]
+    dense = compile_plan(net, GateSettings("dense"), calibrate=False)
+    assert dense.attention[0].qkv_w.data_ptr() == enc.qkv.weight.data_ptr()
+    assert dense.attention[0].proj_w.data_ptr() == enc.proj.weight.data_ptr()
+    assert dense.layers[0].mlp.w1.data_ptr() == enc.fc1.weight.data_ptr()
+    assert dense.layers[0].mlp.w2t.data_ptr() == enc.fc2.weight.data_ptr()
+    settings = GateSettings("dynamic", keep_ratio=0.5, bucket=2)
+    dynamic = compile_plan(net, settings, calibrate=False)
+    mlp = dynamic.layers[0].mlp
+    assert mlp.packed is not None
+    packed = mlp.packed.untyped_storage().data_ptr()
+    assert mlp.w1.untyped_storage().data_ptr() == packed
+    assert mlp.w2t.untyped_storage().data_ptr() == packed
+    assert dynamic.attention[0].qkv_w.data_ptr() == enc.qkv.weight.data_ptr()
+    assert_same(net, dense, GateSettings("dense"), 3)
+    assert_same(net, dynamic, settings, 3, exact="dense")  # calibrate=False: the dense path
+
+
 def test_plan_refuses_other_settings() -> None:
     net = tiny("conv")
     plan = compile_plan(net, GateSettings("static", bucket=2), calibrate=False)
