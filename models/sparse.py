@@ -11,8 +11,9 @@
   projection). A request runs plain, smaller matmuls.
 - ``dynamic``: the predictor runs per request, the keep policy picks the channels, and only those
   are computed. Both projections of a gated layer are packed hidden-channel-major in one matrix
-  ``[W1 row | W2ᵀ row | b1]`` of shape (H, D_in + D_out + 1 + pad), so the kept set of a request
-  is one ``index_select`` of contiguous rows. Execution strategies, picked per (batch size, k)
+  ``[W1 row | W2ᵀ row]`` of shape (H, D_in + D_out + pad), so the kept set of a request is one
+  ``index_select`` of contiguous rows (and one of the bias vector: a bias read from a column of
+  the packed matrix is a strided load per element, several times slower to broadcast). Execution strategies, picked per (batch size, k)
   by a short timing at compile time: per-request gather + matmul, batched gather + ``baddbmm``
   over chunks of requests (the gathered weights of a chunk stay in cache), and the dense
   fallback (all open channels, kept ones scaled, the others multiplied by zero) which wins when
@@ -106,13 +107,12 @@ class _GatedMLP:
         w2 = w2.detach() if scale is None else w2.detach() * scale  # (D_out, H)
         rows = dense_rows
         self.packed: torch.Tensor | None = None
+        self.b1_all = b1.contiguous()  # (H,): gathered with the packed rows
         if packed:
-            raw = d_in + d_out + 1
-            width = -(-raw // _PACK_ALIGN) * _PACK_ALIGN
+            width = -(-(d_in + d_out) // _PACK_ALIGN) * _PACK_ALIGN
             pk = w1.new_zeros(w1.shape[0], width)  # (H, W)
             pk[:, :d_in] = w1
             pk[:, d_in : d_in + d_out] = w2.t()
-            pk[:, d_in + d_out] = b1
             self.packed = pk
         # Weights are views wherever a layout allows (BLAS takes row strides and transposes):
         # a plan then adds no copy of the model's weights, and the dense path of a packed
@@ -120,7 +120,7 @@ class _GatedMLP:
         if rows is None and self.packed is not None:
             self.w1 = self.packed[:, :d_in]  # (H, D_in), row stride W
             self.w2t = self.packed[:, d_in : d_in + d_out]  # (H, D_out)
-            self.b1 = b1.contiguous()
+            self.b1 = self.b1_all
         elif rows is None:
             self.w1, self.b1 = w1.contiguous(), b1.contiguous()
             self.w2t = w2.t()  # (H, D_out), a transposed view
@@ -168,12 +168,14 @@ class _GatedMLP:
         if k == 0:
             return x
         width = self.packed.shape[1]
+        bias = ws.get("bk", (b, k), x)
+        torch.index_select(self.b1_all, 0, idx.reshape(-1), out=bias.view(-1))  # (B, k)
         if chunk <= 1:
             for i in range(b):
                 g = ws.get("g", (k, width), x)
                 torch.index_select(self.packed, 0, idx[i], out=g)  # (k, W): contiguous rows
                 h = ws.get("hk", (t, k), x)
-                torch.addmm(g[:, d_in + d_out], u[i], g[:, :d_in].t(), out=h)  # (T, k)
+                torch.addmm(bias[i], u[i], g[:, :d_in].t(), out=h)  # (T, k)
                 torch.ops.aten.gelu_(h).mul_(values[i])
                 x[i].addmm_(h, g[:, d_in : d_in + d_out])  # (T, D_out)
         else:
@@ -181,9 +183,10 @@ class _GatedMLP:
                 e = min(b, s + chunk)
                 g = ws.get("g", (e - s, k, width), x)
                 torch.index_select(self.packed, 0, idx[s:e].reshape(-1), out=g.view(-1, width))
-                bias = g[:, :, d_in + d_out].unsqueeze(1)  # (c, 1, k)
                 h = ws.get("hk", (e - s, t, k), x)
-                torch.baddbmm(bias, u[s:e], g[:, :, :d_in].transpose(1, 2), out=h)
+                torch.baddbmm(
+                    bias[s:e].unsqueeze(1), u[s:e], g[:, :, :d_in].transpose(1, 2), out=h
+                )
                 torch.ops.aten.gelu_(h).mul_(values[s:e].unsqueeze(1))  # (c, T, k)
                 x[s:e].baddbmm_(h, g[:, :, d_in : d_in + d_out])  # (c, T, D_out)
         return x
