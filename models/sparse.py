@@ -13,9 +13,10 @@
   are computed. Both projections of a gated layer are packed hidden-channel-major in one matrix
   ``[W1 row | W2ᵀ row]`` of shape (H, D_in + D_out + pad), so the kept set of a request is one
   ``index_select`` of contiguous rows (and one of the bias vector: a bias read from a column of
-  the packed matrix is a strided load per element, several times slower to broadcast). Execution strategies, picked per (batch size, k)
-  by a short timing at compile time: per-request gather + matmul, batched gather + ``baddbmm``
-  over chunks of requests (the gathered weights of a chunk stay in cache), and the dense
+  the packed matrix is a strided load per element, several times slower to broadcast).
+  Execution strategies, picked per (batch size, k) by a short timing at compile time:
+  per-request gather + matmul, batched gather + ``baddbmm`` over chunks of requests (the
+  gathered weights of a chunk stay in cache), and the dense
   fallback (all open channels, kept ones scaled, the others multiplied by zero) which wins when
   the kept fraction is high. Requests of a batch that share a bucketed k share a kernel call;
   with a threshold policy the batch is split into such groups. Per-time-step gates
@@ -184,9 +185,7 @@ class _GatedMLP:
                 g = ws.get("g", (e - s, k, width), x)
                 torch.index_select(self.packed, 0, idx[s:e].reshape(-1), out=g.view(-1, width))
                 h = ws.get("hk", (e - s, t, k), x)
-                torch.baddbmm(
-                    bias[s:e].unsqueeze(1), u[s:e], g[:, :, :d_in].transpose(1, 2), out=h
-                )
+                torch.baddbmm(bias[s:e].unsqueeze(1), u[s:e], g[:, :, :d_in].transpose(1, 2), out=h)
                 torch.ops.aten.gelu_(h).mul_(values[s:e].unsqueeze(1))  # (c, T, k)
                 x[s:e].baddbmm_(h, g[:, :, d_in : d_in + d_out])  # (c, T, D_out)
         return x
@@ -319,15 +318,20 @@ class _FastPredictor:
         self.b1 = predictor.fc1.bias.detach()
         self.w2 = predictor.fc2.weight.detach()
         self.b2 = predictor.fc2.bias.detach()
+        self.eps = self.b2.new_full((1, 1, 1), _VAR_EPS)
 
     def __call__(self, x: torch.Tensor, ctx: _Context) -> torch.Tensor:
         """x (B, T, C) -> (B, n) gates in (0, 1)."""
         mean = torch.bmm(ctx.step_weights, x)  # (B, 1, C)
         if self.use_std:
-            # Two passes like the reference: no cancellation, no clamp needed.
-            dev = torch.sub(x, mean, out=ctx.ws.get("sq", x.shape, x)).square_()  # (B, T, C)
-            var = torch.bmm(ctx.step_weights, dev)  # (B, 1, C)
-            stats = torch.cat([mean, var.add_(_VAR_EPS).sqrt_()], dim=-1)[:, 0]  # (B, 2C)
+            # Two passes like the reference: no cancellation, no clamp needed. Inside a forward
+            # every small kernel costs several µs (its code is cold after the big matmuls), so
+            # (x − mean)² is one kernel (mse_loss, elementwise) and ε rides on the second bmm.
+            sq = ctx.ws.get("sq", x.shape, x)
+            # reduction 0 = none (the binding takes the enum; its stub says str, without out=)
+            dev = torch._C._nn.mse_loss(x, mean.expand_as(x), 0, out=sq)  # type: ignore[call-arg, arg-type]
+            var = torch.baddbmm(self.eps, ctx.step_weights, dev)  # (B, 1, C): var + ε
+            stats = torch.cat([mean, var.sqrt_()], dim=-1)[:, 0]  # (B, 2C)
         else:
             stats = mean[:, 0]  # (B, C)
         hidden = torch.addmm(self.b1, stats, self.w1.t()).relu_()  # (B, hidden)
