@@ -143,8 +143,7 @@ class _GatedMLP:
         if self.width == 0:
             return x
         h = ws.get("h", (b * t, self.width), x)
-        torch.addmm(self.b1, u.reshape(b * t, -1), self.w1.t(), out=h)  # (B·T, n)
-        torch.ops.aten.gelu_(h)
+        _addmm_gelu(self.b1, u.reshape(b * t, -1), self.w1.t(), h)  # (B·T, n)
         if gate is not None:
             h.view(b, t, -1).mul_(gate)
         x.view(b * t, -1).addmm_(h, self.w2t)  # (B·T, D_out)
@@ -176,8 +175,7 @@ class _GatedMLP:
                 g = ws.get("g", (k, width), x)
                 torch.index_select(self.packed, 0, idx[i], out=g)  # (k, W): contiguous rows
                 h = ws.get("hk", (t, k), x)
-                torch.addmm(bias[i], u[i], g[:, :d_in].t(), out=h)  # (T, k)
-                torch.ops.aten.gelu_(h).mul_(values[i])
+                _addmm_gelu(bias[i], u[i], g[:, :d_in].t(), h).mul_(values[i])  # (T, k)
                 x[i].addmm_(h, g[:, d_in : d_in + d_out])  # (T, D_out)
         else:
             for s in range(0, b, chunk):
@@ -209,6 +207,21 @@ class _GatedMLP:
         # closed channel) onto the column of an open one, whose value must survive.
         gate.scatter_add_(1, idx if dense_map is None else dense_map[idx], values)
         return self.dense(u, x, gate.unsqueeze(1), ws)
+
+
+def _addmm_gelu(
+    bias: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """out = gelu(bias + m1 @ m2), exact (erf) GELU.
+
+    Inside a forward every kernel call costs several µs beyond its work, so on CPU the matmul
+    and its GELU are one call (``_addmm_activation``: the same addmm, then GELU in place). On
+    CUDA that op applies the tanh approximation, so it runs as two calls there.
+    """
+    if out.device.type == "cpu":
+        return torch._addmm_activation(bias, m1, m2, use_gelu=True, out=out)
+    torch.addmm(bias, m1, m2, out=out)
+    return cast(torch.Tensor, torch.ops.aten.gelu_(out))
 
 
 class Workspace:
@@ -334,7 +347,7 @@ class _FastPredictor:
             stats = torch.cat([mean, var.sqrt_()], dim=-1)[:, 0]  # (B, 2C)
         else:
             stats = mean[:, 0]  # (B, C)
-        hidden = torch.addmm(self.b1, stats, self.w1.t()).relu_()  # (B, hidden)
+        hidden = torch._addmm_activation(self.b1, stats, self.w1.t())  # (B, hidden), ReLU'd
         return torch.addmm(self.b2, hidden, self.w2.t()).sigmoid_()  # (B, n)
 
 
