@@ -5,8 +5,9 @@
 Model: ``transformer-base`` of ``gated bench`` (d_model 256, FFN 1024, T 128, random weights),
 its first encoder layer, on CPU with 2 threads. The sparse side runs the kernels the compiled
 plan runs for that batch size (the strategy its calibration picks), phase by phase: predictor,
-selection (blend + top-k), weight gather, first matmul, GELU and gate scaling, second matmul;
-the dense side runs the dense plan's first matmul, GELU and second matmul. ``layer`` is the
+selection (blend + top-k), weight and bias gather, first matmul and GELU (one call per request,
+two phases in the batched strategy), gate scaling, second matmul; the dense side runs the dense
+plan's first matmul with its GELU and the second matmul. ``layer`` is the
 plan's own, un-instrumented call of the whole layer, so the phases can be checked against it.
 Before every measurement the other layers' packed weights are read once, so this layer's
 weights are as cold as in a real forward, and the layer's input is computed by its LayerNorm,
@@ -30,7 +31,7 @@ from common import RESULTS
 
 from models.bench import build_model
 from models.gates import GateSettings
-from models.sparse import SparsePlan, Workspace, _without_onednn, compile_plan
+from models.sparse import SparsePlan, Workspace, _addmm_gelu, _without_onednn, compile_plan
 
 
 def _phases_sparse(plan: SparsePlan, f: torch.Tensor, ctx: object) -> dict[str, float]:
@@ -60,19 +61,35 @@ def _phases_sparse(plan: SparsePlan, f: torch.Tensor, ctx: object) -> dict[str, 
         mlp.run(f, x, idx, values, strategy, layer.dense_map, ws)
         tick("dense fallback")
         return times
-    chunk = max(1, strategy.chunk)
     k = layer.k
-    for s in range(0, b, chunk):
-        e = min(b, s + chunk)
+    bias = ws.get("bk", (b, k), x)
+    torch.index_select(mlp.b1_all, 0, idx.reshape(-1), out=bias.view(-1))
+    tick("gather")
+    if strategy.chunk <= 1:  # per request: matmul and GELU are one call, as in the plan
+        for i in range(b):
+            g = ws.get("g", (k, width), x)
+            torch.index_select(mlp.packed, 0, idx[i], out=g)
+            tick("gather")
+            h = ws.get("hk", (t, k), x)
+            _addmm_gelu(bias[i], f[i], g[:, :d_in].t(), h)
+            tick("matmul 1 + GELU")
+            h.mul_(values[i])
+            tick("scale")
+            x[i].addmm_(h, g[:, d_in : d_in + d_out])
+            tick("matmul 2")
+        return times
+    for s in range(0, b, strategy.chunk):
+        e = min(b, s + strategy.chunk)
         g = ws.get("g", (e - s, k, width), x)
         torch.index_select(mlp.packed, 0, idx[s:e].reshape(-1), out=g.view(-1, width))
         tick("gather")
         h = ws.get("hk", (e - s, t, k), x)
-        torch.baddbmm(g[:, :, d_in + d_out].unsqueeze(1), f[s:e], g[:, :, :d_in].transpose(1, 2),
-                      out=h)
+        torch.baddbmm(bias[s:e].unsqueeze(1), f[s:e], g[:, :, :d_in].transpose(1, 2), out=h)
         tick("matmul 1")
-        torch.ops.aten.gelu_(h).mul_(values[s:e].unsqueeze(1))
-        tick("gelu + scale")
+        torch.ops.aten.gelu_(h)
+        tick("GELU")
+        h.mul_(values[s:e].unsqueeze(1))
+        tick("scale")
         x[s:e].baddbmm_(h, g[:, :, d_in : d_in + d_out])
         tick("matmul 2")
     return times
@@ -82,18 +99,13 @@ def _phases_dense(plan: SparsePlan, f: torch.Tensor) -> dict[str, float]:
     mlp = plan.layers[0].mlp
     b, t, _ = f.shape
     x = torch.zeros_like(f)
-    times: dict[str, float] = {}
+    h = torch.empty(b * t, mlp.width)
     start = time.perf_counter()
-    h = torch.addmm(mlp.b1, f.reshape(b * t, -1), mlp.w1.t())
+    _addmm_gelu(mlp.b1, f.reshape(b * t, -1), mlp.w1.t(), h)
     t1 = time.perf_counter()
-    torch.ops.aten.gelu_(h)
-    t2 = time.perf_counter()
     x.view(b * t, -1).addmm_(h, mlp.w2t)
-    t3 = time.perf_counter()
-    times["matmul 1"], times["gelu"], times["matmul 2"] = (
-        (t1 - start) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
-    )
-    return times
+    t2 = time.perf_counter()
+    return {"matmul 1 + GELU": (t1 - start) * 1e3, "matmul 2": (t2 - t1) * 1e3}
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -107,8 +119,10 @@ def breakdown(batch: int, keep: float, repeats: int) -> dict[str, object]:
     bucket = model.config.dynamic_pruning_config.bucket
     dense = compile_plan(model, GateSettings("dense"), calibrate=False)
     sparse = compile_plan(
-        model, GateSettings("dynamic", keep_ratio=keep, bucket=bucket),
-        batch_sizes=[batch], calib_length=length,
+        model,
+        GateSettings("dynamic", keep_ratio=keep, bucket=bucket),
+        batch_sizes=[batch],
+        calib_length=length,
     )
     gen = torch.Generator().manual_seed(batch)
     residual = torch.randn(batch, length, 256, generator=gen)
@@ -169,8 +183,18 @@ def main(argv: list[str] | None = None) -> int:
         cells.append(cell)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "sparse_breakdown_cpu.json"
-    out.write_text(json.dumps({"model": "transformer-base, layer 0 FFN", "threads": 2,
-                               "unit": "ms, medians", "cells": cells}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "model": "transformer-base, layer 0 FFN",
+                "threads": 2,
+                "unit": "ms, medians",
+                "cells": cells,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     sys.stderr.write(f"wrote {out}\n")
     return 0
 
