@@ -130,7 +130,8 @@ def bench_model(
                     for fn in fns.values():
                         fn()
                 order = list(fns)
-                for rep in range(repeats):
+                # Small batches: more repeats in about the same time, for steadier medians.
+                for rep in range(cell_repeats(repeats, batch)):
                     # Rotate the order so that no variant always runs right after the one
                     # that leaves the caches and the allocator in the worst state.
                     for v in order[rep % len(order) :] + order[: rep % len(order)]:
@@ -176,16 +177,23 @@ def bench_model(
                     "strategy": "+".join(strategies),
                     "compile_s": round(compile_s, 2),
                     "length": length,
+                    "repeats": cell_repeats(repeats, batch),
                     "weights": source,
                 }
             )
     return cells
 
 
+def cell_repeats(repeats: int, batch: int) -> int:
+    """Interleaved repeats of a cell: ``repeats`` at batch 32 and above, more below."""
+    return repeats * max(1, 32 // max(batch, 1))
+
+
 def markdown(cells: Sequence[dict[str, object]], meta: dict[str, object]) -> str:
     lines = [
         f"Sparse forward on {meta['device_name']}, {meta['threads']} threads, torch "
-        f"{meta['torch']}; medians of {meta['repeats']} interleaved repeats; dynamic mode, "
+        f"{meta['torch']}; medians of interleaved repeats ({meta['repeats']} × 32 / batch, at "
+        f"least {meta['repeats']}); dynamic mode, "
         "keep ratio per request (top-k of the predictor's gates). Static bound: the static plan "
         "at the same keep ratio (no predictor, no gather), its speedup / its FLOPs ideal.",
         "",
@@ -208,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["conv", "transformer-base"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--keep-ratios", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--repeats", type=int, default=15, help="repeats at batch ≥ 32; × 32/batch below"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--json", action="store_true", help="one JSON object per cell")
