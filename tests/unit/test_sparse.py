@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import (
     GatedNetwork,
@@ -16,7 +17,7 @@ from models import (
     load_checkpoint,
 )
 from models.export import export_checkpoint, prune_static
-from models.sparse import Strategy, compile_plan
+from models.sparse import Strategy, _addmm_gelu, compile_plan
 from tests.utils.models import TINY
 
 SETTINGS = [
@@ -199,6 +200,34 @@ def test_plan_runs_without_onednn_and_restores_the_flag(
     with pytest.raises(InvalidInputError):
         plan(x[:, :, :0], lengths)
     assert torch.backends.mkldnn.enabled
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ),
+    ],
+)
+def test_fused_matmul_gelu_is_the_exact_gelu(device: str) -> None:
+    """The model's GELU is the erf one; a fused kernel with the tanh approximation (CUDA's)
+    differs by ~5e-4 on these values, within the plans' end-to-end tolerance on tiny nets."""
+    gen = torch.Generator().manual_seed(0)
+    packed = (torch.randn(64, 48, generator=gen) * 2).to(device)  # rows [W1 (32) | other]
+    u = (torch.randn(20, 32, generator=gen) * 2).to(device)
+    bias = torch.randn(64, generator=gen).to(device)
+    w1t = packed[:, :32].t()  # (32, 64): a strided, transposed view, as the plans pass it
+    out = torch.empty(20, 64, device=device)
+    with torch.inference_mode():
+        got = _addmm_gelu(bias, u, w1t, out)
+        want = F.gelu(torch.addmm(bias, u, w1t))
+        tanh = F.gelu(torch.addmm(bias, u, w1t), approximate="tanh")
+    assert got.data_ptr() == out.data_ptr()
+    assert (got - want).abs().max() < 1e-5
+    assert (tanh - want).abs().max() > 1e-4  # the check above can tell the two apart
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
