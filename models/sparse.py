@@ -17,9 +17,10 @@
   Execution strategies, picked per (batch size, k) by a short timing at compile time:
   per-request gather + matmul, batched gather + ``baddbmm`` over chunks of requests (the
   gathered weights of a chunk stay in cache), and the dense fallback (all open channels, kept
-  ones scaled, the others multiplied by zero) which wins when the kept fraction is high. Requests of a batch that share a bucketed k share a kernel call;
-  with a threshold policy the batch is split into such groups. Per-time-step gates
-  (``use_global_pool: false``) run the dense fallback with the per-step mask: correct, no saving.
+  ones scaled, the others multiplied by zero) which wins when the kept fraction is high.
+  Requests of a batch that share a bucketed k share a kernel call; with a threshold policy the
+  batch is split into such groups. Per-time-step gates (``use_global_pool: false``) run the
+  dense fallback with the per-step mask: correct, no saving.
 
 The conv architecture uses the same kernels: its k-wide convolution is a matmul over the
 unfolded input (B, T, C·k), the 1×1 convolution a matmul over channels.
