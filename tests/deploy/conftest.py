@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import Server, start_server
+from tests.integration.conftest import Server, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -39,9 +39,8 @@ def require_tool(name: str) -> str:
 @pytest.fixture(scope="session")
 def shipped_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``gated serve`` on the shipped model repository, the one the image serves."""
-    srv = start_server(None, tmp_path_factory.mktemp("deploy-logs"))
-    yield srv
-    assert srv.stop() == 0, srv.output()
+    with serving(None, tmp_path_factory.mktemp("deploy-logs")) as srv:
+        yield srv
 
 
 def metric_samples(server: Server) -> set[str]:

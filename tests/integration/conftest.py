@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,14 @@ def start_server(
     )
 
 
+@contextmanager
+def serving(repository: Path | None, log_dir: Path, **settings: object) -> Iterator[Server]:
+    """A ready server for the life of a fixture; stopping it must exit cleanly (code 0)."""
+    srv = start_server(repository, log_dir, **settings)
+    yield srv
+    assert srv.stop() == 0, srv.output()
+
+
 def wait_until_ready(server: Server) -> None:
     server.wait_ready(START_TIMEOUT_S)
 
@@ -50,13 +59,11 @@ def server(
     integration_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """Batched server with an admin token; a 20 ms delay so concurrent requests share batches."""
-    srv = start_server(
+    with serving(
         integration_repository, tmp_path_factory.mktemp("logs"),
         admin_token=ADMIN_TOKEN, max_batch_size=8, max_queue_delay_ms=20,
-    )
-    yield srv
-    code = srv.stop()
-    assert code == 0, srv.output()
+    ) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +71,5 @@ def plain_server(
     integration_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """No admin token, no batching: the naive one-forward-per-request mode."""
-    srv = start_server(integration_repository, tmp_path_factory.mktemp("logs"), batching="false")
-    yield srv
-    assert srv.stop() == 0, srv.output()
+    with serving(integration_repository, tmp_path_factory.mktemp("logs"), batching="false") as srv:
+        yield srv

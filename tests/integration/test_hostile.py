@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.integration.conftest import Server, start_server
+from tests.integration.conftest import Server, serving
 from tests.utils.service import binary_request, json_request
 
 MAX_BYTES = 1024 * 1024
@@ -108,12 +108,11 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
 def hostile_server(
     integration_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    srv = start_server(
+    with serving(
         integration_repository, tmp_path_factory.mktemp("logs"),
         max_request_bytes=MAX_BYTES, max_request_rows=MAX_ROWS,
-    )
-    yield srv
-    assert srv.stop() == 0, srv.output()
+    ) as srv:
+        yield srv
 
 
 def test_hostile_inputs_get_4xx_and_server_keeps_serving(hostile_server: Server) -> None:

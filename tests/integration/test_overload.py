@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.integration.conftest import Server, start_server
+from tests.integration.conftest import Server, serving
 from tests.utils.service import json_request, metric
 
 REQUESTS = 300
@@ -29,12 +29,11 @@ CLIENT_TIMEOUT_S = 15.0
 def small_queue_server(
     integration_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    srv = start_server(
+    with serving(
         integration_repository, tmp_path_factory.mktemp("logs"),
         max_queue_size=QUEUE_SIZE, max_batch_size=4, max_queue_delay_ms=50,
-    )
-    yield srv
-    assert srv.stop() == 0, srv.output()
+    ) as srv:
+        yield srv
 
 
 async def _storm(url: str) -> list[httpx.Response]:

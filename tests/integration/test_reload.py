@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from models import save_checkpoint
-from tests.integration.conftest import Server, start_server
+from tests.integration.conftest import Server, serving
 from tests.utils.service import (
     ADMIN_TOKEN,
     json_request,
@@ -39,12 +39,11 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reload_server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(
+    with serving(
         repository, tmp_path_factory.mktemp("logs"),
         admin_token=ADMIN_TOKEN, max_batch_size=8, max_queue_delay_ms=2,
-    )
-    yield srv
-    assert srv.stop() == 0, srv.output()
+    ) as srv:
+        yield srv
 
 
 def _logits(response: httpx.Response) -> np.ndarray:

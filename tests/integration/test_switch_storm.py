@@ -17,7 +17,7 @@ import pytest
 import tritonclient.http as triton
 
 from models import load_checkpoint
-from tests.integration.conftest import Server, start_server
+from tests.integration.conftest import Server, serving
 from tests.utils.service import ADMIN_TOKEN, metric, reference_logits
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -40,12 +40,11 @@ GATES: tuple[dict[str, object], ...] = (
 def storm_server(
     integration_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    srv = start_server(
+    with serving(
         integration_repository, tmp_path_factory.mktemp("storm"),
         admin_token=ADMIN_TOKEN, max_batch_size=8, max_queue_delay_ms=2,
-    )
-    yield srv
-    assert srv.stop() == 0, srv.output()
+    ) as srv:
+        yield srv
 
 
 def test_switch_storm_loses_nothing_and_mixes_nothing(
