@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from common import RESULTS
 
 from models import GatedNetwork, GateSettings, load_checkpoint
 from models.config import load_config
@@ -27,7 +28,6 @@ from models.evaluate import evaluate
 from models.train import train
 
 logger = logging.getLogger("accuracy_study")
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def kept_for_budget(model: GatedNetwork, mode: str, budget: float, sample: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""What the load benchmarks share: the model they serve and where results go.
+"""What the benchmark scripts share: the shipped model and where results go.
 
 The benchmarks run as scripts (``python benchmarks/<name>.py``), so this folder is first on
 ``sys.path`` and they import this module as ``common``.

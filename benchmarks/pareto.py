@@ -22,14 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from common import MODEL, RESULTS, SHIPPED
 
 from models import GateSettings, load_checkpoint
 from models.data import load_mnist1d
 from models.sparse import SparsePlan, compile_plan
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-SHIPPED = ROOT / "models" / "pretrained" / "mnist1d-conv"
 
 
 def accuracy(
@@ -116,7 +113,7 @@ def plot(points: Sequence[dict[str, object]], out: Path, title: str, batch: int)
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=SHIPPED)
+    parser.add_argument("--checkpoint", type=Path, default=SHIPPED / MODEL)
     parser.add_argument(
         "--static-checkpoint",
         type=Path,
