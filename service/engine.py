@@ -114,8 +114,8 @@ class Engine:
         # Plans run one at a time on the compute thread, so they share one set of buffers:
         # memory is that of the largest batch, however many plans are compiled.
         self._workspace = models.Workspace()
-        # The models loaded now; hot reload replaces the whole mapping rather than mutating it.
-        self.models: Mapping[str, ModelInfo] = {n: m.info for n, m in self._models.items()}
+        self.models: Mapping[str, ModelInfo] = {}  # the models loaded now
+        self._publish()
         # One thread: the forward is already parallel inside torch, and serialising batches is
         # what makes a runtime gate switch atomic per batch.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gated-compute")
@@ -158,11 +158,7 @@ class Engine:
         loaded: dict[str, _Loaded] = {}
         for name in cls.scan(repository):
             start = time.monotonic()
-            try:
-                network = models.load_checkpoint(repository / name, dev)
-            except models.ModelError as err:
-                raise EngineError(f"model {name!r}: {err}") from None
-            loaded[name] = _wrap(name, network, dev)
+            loaded[name] = _read(repository, name, dev)
             logger.info("loaded model %s on %s in %.2f s", name, dev, time.monotonic() - start)
         return cls(loaded, repository, dev)
 
@@ -177,11 +173,7 @@ class Engine:
         if self._repository is None or name not in self.scan(self._repository):
             raise EngineError(f"model {name!r}: no such model in the repository")
         start = time.monotonic()
-        try:
-            network = models.load_checkpoint(self._repository / name, self._device)
-        except models.ModelError as err:
-            raise EngineError(f"model {name!r}: {err}") from None
-        fresh = _wrap(name, network, self._device)
+        fresh = _read(self._repository, name, self._device)
         self.executor.submit(self._warm_and_install, fresh).result()
         logger.info("reloaded model %s in %.2f s", name, time.monotonic() - start)
         return fresh.info
@@ -198,10 +190,14 @@ class Engine:
         if self._warm_rows is not None:
             self._warm(loaded, self._warm_rows)
         self._models[loaded.info.name] = loaded
-        self.models = {n: m.info for n, m in self._models.items()}
+        self._publish()
 
     def _remove(self, name: str) -> None:
         self._models.pop(name, None)
+        self._publish()
+
+    def _publish(self) -> None:
+        # A new mapping, never a mutated one: readers on the event loop see the old or the new.
         self.models = {n: m.info for n, m in self._models.items()}
 
     def warm_up(self, max_batch_rows: int) -> None:
@@ -369,6 +365,15 @@ def _resolve_device(device: str) -> torch.device:
         return models.resolve_device(device)
     except models.DeviceError as err:
         raise EngineError(f"device (GATED_DEVICE): {err}") from None
+
+
+def _read(repository: Path, name: str, device: torch.device) -> _Loaded:
+    """Load ``repository/name`` onto ``device``; raises EngineError naming the model."""
+    try:
+        network = models.load_checkpoint(repository / name, device)
+    except models.ModelError as err:
+        raise EngineError(f"model {name!r}: {err}") from None
+    return _wrap(name, network, device)
 
 
 def _wrap(name: str, network: models.GatedNetwork, device: torch.device) -> _Loaded:
