@@ -56,6 +56,13 @@ def read_metadata(ckpt_dir: str | Path) -> dict[str, object]:
     return {k: json.loads(v) for k, v in raw.items()}
 
 
+def _metadata(path: Path) -> dict[str, object]:
+    try:
+        return read_metadata(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path / WEIGHTS_FILE}: unreadable: {err}") from None
+
+
 def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> GatedNetwork:
     """Build the network described by ``config.yaml`` and load its weights, in eval mode."""
     path = Path(ckpt_dir)
@@ -66,6 +73,9 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
             raise CheckpointError(f"{path}: missing {name}")
     cfg: ModelConfig = load_config(path / CONFIG_FILE)
     model = build_network(cfg)
+    widths = _metadata(path).get("pruned_widths")
+    if isinstance(widths, dict):
+        model.apply_widths({str(k): int(v) for k, v in widths.items()})
     try:
         tensors = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError) as err:

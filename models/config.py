@@ -1,6 +1,6 @@
 """Model configuration: the single source of truth for gates, architecture, data and training.
 
-The top level accepts the parameter guide's complete YAML example verbatim (SPEC §6) and adds three
+The top level accepts the parameter guide's complete YAML example verbatim (docs/gates.md §6) and adds three
 sections of our own: ``model`` (architecture), ``data`` and ``training``. Every section forbids
 unknown keys; :func:`load_config` turns validation failures into one :class:`ConfigError` whose
 message names the key path, the offending value and the allowed range.
@@ -19,13 +19,16 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from models.errors import ConfigError
+from models.gate_config import GATE_MODES, Bucket, DynamicWeight, GateMode, KeepRatio, Threshold
+from models.gate_config import describe as format_validation_error
+
+__all__ = ["GATE_MODES", "GateMode", "ModelConfig", "format_validation_error"]
 
 GateType = Literal["hardconcrete", "sigmoid"]
-GateMode = Literal["dense", "static", "dynamic"]
-GATE_MODES: tuple[GateMode, ...] = ("dense", "static", "dynamic")
 
 UnitOpen = Annotated[float, Field(gt=0.0, lt=1.0)]
 
@@ -35,7 +38,7 @@ class _Strict(BaseModel):
 
 
 class PredictorConfig(_Strict):
-    """SE-style input predictor (SPEC §2)."""
+    """SE-style input predictor (docs/gates.md §2)."""
 
     reduction_ratio: int = Field(16, ge=1, description="bottleneck: hidden = max(F // r, 8)")
     use_global_pool: bool = Field(True, description="per-request stats (true) or per time step")
@@ -45,32 +48,48 @@ class PredictorConfig(_Strict):
 
 
 class DynamicPruningConfig(_Strict):
-    """The guide's ``dynamic_pruning_config`` plus the serving keep policy (SPEC §3-§4)."""
+    """The guide's ``dynamic_pruning_config`` plus the serving keep policy (docs/gates.md §3-§4)."""
 
     gate_type: GateType = "hardconcrete"
-    dynamic_weight: float = Field(0.5, ge=0.0, le=1.0)
+    dynamic_weight: DynamicWeight = 0.5
     use_input_gating: bool = True
     predictor_config: PredictorConfig = PredictorConfig()
-    # Keep policy (SPEC §4). keep_ratio and threshold are alternatives; keep_ratio wins when
+    # Keep policy (docs/gates.md §4). keep_ratio and threshold are alternatives; keep_ratio wins when
     # both are set. None for both keeps every statically open channel.
-    keep_ratio: float | None = Field(0.5, gt=0.0, le=1.0)
-    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    keep_ratio: KeepRatio | None = 0.5
+    threshold: Threshold | None = None
     # k is rounded up to a multiple of `bucket` so that requests share a few kernel shapes.
-    bucket: int = Field(8, ge=1)
+    bucket: Bucket = 8
+
+
+# Widths of the built-in architectures; a network found by import path takes ``args`` instead.
+BUILTIN_WIDTHS = frozenset((
+    "channels", "hidden", "num_blocks", "kernel_size", "norm", "d_model", "ffn", "num_heads",
+    "num_layers",
+))
 
 
 class ArchitectureConfig(_Strict):
-    """Which gated network to build, and its widths. Unused fields are ignored by an architecture.
+    """Which gated network to build: a built-in by name, or a user's factory by import path.
 
-    ``name`` is a registered architecture (``conv``, ``transformer``) or an import path
-    ``package.module:factory`` whose factory takes a :class:`ModelConfig` and returns a
-    ``models.networks.GatedNetwork``.
+    ``name`` is a built-in architecture (``conv``, ``transformer``, with the widths below) or
+    ``package.module:factory``: the factory is called as ``factory(**args)`` (or, taking one
+    parameter named ``config``, with the whole :class:`ModelConfig`) and returns a
+    ``models.GatedNetwork`` or a plain ``torch.nn.Module`` that the loader gates with
+    ``models.attach_gates`` (docs/model-contract.md). The built-ins' widths are refused for
+    such a network: what it needs goes under ``args``.
     """
 
     name: str = Field("conv", min_length=1)
     in_channels: int = Field(1, ge=1, description="features per time step")
     num_classes: int = Field(10, ge=2)
     max_length: int = Field(512, ge=1, description="longest sequence the model accepts")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of an import-path factory"
+    )
+    # Explicit FFN pairs for attach_gates, as module paths [[fc1, fc2], ...] or
+    # [[gate_proj, up_proj, down_proj], ...]; empty: found automatically.
+    ffns: list[list[str]] = Field(default_factory=list)
     # conv
     channels: int = Field(32, ge=1, description="residual width C")
     hidden: int = Field(64, ge=1, description="gated hidden width H of each block")
@@ -85,6 +104,26 @@ class ArchitectureConfig(_Strict):
     ffn: int = Field(256, ge=1, description="gated FFN intermediate width")
     num_heads: int = Field(4, ge=1)
     num_layers: int = Field(2, ge=1)
+
+    @property
+    def is_builtin(self) -> bool:
+        return ":" not in self.name
+
+    @model_validator(mode="after")
+    def _fields_of_the_architecture(self) -> ArchitectureConfig:
+        if self.is_builtin:
+            if self.args or self.ffns:
+                raise ValueError(
+                    f"args and ffns are for import-path networks; {self.name!r} is built in"
+                )
+            return self
+        stray = sorted(BUILTIN_WIDTHS & self.model_fields_set)
+        if stray:
+            raise ValueError(
+                f"{', '.join(stray)}: widths of the built-in architectures; a network found by "
+                f"import path ({self.name}) takes its own settings under model.args"
+            )
+        return self
 
     @field_validator("kernel_size")
     @classmethod
@@ -110,14 +149,14 @@ class DataConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    """Optimisation recipe (SPEC §5 plus the schedule we found to work)."""
+    """Optimisation recipe (docs/gates.md §5 plus the schedule we found to work)."""
 
     seed: int = Field(0, ge=0)
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(3e-3, gt=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
-    # Static sparsity: fraction of gated structures the Lagrangian drives closed (SPEC §5).
+    # Static sparsity: fraction of gated structures the Lagrangian drives closed (docs/gates.md §5).
     target_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
     sparsity_warmup_epochs: float = Field(10.0, ge=0.0)
     lagrangian_lr: float = Field(0.05, gt=0.0)
@@ -126,7 +165,7 @@ class TrainingConfig(_Strict):
     dense_warmup_epochs: int = Field(5, ge=0)
     # Keep ratios sampled per step for the gated pass (sandwich rule); the smallest and the
     # largest are always visited. Empty: use dynamic_pruning_config.keep_ratio only.
-    train_keep_ratios: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+    train_keep_ratios: list[KeepRatio] = Field(
         default_factory=lambda: [1.0, 0.5, 0.25, 0.125]
     )
     # The dense pass keeps training the unpruned baseline and teaches the gated pass.
@@ -162,38 +201,15 @@ class ModelConfig(_Strict):
 
     @property
     def input_gating(self) -> bool:
-        """Whether the dynamic predictor exists at all (SPEC §3)."""
+        """Whether the dynamic predictor exists at all (docs/gates.md §3)."""
         return self.use_dynamic_pruning and self.dynamic_pruning_config.use_input_gating
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def _describe_bounds(ctx: dict[str, Any] | None) -> str:
-    if not ctx:
-        return ""
-    parts = []
-    for key, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-        if key in ctx:
-            parts.append(f"{sym} {ctx[key]}")
-    return f"; allowed: {' and '.join(parts)}" if parts else ""
-
-
-def format_validation_error(err: ValidationError, source: str = "config") -> str:
-    """One line per problem: ``<source>: <key.path>: got <value>; <reason>[; allowed: ...]``."""
-    lines = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        value = e.get("input")
-        if e["type"] == "extra_forbidden":
-            reason = "unknown key"
-        else:
-            reason = e["msg"].removeprefix("Value error, ")
-        shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        lines.append(f"{source}: {path}: got {shown}; {reason}{_describe_bounds(e.get('ctx'))}")
-    return "\n".join(lines)
+        data = self.model_dump(mode="json")
+        if not self.model.is_builtin:  # the built-ins' widths mean nothing to this network
+            for key in BUILTIN_WIDTHS:
+                data["model"].pop(key, None)
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def parse_config(data: Any, source: str = "config") -> ModelConfig:

@@ -1,37 +1,136 @@
-"""Multiply-accumulate counts of what a gated network actually executes.
+"""Multiply-accumulate counts of what a gated network executes, for any network.
 
 Counts are per request (a request of length L costs the same whatever its batch mates), in
-float64 so long sequences do not overflow. Only MACs of matmuls/convolutions and the predictor
-are counted; element-wise work (norms, activations, gate multiplies) is ignored, as is usual.
+float64 so long sequences do not overflow. Gated layers count what they ran (their own formula
+over the channels they computed, the predictor's when it ran); everything else in the network
+is counted once, at first use, by torch's FLOP counter (``torch.utils.flop_counter``) run on the
+dense network at a few lengths and fitted as a quadratic in the length (every stride-1 layer,
+attention included, is one). A network whose count is not quadratic (strided convs, pooling)
+gets an exact table per length instead. Nothing is traced on the serving path.
+
+Only matmuls and convolutions count (the FLOP counter's convention); element-wise work (norms,
+activations, gate multiplies) does not, as is usual.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.gate_config import GateSettings
+
+if TYPE_CHECKING:
+    from models.layers import GatedLayer, Record
+    from models.networks import GatedNetwork
+
+logger = logging.getLogger(__name__)
 
 
-def conv1d_macs(
-    length: torch.Tensor, c_in: float, c_out: torch.Tensor | float, k: int
-) -> torch.Tensor:
-    """Same-padded 1-D convolution over ``length`` steps: L · c_in · c_out · k."""
-    return length.to(torch.float64) * c_in * c_out * k
+def quadratic(values: torch.Tensor) -> torch.Tensor:
+    """Coefficients (c0, c1, c2) of a quadratic from its values at lengths 0, 1, 2."""
+    v = values.to(torch.float64)
+    c2 = (v[2] - 2 * v[1] + v[0]) / 2
+    return torch.stack([v[0], v[1] - v[0] - c2, c2])
 
 
-def linear_macs(
-    rows: torch.Tensor, d_in: torch.Tensor | float, d_out: torch.Tensor | float
-) -> torch.Tensor:
-    """A linear layer applied to ``rows`` vectors: rows · d_in · d_out."""
-    return rows.to(torch.float64) * d_in * d_out
+def eval_quadratic(c: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    seq = lengths.to(torch.float64)
+    return c[0] + seq * (c[1] + seq * c[2])  # (B,)
 
 
-def attention_macs(
-    length: torch.Tensor, heads: torch.Tensor | float, head_dim: int
-) -> torch.Tensor:
-    """Scores (Q·Kᵀ) plus the weighted sum (P·V): 2 · L² · heads · head_dim."""
-    seq = length.to(torch.float64)
-    return 2.0 * seq * seq * heads * head_dim
+class MacModel:
+    """MACs of the ungated rest of a network as a function of the request length, plus the
+    gated layers' own formulas over what each ran (:meth:`count`)."""
+
+    def __init__(self, coef: torch.Tensor | None, table: torch.Tensor | None) -> None:
+        self.coef = coef  # (3,) float64: rest(L) = c0 + c1·L + c2·L²
+        self.table = table  # (max_length + 1,) float64 when not quadratic
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def fit(cls, net: GatedNetwork) -> MacModel:
+        """Count the rest of ``net`` at a few lengths with torch's FLOP counter; verify the
+        quadratic at two more, else count every length up to ``max_length``."""
+        max_len = net.config.model.max_length
+        if max_len < 6:
+            return cls(None, _table(net, max_len))
+        a = min(16, max_len - 4)
+        values = torch.tensor([_rest_at(net, n) for n in (a, a + 1, a + 2)], dtype=torch.float64)
+        # Shift the fit from lengths (a, a+1, a+2) to coefficients in L.
+        c = quadratic(values)  # in s = L − a
+        coef = torch.stack([c[0] - a * c[1] + a * a * c[2], c[1] - 2 * a * c[2], c[2]])
+        for probe in (max_len, (a + max_len) // 2 + 1):
+            expected = _rest_at(net, probe)
+            got = float(eval_quadratic(coef, torch.tensor([probe]))[0])
+            if not math.isclose(got, expected, rel_tol=1e-9, abs_tol=0.5):
+                logger.info("MACs of %s are not quadratic in the length: counting each length",
+                            type(net).__name__)
+                return cls(None, _table(net, max_len))
+        return cls(coef, None)
+
+    @property
+    def quadratic(self) -> bool:
+        return self.coef is not None
+
+    def rest(self, lengths: torch.Tensor) -> torch.Tensor:
+        """(B,) float64 MACs of everything but the gated layers."""
+        src = self.coef if self.coef is not None else self.table
+        assert src is not None
+        dev = lengths.device
+        on = self._on.get(dev)
+        if on is None:
+            on = self._on[dev] = src.to(dev)
+        if self.coef is not None:
+            return eval_quadratic(on, lengths)
+        return on[lengths.long().clamp(0, on.numel() - 1)]
+
+    def count(
+        self,
+        lengths: torch.Tensor,
+        records: Mapping[GatedLayer, Record],
+        with_predictor: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(executed, dense) MACs per request (B,) float64."""
+        rest = self.rest(lengths)
+        macs, dense = rest, rest
+        for layer, rec in records.items():
+            pred = rec.pred_length if with_predictor else None
+            macs = macs + layer.macs(rec.length, rec.executed, pred)
+            full = torch.full_like(rec.length, layer.n, dtype=torch.float64)
+            dense = dense + layer.macs(rec.length, full, None)
+        return macs, dense
 
 
-def flops_ratio(executed: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """Executed MACs over dense MACs, per request."""
-    return executed / dense.clamp_min(1.0)
+def _rest_at(net: GatedNetwork, length: int) -> float:
+    """Counted MACs of one dense request of ``length`` steps minus its gated layers'."""
+    from models.layers import forward_context
+
+    x, lengths = net.example_input(length)
+    fwd = net.open_forward(x, lengths, GateSettings("dense"))
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter, forward_context(fwd):
+        net.compute(x, lengths)
+    gated = 0.0
+    for layer, rec in fwd.records.items():
+        full = torch.full_like(rec.length, layer.n, dtype=torch.float64)
+        gated += float(layer.macs(rec.length, full, None)[0])
+    return counter.get_total_flops() / 2.0 - gated
+
+
+def _table(net: GatedNetwork, max_len: int) -> torch.Tensor:
+    values = [0.0]
+    for n in range(1, max_len + 1):
+        try:
+            values.append(_rest_at(net, n))
+        except Exception:  # noqa: BLE001 - lengths this network cannot run at all
+            values.append(math.nan)
+    table = torch.tensor(values, dtype=torch.float64)
+    valid = ~table.isnan()
+    if not bool(valid.any()):
+        raise RuntimeError(f"{type(net).__name__}: no length runs, cannot count its MACs")
+    first = float(table[valid][0])
+    return torch.where(valid, table, torch.full_like(table, first))

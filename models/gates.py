@@ -1,52 +1,24 @@
 """Channel gates: static (HardConcrete, sigmoid), dynamic (input predictor) and the keep policy.
 
-SPEC §1 (static gates), §3 (DynamicStructuredGate) and §4 (keep policy) are the contract; the
-tests in ``tests/unit/test_gates.py`` check each formula against it.
+docs/gates.md states the math (static gates, the blend, the keep policy); the tests in
+``tests/unit/test_gates.py`` check each formula against it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from models.config import GateMode, GateType, ModelConfig
-from models.errors import ConfigError
+from models.config import GateType, ModelConfig
+from models.gate_config import GateMode, GateSettings
 from models.predictor import InputPredictor
 
 # HardConcrete stretch interval (Louizos et al. 2018).
 GAMMA = -0.1
 ZETA = 1.1
 _U_EPS = 1e-6
-
-
-@dataclass(frozen=True)
-class GateSettings:
-    """How gates act for one forward pass (SPEC §4); the same for every request of a batch.
-
-    ``keep_ratio`` and ``threshold`` are alternatives (keep_ratio wins); both None keeps every
-    statically open channel. ``dynamic_weight`` None uses the configured weight.
-    """
-
-    mode: GateMode = "dynamic"
-    keep_ratio: float | None = None
-    threshold: float | None = None
-    dynamic_weight: float | None = None
-    bucket: int = 8
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("dense", "static", "dynamic"):
-            raise ConfigError(f"gate mode: got {self.mode!r}; allowed: dense, static, dynamic")
-        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
-            raise ConfigError(f"keep_ratio: got {self.keep_ratio}; allowed: > 0 and <= 1")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"threshold: got {self.threshold}; allowed: >= 0 and <= 1")
-        if self.dynamic_weight is not None and not 0.0 <= self.dynamic_weight <= 1.0:
-            raise ConfigError(f"dynamic_weight: got {self.dynamic_weight}; allowed: >= 0 and <= 1")
-        if self.bucket < 1:
-            raise ConfigError(f"bucket: got {self.bucket}; allowed: >= 1")
 
 
 def settings_for(
@@ -64,11 +36,17 @@ def settings_for(
     dp = cfg.dynamic_pruning_config
     if mode == "dynamic" and keep_ratio is None and threshold is None:
         keep_ratio, threshold = dp.keep_ratio, dp.threshold
-    return GateSettings(mode, keep_ratio, threshold, dynamic_weight, dp.bucket)
+    return GateSettings(
+        mode,
+        keep_ratio=keep_ratio,
+        threshold=threshold,
+        dynamic_weight=dynamic_weight,
+        bucket=dp.bucket,
+    )
 
 
 def bucketed_k(keep_ratio: float, n_open: int, bucket: int) -> int:
-    """SPEC §4: k = ceil(ρ·n_open) rounded up to a multiple of ``bucket``, never above n_open."""
+    """docs/gates.md §4: k = ceil(ρ·n_open) rounded up to a multiple of ``bucket``, never above n_open."""
     if n_open <= 0:
         return 0
     k = max(1, math.ceil(keep_ratio * n_open - 1e-9))
@@ -76,12 +54,12 @@ def bucketed_k(keep_ratio: float, n_open: int, bucket: int) -> int:
 
 
 def temperature_at(step: int, temperature: float, decay: float, freq: int, minimum: float) -> float:
-    """SPEC §1: β_t = max(temperature · decay^⌊t / freq⌋, min_temperature)."""
+    """docs/gates.md §1: β_t = max(temperature · decay^⌊t / freq⌋, min_temperature)."""
     return max(temperature * decay ** (step // freq), minimum)
 
 
 class StaticGate(nn.Module):
-    """One learned scalar per prunable structure (a channel, a head); SPEC §1."""
+    """One learned scalar per prunable structure (a channel, a head); docs/gates.md §1."""
 
     def forward(self) -> torch.Tensor:  # (n,) gate values in [0, 1]
         raise NotImplementedError
@@ -139,7 +117,7 @@ class HardConcreteGate(StaticGate):
 
 
 class SigmoidGate(StaticGate):
-    """Continuous gates z = σ(logit) in training and inference; L0 proxy Σ z (SPEC §1)."""
+    """Continuous gates z = σ(logit) in training and inference; L0 proxy Σ z (docs/gates.md §1)."""
 
     def __init__(
         self,
@@ -206,13 +184,13 @@ def straight_through(final: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
     """Forward ``final · hard`` (exact zeros), backward as if nothing were dropped.
 
     The gradient at a dropped channel then says whether opening it would help, which is what the
-    predictor needs to learn a ranking (SPEC §4: training uses the serving policy).
+    predictor needs to learn a ranking (docs/gates.md §4: training uses the serving policy).
     """
     return final - (final * (1.0 - hard)).detach()
 
 
 class DynamicStructuredGate(nn.Module):
-    """Static gate blended with an SE-style input predictor (SPEC §3), plus the keep policy.
+    """Static gate blended with an SE-style input predictor (docs/gates.md §3), plus the keep policy.
 
     ``final = (1 − w)·static + w·(static · dynamic)``; a channel closed by the static gate stays
     closed in every mode. ``forward`` returns the gate to multiply the block's hidden channels by

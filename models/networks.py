@@ -1,35 +1,50 @@
-"""Gated networks for sequences (B, T, C) with per-request lengths.
+"""Gated networks: the served model contract, the built-in networks and user networks.
 
-Two architectures ship, found by name in :data:`ARCHITECTURES`:
+A :class:`GatedNetwork` takes the server's input ``x`` (B, T, C) FP32 with per-request
+``lengths`` (B,) and a :class:`GateSettings`, and returns a :class:`NetworkOutput`: logits, the
+units each gated layer kept and the MACs it executed per request (docs/model-contract.md).
+Its gated layers (:mod:`models.layers`) are what the sparse plans compile; the rest of the
+network runs as written.
 
-- ``conv`` (default): a residual 1-D CNN; each block is LN → conv k (C→H) → GELU → gate(H) →
-  conv 1 (H→C), with the H hidden channels gated statically and per request.
-- ``transformer``: a pre-LN encoder whose FFN intermediate channels are gated statically and per
-  request and whose attention heads are gated statically.
-
-A user's own network is found by import path ``package.module:factory`` (see
-:func:`build_network`). Every network returns, per request, the channels each gated layer kept
-and the MACs it executed, so FLOPs are counted from what ran, not from what was configured.
-
-These modules are the reference (masked) implementation used for training and as the ground
-truth of the sparse execution plans in ``models/sparse.py``.
+- Built-ins, found by name: ``conv`` (residual 1-D CNN; each block LN → conv k (C→H) → GELU →
+  gate(H) → conv 1 (H→C)) and ``transformer`` (pre-LN encoder, FFN gated statically and per
+  request, heads gated statically). They are ordinary users of the gated layers.
+- A user's network, found by import path ``package.module:factory``: the factory returns a
+  ``GatedNetwork`` or a plain ``nn.Module``, which :func:`attach_gates` gates in place.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.errors import ArchitectureError, InvalidInputError
-from models.flops import attention_macs, conv1d_macs, linear_macs
-from models.gates import DynamicStructuredGate, GateSettings, StaticGate, make_static_gate
+from models.errors import ArchitectureError, ConfigError, InvalidInputError
+from models.flops import MacModel
+from models.gate_config import GateSettings
+from models.gates import DynamicStructuredGate, StaticGate, make_static_gate
+from models.layers import (
+    Forward,
+    GatedConv1d,
+    GatedFFN,
+    GatedLayer,
+    GatedLinear,
+    HeadGatedAttention,
+    UnfoldConv1d,
+    attach_ffns,
+    forward_context,
+    gated_layers,
+    signature_takes_lengths,
+    track_lengths,
+    unsupported_linears,
+)
 from models.predictor import time_mask
 
 
@@ -47,15 +62,47 @@ class NetworkOutput:
         return self.macs / self.dense_macs.clamp_min(1.0)
 
 
+def first_tensor(out: Any, where: str) -> torch.Tensor:
+    """The logits of a module's output: a tensor, the first tensor of a tuple or list, a
+    mapping's ``logits`` (or first value), or a ``ModelOutput``'s first field."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = [out["logits"]] if "logits" in out else list(out.values())
+    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ArchitectureError(
+        f"{where}: forward returned {type(out).__name__}; the contract is a tensor, a tuple "
+        "whose first element is one, or a ModelOutput"
+    )
+
+
 class GatedNetwork(nn.Module):
-    """Base class: subclasses implement ``forward(x, lengths, settings) -> NetworkOutput``."""
+    """A network with gated layers, served and compiled as one.
+
+    Subclasses implement :meth:`compute` (``x`` (B, T, C), ``lengths`` (B,) -> logits or a
+    tuple / ModelOutput whose first tensor is the logits). ``takes_lengths`` says whether the
+    network reads lengths (it then keeps padding out of its results); ``padding_invariant``
+    whether a request's result is independent of the padding it is batched with. A network
+    that is not is batched by the server only with requests of the same shape.
+    """
 
     config: ModelConfig
+    takes_lengths: bool = True
+    padding_invariant: bool = True
+
+    # ------------------------------------------------------------------ structure
+
+    def gated(self) -> list[GatedLayer]:
+        """Every gated layer, in module order."""
+        return gated_layers(self)
 
     def dynamic_gates(self) -> Iterator[tuple[str, DynamicStructuredGate]]:
-        for name, module in self.named_modules():
-            if isinstance(module, DynamicStructuredGate):
-                yield name, module
+        for layer in self.gated():
+            if isinstance(layer, GatedFFN):
+                yield layer.name, layer.gate
 
     def static_gates(self) -> Iterator[StaticGate]:
         """Every static gate (channels and heads): the structures the L0 objective counts."""
@@ -65,18 +112,71 @@ class GatedNetwork(nn.Module):
 
     def gated_widths(self) -> dict[str, int]:
         """Key of each dynamically gated layer in ``NetworkOutput.kept`` -> its channel count."""
-        return {name: gate.n for name, gate in self.dynamic_gates()}
-
-    def count_macs(
-        self, lengths: torch.Tensor, kept: dict[str, torch.Tensor], with_predictor: bool
-    ) -> torch.Tensor:
-        """MACs per request (B,) float64 for per-layer kept counts keyed as in NetworkOutput."""
-        raise NotImplementedError
+        return {layer.name: layer.n for layer in self.gated() if isinstance(layer, GatedFFN)}
 
     def predictor_parameters(self) -> Iterator[nn.Parameter]:
         for _, gate in self.dynamic_gates():
             if gate.predictor is not None:
                 yield from gate.predictor.parameters()
+
+    def apply_widths(self, widths: dict[str, int]) -> None:
+        """Resize named gated FFNs of a freshly built network to recorded widths (a pruned
+        export's ``pruned_widths``), before its weights load."""
+        layers = {layer.name: layer for layer in self.gated() if isinstance(layer, GatedFFN)}
+        unknown = sorted(set(widths) - set(layers))
+        if unknown:
+            raise ArchitectureError(f"pruned_widths names layers the network lacks: {unknown}")
+        for name, n in widths.items():
+            layers[name].select_channels(None, int(n))
+        self.__dict__.pop("_mac_model", None)
+
+    def plan_key(self, settings: GateSettings) -> tuple[object, ...]:
+        """What a forward under ``settings`` executes, so that settings which run the same plan
+        share one: the mode, each gated layer's kept count (static, or dynamic top-k after
+        bucketing) or the threshold, and the blend weight where a predictor uses it."""
+        s = settings.canonical()
+        if s.mode == "dense":
+            return ("dense",)
+        counts: list[object] = []
+        uses_weight = False
+        from models.gates import bucketed_k
+
+        for layer in self.gated():
+            if not isinstance(layer, GatedFFN):
+                continue
+            with torch.no_grad():
+                static = layer.gate.static_values()
+            n_open = int((static > 0).sum())
+            dynamic = s.mode == "dynamic" and layer.gate.predictor is not None
+            uses_weight |= dynamic
+            if s.keep_ratio is not None:
+                counts.append(bucketed_k(s.keep_ratio, n_open, s.bucket))
+            elif s.threshold is not None and not dynamic:
+                counts.append(int(((static >= s.threshold) & (static > 0)).sum()))
+            else:
+                counts.append(n_open if s.threshold is None else ("t", s.threshold))
+        weight: object = None
+        if uses_weight:
+            weight = s.dynamic_weight
+            if weight is None:
+                weight = self.config.dynamic_pruning_config.dynamic_weight
+        return (s.mode, tuple(counts), weight)
+
+    @property
+    def mac_model(self) -> MacModel:
+        """Counts of everything but the gated layers, fitted once by torch's FLOP counter."""
+        model = self.__dict__.get("_mac_model")
+        if model is None:
+            model = MacModel.fit(self)
+            self.__dict__["_mac_model"] = model
+        return cast(MacModel, model)
+
+    def example_input(self, length: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = next(self.parameters()).device
+        x = torch.zeros(batch, length, self.config.model.in_channels, device=dev)
+        return x, torch.full((batch,), length, device=dev)
+
+    # ------------------------------------------------------------------ running
 
     def check_input(self, x: torch.Tensor, lengths: torch.Tensor) -> None:
         cfg = self.config.model
@@ -93,10 +193,59 @@ class GatedNetwork(nn.Module):
         if x.shape[0] and (int(lengths.min()) < 1 or int(lengths.max()) > x.shape[1]):
             raise InvalidInputError(f"lengths must be in [1, {x.shape[1]}] (the padded T)")
 
+    def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def open_forward(
+        self, x: torch.Tensor, lengths: torch.Tensor, settings: GateSettings, plan: Any = None
+    ) -> Forward:
+        t = x.shape[1]
+        # Host lengths say for free whether a request is padded; device lengths would sync.
+        host = lengths if lengths.device.type == "cpu" else lengths.cpu()
+        padded = bool((host != t).any()) if host.numel() else False
+        return Forward(
+            settings=settings,
+            batch=x.shape[0],
+            full_length=t,
+            lengths={t: lengths.to(x.device)},
+            padded=padded,
+            plan=plan,
+        )
+
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor, settings: GateSettings
+    ) -> NetworkOutput:
+        """The reference forward: x (B, T, C_in), lengths (B,) -> logits, kept and MACs."""
+        self.check_input(x, lengths)
+        if not self.padding_invariant and bool((lengths != x.shape[1]).any()):
+            raise InvalidInputError(
+                "this model's results depend on padding: batch only requests of one length"
+            )
+        fwd = self.open_forward(x, lengths, settings)
+        with forward_context(fwd):
+            logits = first_tensor(self.compute(x, lengths), type(self).__name__)
+        return self.finish(logits, fwd)
+
+    def finish(self, logits: torch.Tensor, fwd: Forward) -> NetworkOutput:
+        lengths = fwd.lengths[fwd.full_length]
+        kept = {layer.name: rec.kept for layer, rec in fwd.records.items()}
+        with_pred = fwd.settings.mode == "dynamic"
+        macs, dense = self.mac_model.count(lengths, fwd.records, with_pred)
+        return NetworkOutput(logits, kept, macs, dense)
+
+
+# --------------------------------------------------------------------------- built-ins
+
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(x.dtype)
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, C)
+
+
+def _zero_padding(h: torch.Tensor, mf: torch.Tensor) -> torch.Tensor:
+    # In place where autograd does not need the input (inference, plans): one kernel and no
+    # allocation per block.
+    return h.mul_(mf) if torch.is_inference_mode_enabled() else h * mf
 
 
 class _ChannelLayerNorm(nn.LayerNorm):
@@ -147,34 +296,21 @@ _NORMS: dict[str, type[nn.Module]] = {
 class GatedConvBlock(nn.Module):
     """LN → conv k (C→H) → GELU → gate(H) → conv 1 (H→C), residual; padding stays zero."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, name: str) -> None:
         super().__init__()
         m = cfg.model
         self.channels, self.hidden, self.kernel_size = m.channels, m.hidden, m.kernel_size
         self.norm = _NORMS[m.norm](m.channels)
-        self.conv1 = nn.Conv1d(m.channels, m.hidden, m.kernel_size, padding=m.kernel_size // 2)
-        self.conv2 = nn.Conv1d(m.hidden, m.channels, 1)
+        self.conv1 = GatedConv1d(m.channels, m.hidden, m.kernel_size, padding=m.kernel_size // 2)
+        self.conv2 = GatedConv1d(m.hidden, m.channels, 1)
         self.gate = DynamicStructuredGate(m.hidden, m.channels, cfg)
+        self.ffn = GatedFFN(name, [self.conv1], self.conv2, self.gate, act=F.gelu)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, settings: GateSettings
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, C), mask (B, T) -> (B, T, C), kept (B,)."""
-        m = mask.unsqueeze(-1).to(x.dtype)
-        h = self.norm(x, mask) * m  # (B, T, C); padding is zero, as the conv's own padding
-        gate, kept = self.gate(h, mask, settings)
-        h = F.gelu(self.conv1(h.transpose(1, 2))).transpose(1, 2)  # (B, T, H)
-        if gate is not None:
-            h = h * gate
-        y = self.conv2(h.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
-        return (x + y) * m, kept
-
-    def macs(self, length: torch.Tensor, kept: torch.Tensor, with_predictor: bool) -> torch.Tensor:
-        out = conv1d_macs(length, self.channels, kept, self.kernel_size)
-        out = out + conv1d_macs(length, 1, kept * self.channels, 1)
-        if with_predictor and self.gate.predictor is not None:
-            out = out + self.gate.predictor.macs(length)
-        return out
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, mf: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C), mask (B, T) -> (B, T, C)."""
+        f = self.norm(x, mask) * mf  # (B, T, C); padding is zero, as the conv's own padding
+        y = self.ffn(f.transpose(1, 2), residual=x.transpose(1, 2))  # (B, C, T)
+        return _zero_padding(y.transpose(1, 2), mf)
 
 
 class GatedConvNet(GatedNetwork):
@@ -184,47 +320,29 @@ class GatedConvNet(GatedNetwork):
         super().__init__()
         self.config = cfg
         m = cfg.model
-        self.stem = nn.Conv1d(m.in_channels, m.channels, m.kernel_size, padding=m.kernel_size // 2)
-        self.blocks = nn.ModuleList(GatedConvBlock(cfg) for _ in range(m.num_blocks))
+        self.stem = UnfoldConv1d(
+            m.in_channels, m.channels, m.kernel_size, padding=m.kernel_size // 2
+        )
+        self.blocks = nn.ModuleList(
+            GatedConvBlock(cfg, f"blocks.{i}") for i in range(m.num_blocks)
+        )
         self.head = nn.Linear(m.channels, m.num_classes)
 
-    def gated_widths(self) -> dict[str, int]:
-        return {f"blocks.{i}": self.config.model.hidden for i in range(len(self.blocks))}
-
-    def forward(
-        self, x: torch.Tensor, lengths: torch.Tensor, settings: GateSettings
-    ) -> NetworkOutput:
-        """x (B, T, C_in), lengths (B,) -> logits and executed MACs."""
-        self.check_input(x, lengths)
-        m = self.config.model
-        mask = time_mask(lengths, x.shape[1])  # (B, T)
+    def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C_in), lengths (B,) -> logits (B, classes)."""
+        mask = time_mask(lengths.to(x.device), x.shape[1])  # (B, T)
         mf = mask.unsqueeze(-1).to(x.dtype)
-        h = self.stem((x * mf).transpose(1, 2)).transpose(1, 2) * mf  # (B, T, C)
-        kept: dict[str, torch.Tensor] = {}
-        for i, block in enumerate(self.blocks):
-            h, kept[f"blocks.{i}"] = block(h, mask, settings)
-        logits = self.head(_masked_mean(h, mask))
-        macs = self.count_macs(lengths, kept, settings.mode == "dynamic")
-        full = {name: torch.full_like(lengths, m.hidden) for name in kept}
-        return NetworkOutput(logits, kept, macs, self.count_macs(lengths, full, False))
-
-    def count_macs(
-        self, lengths: torch.Tensor, kept: dict[str, torch.Tensor], with_predictor: bool
-    ) -> torch.Tensor:
-        m = self.config.model
-        total = conv1d_macs(lengths, m.in_channels, m.channels, m.kernel_size)
-        total = total + linear_macs(torch.ones_like(lengths), m.channels, m.num_classes)
-        for i, block in enumerate(cast(list[GatedConvBlock], self.blocks)):
-            total = total + block.macs(
-                lengths, kept[f"blocks.{i}"].to(torch.float64), with_predictor
-            )
-        return total
+        h = self.stem((x * mf).transpose(1, 2)).transpose(1, 2)  # (B, T, C)
+        h = _zero_padding(h, mf)
+        for block in self.blocks:
+            h = block(h, mask, mf)
+        return cast(torch.Tensor, self.head(_masked_mean(h, mask)))
 
 
 class GatedEncoderLayer(nn.Module):
     """Pre-LN transformer layer: statically gated heads, statically+dynamically gated FFN."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, name: str) -> None:
         super().__init__()
         m = cfg.model
         self.d_model, self.ffn_dim, self.num_heads = m.d_model, m.ffn, m.num_heads
@@ -234,47 +352,18 @@ class GatedEncoderLayer(nn.Module):
         self.proj = nn.Linear(m.d_model, m.d_model)
         self.head_gate = make_static_gate(m.num_heads, cfg)
         self.norm2 = nn.LayerNorm(m.d_model)
-        self.fc1 = nn.Linear(m.d_model, m.ffn)  # weight (H, D): kept rows are contiguous
-        self.fc2 = nn.Linear(m.ffn, m.d_model)
+        self.fc1 = GatedLinear(m.d_model, m.ffn)  # weight (H, D): kept rows are contiguous
+        self.fc2 = GatedLinear(m.ffn, m.d_model)
         self.ffn_gate = DynamicStructuredGate(m.ffn, m.d_model, cfg)
+        self.attn = HeadGatedAttention(
+            f"{name}.heads", self.qkv, self.proj, self.head_gate, m.num_heads
+        )
+        self.ffn = GatedFFN(f"{name}.ffn", [self.fc1], self.fc2, self.ffn_gate, act=F.gelu)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, settings: GateSettings
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> (B, T, D), kept heads (B,), kept FFN channels (B,)."""
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
-        attn_mask = mask[:, None, None, :]  # (B, 1, 1, T): keys of padding are never attended
-        a = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
-        )  # (B, nh, T, hd)
-        if settings.mode == "dense":
-            heads = torch.full((b,), float(self.num_heads), device=x.device)
-        else:
-            z = self.head_gate()  # (nh,)
-            a = a * z.view(1, -1, 1, 1)
-            heads = (z > 0).sum().float().expand(b)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
-
-        f = self.norm2(x)
-        gate, kept = self.ffn_gate(f, mask, settings)
-        h = F.gelu(self.fc1(f))  # (B, T, H)
-        if gate is not None:
-            h = h * gate
-        x = x + self.fc2(h)
-        return x, heads, kept
-
-    def macs(
-        self, length: torch.Tensor, heads: torch.Tensor, kept: torch.Tensor, with_predictor: bool
-    ) -> torch.Tensor:
-        width = heads * self.head_dim  # attention width actually computed
-        out = linear_macs(length, self.d_model, 3 * width)
-        out = out + attention_macs(length, heads, self.head_dim)
-        out = out + linear_macs(length, width, self.d_model)
-        out = out + linear_macs(length, self.d_model, 2 * kept)
-        if with_predictor and self.ffn_gate.predictor is not None:
-            out = out + self.ffn_gate.predictor.macs(length)
-        return out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D)."""
+        x = self.attn(self.norm1(x), residual=x)
+        return self.ffn(self.norm2(x), residual=x)
 
 
 class GatedTransformer(GatedNetwork):
@@ -286,56 +375,92 @@ class GatedTransformer(GatedNetwork):
         m = cfg.model
         # A convolutional stem gives the tokens local context; a per-step linear embedding of
         # MNIST-1D's scalar samples leaves attention to rebuild every local feature (~0.7 acc).
-        self.embed = nn.Conv1d(m.in_channels, m.d_model, m.kernel_size, padding=m.kernel_size // 2)
+        self.embed = UnfoldConv1d(
+            m.in_channels, m.d_model, m.kernel_size, padding=m.kernel_size // 2
+        )
         self.pos = nn.Parameter(torch.randn(m.max_length, m.d_model) * 0.02)
-        self.layers = nn.ModuleList(GatedEncoderLayer(cfg) for _ in range(m.num_layers))
+        self.layers = nn.ModuleList(
+            GatedEncoderLayer(cfg, f"layers.{i}") for i in range(m.num_layers)
+        )
         self.norm = nn.LayerNorm(m.d_model)
         self.head = nn.Linear(m.d_model, m.num_classes)
 
-    def gated_widths(self) -> dict[str, int]:
-        return {f"layers.{i}.ffn": self.config.model.ffn for i in range(len(self.layers))}
-
-    def embed_tokens(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C_in), mask (B, T) -> tokens (B, T, D) with positions; padding zeroed first."""
+    def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        mask = time_mask(lengths.to(x.device), x.shape[1])
         mf = mask.unsqueeze(-1).to(x.dtype)
-        h: torch.Tensor = self.embed((x * mf).transpose(1, 2)).transpose(1, 2)  # (B, T, D)
-        return h + self.pos[: x.shape[1]]
+        h = self.embed((x * mf).transpose(1, 2)).transpose(1, 2)  # (B, T, D)
+        h = h + self.pos[: x.shape[1]]
+        for layer in self.layers:
+            h = layer(h)
+        return cast(torch.Tensor, self.head(_masked_mean(self.norm(h), mask)))
 
-    def forward(
-        self, x: torch.Tensor, lengths: torch.Tensor, settings: GateSettings
-    ) -> NetworkOutput:
-        self.check_input(x, lengths)
-        m = self.config.model
-        mask = time_mask(lengths, x.shape[1])
-        h = self.embed_tokens(x, mask)  # (B, T, D)
-        kept: dict[str, torch.Tensor] = {}
-        heads: dict[str, torch.Tensor] = {}
-        for i, layer in enumerate(self.layers):
-            h, heads[f"layers.{i}.heads"], kept[f"layers.{i}.ffn"] = layer(h, mask, settings)
-        logits = self.head(_masked_mean(self.norm(h), mask))
-        everything = {**heads, **kept}
-        macs = self.count_macs(lengths, everything, settings.mode == "dynamic")
-        full = {
-            name: torch.full_like(lengths, m.num_heads if name.endswith(".heads") else m.ffn)
-            for name in everything
-        }
-        return NetworkOutput(logits, everything, macs, self.count_macs(lengths, full, False))
 
-    def count_macs(
-        self, lengths: torch.Tensor, kept: dict[str, torch.Tensor], with_predictor: bool
-    ) -> torch.Tensor:
-        m = self.config.model
-        total = conv1d_macs(lengths, m.in_channels, m.d_model, m.kernel_size)
-        total = total + linear_macs(torch.ones_like(lengths), m.d_model, m.num_classes)
-        for i, layer in enumerate(cast(list[GatedEncoderLayer], self.layers)):
-            total = total + layer.macs(
-                lengths,
-                kept[f"layers.{i}.heads"].to(torch.float64),
-                kept[f"layers.{i}.ffn"].to(torch.float64),
-                with_predictor,
+# --------------------------------------------------------------------------- any module
+
+
+class AttachedNetwork(GatedNetwork):
+    """A plain ``nn.Module`` with its FFNs gated in place (see :func:`attach_gates`).
+
+    The module is called as ``module(x, lengths)`` when its forward has a ``lengths``
+    parameter, else ``module(x)``; a module may set ``padding_invariant`` to say whether its
+    results ignore padding (default: it does exactly when it takes lengths).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        config: ModelConfig,
+        ffns: Sequence[Sequence[str]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.takes_lengths = signature_takes_lengths(module)
+        self.padding_invariant = bool(getattr(module, "padding_invariant", self.takes_lengths))
+        layers = attach_ffns(module, config, ffns)
+        if not layers:
+            candidates = unsupported_linears(module)
+            hint = f"; modules with several linears: {'; '.join(candidates)}" if candidates else ""
+            raise ArchitectureError(
+                f"attach_gates: found no FFN in {type(module).__name__} (patterns: "
+                "nn.TransformerEncoderLayer, nn.Sequential(Linear, act, [Dropout], Linear), a "
+                "forward calling fc1 → activation module → fc2); name them with "
+                f"ffns=[('path.fc1', 'path.fc2'), ...]{hint}"
             )
-        return total
+        self.module = module
+        track_lengths(module)
 
+    def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> Any:
+        return self.module(x, lengths) if self.takes_lengths else self.module(x)
+
+
+def attach_gates(
+    module: nn.Module,
+    config: ModelConfig | dict[str, Any] | None = None,
+    ffns: Sequence[Sequence[str]] | None = None,
+) -> GatedNetwork:
+    """Gate every FFN of a plain ``nn.Module`` in place, keeping its weights.
+
+    ``config`` is a :class:`ModelConfig` (or its mapping; the gate keys of the parameter
+    guide at the top level, and ``model.in_channels`` / ``num_classes`` / ``max_length`` for
+    the served contract). FFNs are found by pattern (``nn.TransformerEncoderLayer``, whose
+    fused inference fast path is replaced by its own gated slow path;
+    ``nn.Sequential(Linear, act, [Dropout], Linear)``; a module whose forward calls
+    ``Linear → activation module → Linear``, found with torch.fx) or named as module paths
+    ``ffns=[("blocks.0.fc1", "blocks.0.fc2"), ("mlp.gate", "mlp.up", "mlp.down")]``. Finding
+    none, or a name that is not a Linear/Conv1d, is an ArchitectureError naming the path.
+    """
+    if config is None:
+        config = ModelConfig()
+    elif isinstance(config, dict):
+        from models.config import parse_config
+
+        config = parse_config(config, "attach_gates config")
+    if isinstance(module, GatedNetwork):
+        raise ArchitectureError("attach_gates: the module is already a GatedNetwork")
+    return AttachedNetwork(module, config, ffns or config.model.ffns or None)
+
+
+# --------------------------------------------------------------------------- building
 
 NetworkFactory = Callable[[ModelConfig], GatedNetwork]
 
@@ -345,8 +470,24 @@ ARCHITECTURES: dict[str, NetworkFactory] = {
 }
 
 
+def _call_factory(factory: Callable[..., Any], cfg: ModelConfig) -> Any:
+    args = cfg.model.args
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    # The original contract: factory(config). Otherwise factory(**model.args).
+    takes_config = len(params) >= 1 and params[0].name in ("config", "cfg") and not args
+    return factory(cfg) if takes_config else factory(**args)
+
+
 def build_network(cfg: ModelConfig) -> GatedNetwork:
-    """Build the network named by ``cfg.model.name``: a registered name or ``module:factory``."""
+    """Build the network named by ``cfg.model.name``: a built-in name or ``module:factory``.
+
+    A factory may return a ``GatedNetwork`` or a plain ``nn.Module`` (gated here with
+    ``cfg``); an import failure, an exception in the factory or another return type is an
+    :class:`ArchitectureError` naming the factory and the cause.
+    """
     name = cfg.model.name
     if name in ARCHITECTURES:
         return ARCHITECTURES[name](cfg)
@@ -358,11 +499,23 @@ def build_network(cfg: ModelConfig) -> GatedNetwork:
     module_name, _, attr = name.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ArchitectureError(f"model.name: cannot import {name!r}: {err}") from None
-    net = factory(cfg)
-    if not isinstance(net, GatedNetwork):
+    except Exception as err:  # noqa: BLE001 - any import-time failure of user code
         raise ArchitectureError(
-            f"model.name: {name!r} returned {type(net).__name__}, not a models.GatedNetwork"
-        )
-    return net
+            f"model.name: cannot import {name!r}: {type(err).__name__}: {err}"
+        ) from None
+    try:
+        net = _call_factory(factory, cfg)
+    except (ArchitectureError, ConfigError):
+        raise
+    except Exception as err:  # noqa: BLE001 - the factory is user code
+        raise ArchitectureError(
+            f"model.name: {name!r} raised {type(err).__name__}: {err}"
+        ) from None
+    if isinstance(net, GatedNetwork):
+        return net
+    if isinstance(net, nn.Module):
+        return attach_gates(net, cfg)
+    raise ArchitectureError(
+        f"model.name: {name!r} returned {type(net).__name__}, not a torch.nn.Module or a "
+        "models.GatedNetwork"
+    )

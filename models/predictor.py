@@ -1,7 +1,7 @@
 """SE-style input predictor: per-request channel gates from the statistics of a block's input.
 
 Hu et al., "Squeeze-and-Excitation Networks" (2018); Gao et al., "Feature Boosting and
-Suppression" (2019). Differences from SE (SPEC §2):
+Suppression" (2019). Differences from SE (docs/gates.md §2):
 
 - the squeeze is padding-aware: statistics use only each request's valid time steps, so a
   request's gates do not depend on what it is batched with;

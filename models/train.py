@@ -7,11 +7,11 @@ Each step runs two passes over the batch (the sandwich rule of slimmable network
 1. the **dense** pass (gates ignored) trains the unpruned baseline that ``dense`` mode serves;
 2. after ``dense_warmup_epochs``, the **gated** pass with stochastic static gates, the predictor
    (when ``dynamic_mode``) and the serving keep policy at a keep ratio sampled from
-   ``train_keep_ratios``, straight-through (SPEC §4), distilled from the dense pass.
+   ``train_keep_ratios``, straight-through (docs/gates.md §4), distilled from the dense pass.
 
-The objective is SPEC §5: task loss + Lagrangian sparsity loss (λ1, λ2 by gradient ascent,
+The objective is docs/gates.md §5: task loss + Lagrangian sparsity loss (λ1, λ2 by gradient ascent,
 target warmed up linearly from 0) + ``dynamic_l1_weight`` · L1 of the predictor's parameters;
-HardConcrete temperatures follow the SPEC §1 schedule per optimizer step.
+HardConcrete temperatures follow the docs/gates.md §1 schedule per optimizer step.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class TrainReport:
 
 
 def expected_sparsity(model: GatedNetwork) -> torch.Tensor:
-    """ŝ: expected fraction of closed structures over every static gate (SPEC §5)."""
+    """ŝ: expected fraction of closed structures over every static gate (docs/gates.md §5)."""
     open_, total = [], 0
     for gate in model.static_gates():
         open_.append(gate.expected_l0())
@@ -155,7 +155,7 @@ def train(
             dense = model(x, lengths, GateSettings(mode="dense"))
             loss = F.cross_entropy(dense.logits, y)
             sparsity = torch.zeros((), device=dev)
-            # The gated pass trains the static gates too (SPEC §3: without dynamic pruning,
+            # The gated pass trains the static gates too (docs/gates.md §3: without dynamic pruning,
             # final = static), so it runs whatever use_dynamic_pruning says.
             if step >= gating_start:
                 ratio = rng.choice(keep_choices)

@@ -274,7 +274,7 @@ class Engine:
     def _plan(self, loaded: _Loaded, gate: GateConfig) -> models.SparsePlan:
         """The compiled sparse plan of ``gate`` (compiled on first use, on the compute thread).
 
-        Plans are what makes a closed channel cost nothing (SPEC §4): static channels are
+        Plans are what makes a closed channel cost nothing (docs/gates.md §4): static channels are
         removed once, dynamic ones gathered per request. Compiling includes a short strategy
         calibration (well under a second for the shipped model).
         """

@@ -1,4 +1,4 @@
-"""Gate math against SPEC §1-§4."""
+"""Gate math against docs/gates.md §1-§4."""
 
 from __future__ import annotations
 
@@ -204,16 +204,22 @@ def test_predictor_global_stats_are_mean_and_population_std() -> None:
 
 
 def test_gate_settings_validation() -> None:
-    with pytest.raises(ConfigError, match="gate mode"):
-        GateSettings(mode="sparse")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="keep_ratio"):
+    with pytest.raises(ConfigError, match="mode: got 'sparse'"):
+        GateSettings(mode="sparse")
+    with pytest.raises(ConfigError, match=r"keep_ratio: got 0.0; .*allowed: > 0.0"):
         GateSettings(keep_ratio=0.0)
-    with pytest.raises(ConfigError, match="threshold"):
+    with pytest.raises(ConfigError, match="threshold: got 1.5"):
         GateSettings(threshold=1.5)
+    # Strict numbers: what a JSON client sends as a string or a bool is not a keep ratio.
+    for bad in ("0.5", True):
+        with pytest.raises(ConfigError, match="keep_ratio"):
+            GateSettings.parse({"mode": "dynamic", "keep_ratio": bad})
+    with pytest.raises(ConfigError, match="unknown key"):
+        GateSettings.parse({"mode": "dense", "keep": 0.5})
 
 
 def test_settings_for_fills_dynamic_defaults_only() -> None:
     cfg = ModelConfig.model_validate({"dynamic_pruning_config": {"keep_ratio": 0.3, "bucket": 2}})
-    assert settings_for(cfg, "dynamic") == GateSettings("dynamic", 0.3, None, None, 2)
-    assert settings_for(cfg, "static") == GateSettings("static", None, None, None, 2)
+    assert settings_for(cfg, "dynamic") == GateSettings("dynamic", keep_ratio=0.3, bucket=2)
+    assert settings_for(cfg, "static") == GateSettings("static", bucket=2)
     assert settings_for(cfg, "dynamic", threshold=0.4).threshold == 0.4

@@ -41,7 +41,7 @@ def test_training_is_deterministic_and_saves_a_loadable_checkpoint(tmp_path: Pat
     for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(ta, tb), name
     assert report.steps == 48  # 3 · ceil(4000 / 256)
-    # β follows SPEC §1 and is saved: the last step is 47.
+    # β follows docs/gates.md §1 and is saved: the last step is 47.
     loaded = load_checkpoint(tmp_path / "a")
     beta = temperature_at(47, 1.0, 0.5, 4, 0.1)
     assert [g.beta.item() for g in loaded.static_gates()] == pytest.approx([beta])
@@ -56,7 +56,7 @@ def test_lagrangian_drives_sparsity_toward_target() -> None:
     )
     model, _ = train(cfg, None, progress=False)
     assert expected_sparsity(model).item() > 0.25
-    # Static gates train without dynamic pruning too (final = static, SPEC §3).
+    # Static gates train without dynamic pruning too (final = static, docs/gates.md §3).
     static_only = cfg.model_copy(update={"use_dynamic_pruning": False})
     assert expected_sparsity(train(static_only, None, progress=False)[0]).item() > 0.25
     assert expected_sparsity(train(tiny_cfg(epochs=4), None, progress=False)[0]).item() < 0.05

@@ -1,0 +1,599 @@
+"""Layer executors: what a compiled plan runs in place of each gated layer (docs/plans.md).
+
+- :class:`FFNExecutor` — a :class:`models.layers.GatedFFN` compiled for one gate setting:
+  ``dense`` reads the model's weights; ``static`` removes closed channels once and folds z into
+  the output projection; ``dynamic`` runs the predictor per request and computes only the kept
+  channels, by one of three strategies chosen per (batch size, k) by calibration: per-request
+  gather + matmul, batched gather + ``baddbmm`` over chunks of requests, or the dense fallback.
+  The projections of a layer are packed hidden-channel-major in one matrix
+  ``[W_in row | (W_up row) | W_outᵀ row]`` so a request's kept set is one ``index_select`` of
+  contiguous rows. Called projection by projection (a user's ``fc2(act(fc1(x)))``), the input
+  side returns a compact (B, T, k) tensor and the output side reads the same kept indices;
+  called as a whole (``layer(x, residual)``), one fused loop keeps each request's gathered
+  weights in cache and accumulates into the residual in place.
+- :class:`AttentionExecutor` — heads with z = 0 removed, z folded into the output projection.
+- :func:`conv_unfolded` — an ungated ``UnfoldConv1d`` as one matmul over unfolded windows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+
+from models.gate_config import GateSettings
+from models.gates import apply_keep_policy, bucketed_k
+from models.layers import (
+    Forward,
+    GatedConv1d,
+    GatedFFN,
+    HeadGatedAttention,
+    Record,
+    UnfoldConv1d,
+    _Projection,
+)
+from models.predictor import InputPredictor, time_mask
+from models.sparse.kernels import act_, addmm_act, unfold
+from models.sparse.workspace import Workspace
+
+_VAR_EPS = 1e-5  # the predictor's variance epsilon (models.predictor)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How one gated layer runs for one (batch size, k): ``dense`` or gather in chunks.
+
+    ``chunk`` requests share one gather + ``baddbmm``; chunk 1 is the per-request loop (plain
+    ``addmm``), chunk ≥ batch one batched call.
+    """
+
+    kind: str  # "dense" | "gather"
+    chunk: int = 1
+
+    def __str__(self) -> str:
+        return "dense" if self.kind == "dense" else f"gather/{self.chunk}"
+
+
+DENSE = Strategy("dense")
+
+
+def static_keep_mask(layer: GatedFFN, settings: GateSettings) -> torch.Tensor:
+    """(n,) float 0/1: the reference's static keep set (input independent)."""
+    gate = layer.gate
+    static = gate.static_values()  # (n,)
+    hard = apply_keep_policy(
+        static.unsqueeze(0),
+        static > 0,
+        settings.keep_ratio,
+        settings.threshold,
+        settings.bucket,
+        gate.static_gate.scores(),
+    )
+    return hard[0]
+
+
+def _rows(p: _Projection) -> torch.Tensor:
+    """An input projection's weight as (H, D_in·k) rows (a view)."""
+    return p.weight.detach().flatten(1)
+
+
+def _out_cols(p: _Projection) -> torch.Tensor:
+    """The output projection's weight as (D_out, H) (a view)."""
+    w = p.weight.detach()
+    return w.squeeze(-1) if w.dim() == 3 else w
+
+
+def _bias(p: _Projection) -> torch.Tensor:
+    b = p.bias
+    if b is None:
+        return p.weight.new_zeros(p.weight.shape[0])
+    return b.detach()
+
+
+class _FastPredictor:
+    """The global-pool predictor, same math as :class:`InputPredictor`, cheaper squeeze.
+
+    The padding-aware mean and variance are small batched matmuls with per-request step
+    weights (1/count on valid steps, 0 on padding, shared by every layer): reductions over the
+    time axis of a (B, T, C) tensor are many times slower than that on CPU.
+    """
+
+    def __init__(self, predictor: InputPredictor) -> None:
+        self.use_std = predictor.use_std
+        self.w1 = predictor.fc1.weight.detach()
+        self.b1 = predictor.fc1.bias.detach()
+        self.w2 = predictor.fc2.weight.detach()
+        self.b2 = predictor.fc2.bias.detach()
+        self.eps = self.b2.new_full((1, 1, 1), _VAR_EPS)
+
+    def __call__(self, x: torch.Tensor, step_weights: torch.Tensor, ws: Workspace) -> torch.Tensor:
+        """x (B, T, C), step_weights (B, 1, T) -> (B, n) gates in (0, 1)."""
+        mean = torch.bmm(step_weights, x)  # (B, 1, C)
+        if self.use_std:
+            # Two passes like the reference: no cancellation, no clamp needed. (x − mean)² is
+            # one kernel (mse_loss, elementwise) and ε rides on the second bmm.
+            sq = ws.get("sq", x.shape, x)
+            # reduction 0 = none (the binding takes the enum; its stub says str, without out=)
+            dev = torch._C._nn.mse_loss(x, mean.expand_as(x), 0, out=sq)  # type: ignore[call-arg, arg-type]
+            var = torch.baddbmm(self.eps, step_weights, dev)  # (B, 1, C): var + ε
+            stats = torch.cat([mean, var.sqrt_()], dim=-1)[:, 0]  # (B, 2C)
+        else:
+            stats = mean[:, 0]  # (B, C)
+        hidden = torch._addmm_activation(self.b1, stats, self.w1.t())  # (B, hidden), ReLU'd
+        return torch.addmm(self.b2, hidden, self.w2.t()).sigmoid_()  # (B, n)
+
+
+@dataclass
+class _Selection:
+    """What the input side chose for a batch, handed to the output side."""
+
+    strategy: Strategy
+    idx: torch.Tensor | None  # (B, k) kept channels (packed rows), gather only
+    values: torch.Tensor | None  # (B, k) their gate values, gather only
+    gate: torch.Tensor | None  # (B, 1|T, n_dense) dense multiplier, dense paths
+    gathered: torch.Tensor | None = None  # (B, k, W) packed rows, split gather
+
+
+class FFNExecutor:
+    """One gated FFN compiled for one :class:`GateSettings` (see the module docstring)."""
+
+    def __init__(self, layer: GatedFFN, settings: GateSettings) -> None:
+        self.layer = layer
+        self.name = layer.name
+        self.settings = settings
+        self.act = layer.act_kind  # "gelu" | "relu" | "identity" | None (run the module)
+        gate = layer.gate
+        n = layer.n
+        ins = layer.inputs
+        self.d_ins = [int(_rows(p).shape[1]) for p in ins]
+        self.d_out = int(_out_cols(layer.output).shape[0])
+        self.b_out = _bias(layer.output).contiguous()
+        self.conv = layer.conv
+        self.predictor: _FastPredictor | None = None
+        self.per_step = False
+        self.k: int | None = None
+        self.strategies: dict[tuple[int, int], Strategy] = {}
+        self.forced: Strategy | None = None
+        self.packed: torch.Tensor | None = None
+        self.open_rows: torch.Tensor | None = None
+        self.closed: torch.Tensor | None = None
+        self.dense_map: torch.Tensor | None = None
+        mode = settings.mode
+        dynamic = mode == "dynamic" and gate.predictor is not None
+        rows: torch.Tensor | None = None  # channels of the dense path; None = all
+        scale: torch.Tensor | None = None
+        if mode == "dense":
+            self.n_open = n
+            self.kept_const: float | None = float(n)
+        elif not dynamic:
+            # Input-independent keep set: remove the others now, fold z into W_out's columns.
+            static = gate.static_values()
+            rows = (static_keep_mask(layer, settings) > 0).nonzero().flatten()
+            scale = static
+            self.n_open = int(rows.numel())
+            self.kept_const = float(self.n_open)
+        else:
+            static = gate.static_values()
+            open_mask = static > 0
+            self.n_open = int(open_mask.sum())
+            self.kept_const = None
+            if self.n_open < n:
+                rows = open_mask.nonzero().flatten()
+                self.open_rows = rows
+                self.closed = ~open_mask
+                self.dense_map = torch.zeros(n, dtype=torch.long, device=static.device)
+                self.dense_map[rows] = torch.arange(self.n_open, device=static.device)
+            w = gate.dynamic_weight if settings.dynamic_weight is None else settings.dynamic_weight
+            self.static_part = (1.0 - w) * static
+            self.weighted_static = w * static
+            self.per_step = gate.per_step
+            assert gate.predictor is not None
+            self.predictor = _FastPredictor(gate.predictor)
+            if settings.keep_ratio is not None:
+                self.k = bucketed_k(settings.keep_ratio, self.n_open, settings.bucket)
+            elif settings.threshold is None:
+                self.k = self.n_open  # no policy: every open channel, scaled by its gate
+        w_ins = [_rows(p) for p in ins]
+        b_ins = [_bias(p) for p in ins]
+        w_out = _out_cols(layer.output)  # (D_out, H)
+        if scale is not None:
+            w_out = w_out * scale
+        if dynamic and not self.per_step:
+            # [W_in | W_up | W_outᵀ] rows over all H, so top-k indices index it directly.
+            self.packed = torch.cat([*w_ins, w_out.t()], dim=1).contiguous()  # (H, W)
+            self.b_in_all = [b.contiguous() for b in b_ins]
+        # Weights are views wherever nothing is removed or folded (BLAS takes row strides and
+        # transposes): a dense plan adds no copy of the model's weights, and the dense path of
+        # a packed layer reads the packed matrix, so its weights stay in cache once.
+        if rows is None and self.packed is not None:
+            offs = self._offsets()
+            self.w_in = [self.packed[:, a:b] for a, b in offs[:-1]]
+            self.w_out_t = self.packed[:, offs[-1][0] : offs[-1][1]]  # (H, D_out)
+            self.b_in = self.b_in_all
+        elif rows is None:
+            self.w_in = w_ins
+            self.w_out_t = w_out.t()
+            self.b_in = [b.contiguous() for b in b_ins]
+        else:
+            self.w_in = [w[rows].contiguous() for w in w_ins]
+            self.b_in = [b[rows].contiguous() for b in b_ins]
+            self.w_out_t = w_out[:, rows].t().contiguous()  # (n, D_out)
+        self.width = int(self.w_in[0].shape[0])
+        dev = layer.output.weight.device
+        self.kept_vec = (
+            torch.tensor([self.kept_const], device=dev) if self.kept_const is not None else None
+        )
+        self.k_vec = torch.tensor([float(self.k)], device=dev) if self.k is not None else None
+        self.width_vec = torch.tensor([float(self.width)], device=dev)
+
+    def _offsets(self) -> list[tuple[int, int]]:
+        out, start = [], 0
+        for d in [*self.d_ins, self.d_out]:
+            out.append((start, start + d))
+            start += d
+        return out
+
+    # ------------------------------------------------------------------ strategy
+
+    def strategy(self, batch: int, k: int) -> Strategy:
+        if self.forced is not None:
+            return self.forced
+        if not self.strategies:
+            return DENSE
+        key = min(
+            self.strategies,
+            key=lambda bk: (abs(math.log(bk[0] / batch)), abs(bk[1] - k), -bk[1]),
+        )
+        return self.strategies[key]
+
+    # ------------------------------------------------------------------ inputs
+
+    def _features(self, x_steps: torch.Tensor, ws: Workspace) -> torch.Tensor:
+        """(B, T, C) input -> (B, T', D_in) matmul features (unfolded windows for a conv)."""
+        if not self.conv:
+            return x_steps
+        p = cast(GatedConv1d, self.layer.inputs[0])
+        return unfold(x_steps, p.kernel_size, ws, p.padding, p.stride, p.dilation)
+
+    def _select(
+        self, x_steps: torch.Tensor, t_in: int, fwd: Forward, ws: Workspace
+    ) -> tuple[_Selection, torch.Tensor, torch.Tensor, tuple[float, float] | None]:
+        """Run the gate for a batch -> selection, kept (B,), executed (B,), const counts."""
+        b = x_steps.shape[0]
+        if self.predictor is None:  # dense, static, or dynamic without a predictor
+            kept = cast(torch.Tensor, self.kept_vec).expand(b)
+            const = cast(float, self.kept_const)
+            return _Selection(DENSE, None, None, None), kept, kept, (const, const)
+        width = self.width_vec.expand(b)
+        if self.per_step:
+            # Per-step gates differ at every time step: a token-level gather reads k rows of
+            # weights per token, more than the dense matmul; the reference gate runs and its
+            # hard mask multiplies.
+            mask = fwd.mask_at(t_in, self.name)[0]
+            gate, kept = self.layer.gate(x_steps, mask, self.settings)
+            assert gate is not None
+            if self.open_rows is not None:
+                gate = gate[..., self.open_rows]
+            return _Selection(DENSE, None, None, gate), kept, width, None
+        weights = fwd.mask_at(t_in, self.name)[3]
+        dynamic = self.predictor(x_steps, weights, ws)  # (B, n)
+        # final = (1 − w)·static + w·(static·dynamic), one fused multiply-add.
+        final = torch.addcmul(self.static_part, dynamic, self.weighted_static)
+        if self.k is not None:
+            kvec = cast(torch.Tensor, self.k_vec).expand(b)
+            if self.k >= self.n_open:
+                gate = final if self.open_rows is None else final[:, self.open_rows]
+                k = float(self.k)
+                return _Selection(DENSE, None, None, gate.unsqueeze(1)), kvec, kvec, (k, k)
+            ranked = final if self.closed is None else final.masked_fill(self.closed, -math.inf)
+            values, idx = ranked.topk(self.k, dim=-1, sorted=False)  # (B, k)
+            strat = self.strategy(b, self.k)
+            if strat.kind == "gather":
+                k = float(self.k)
+                return _Selection(strat, idx, values, None), kvec, kvec, (k, k)
+            return (
+                _Selection(DENSE, None, None, self._dense_gate(idx, values)),
+                kvec,
+                width,
+                (float(self.k), float(self.width)),
+            )
+        tau = cast(float, self.settings.threshold)
+        keep = final >= tau  # (B, n)
+        if self.closed is not None:
+            keep &= ~self.closed
+        counts = keep.sum(-1)
+        kept = counts.to(torch.float32)
+        # Kernel shapes depend on the counts: the one host sync of this policy. Every request
+        # runs the batch's largest bucketed count; the padding picks carry a zero gate.
+        bucket = self.settings.bucket
+        kmax = min(-(-int(counts.max()) // bucket) * bucket, self.n_open) if b else 0
+        ranked = final.masked_fill(~keep, -math.inf)
+        values, idx = ranked.topk(kmax, dim=-1, sorted=False)
+        values = values.clamp_min_(0.0)
+        strat = self.strategy(b, kmax)
+        if strat.kind == "gather":
+            return _Selection(strat, idx, values, None), kept, kept.new_full((b,), kmax), None
+        return _Selection(DENSE, None, None, self._dense_gate(idx, values)), kept, width, None
+
+    def _dense_gate(self, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        gate = values.new_zeros(idx.shape[0], self.width)  # (B, n)
+        # Add, not assign: padding picks of a threshold policy carry 0 and may map (through a
+        # closed channel) onto the column of an open one, whose value must survive.
+        gate.scatter_add_(1, idx if self.dense_map is None else self.dense_map[idx], values)
+        return gate.unsqueeze(1)
+
+    def _record(
+        self,
+        fwd: Forward,
+        kept: torch.Tensor,
+        executed: torch.Tensor,
+        t_in: int,
+        t_hidden: int,
+        const: tuple[float, float] | None,
+    ) -> None:
+        length = self.layer.lengths(t_hidden, fwd)
+        pred = self.layer.lengths(t_in, fwd) if self.predictor is not None else None
+        fwd.records[self.layer] = Record(kept, executed, length, pred, const)
+
+    # ------------------------------------------------------------------ fused
+
+    def fused(
+        self, x: torch.Tensor, residual: torch.Tensor | None, fwd: Forward, ws: Workspace
+    ) -> torch.Tensor:
+        """The whole layer: ``[residual +] out(act(in(x)))``, in the caller's layout."""
+        layer = self.layer
+        first = layer.inputs[0]
+        x_steps = layer.to_steps(x, first)  # (B, T, C)
+        t_in = layer.steps_of(x, first, fwd)
+        sel, kept, executed, const = self._select(x_steps, t_in, fwd, ws)
+        u = self._features(x_steps, ws)  # (B, T', D_in)
+        b, t, _ = u.shape
+        self._record(fwd, kept, executed, t_in, t, const)
+        out_proj = layer.output
+        y: torch.Tensor | None = None
+        if residual is not None:
+            r = layer.to_steps(residual, out_proj)
+            if r.is_contiguous() and r.shape == (b, t, self.d_out):
+                y = r.add_(self.b_out)  # accumulate in place: the caller no longer needs it
+        if y is None:
+            y = ws.get(f"y:{self.name}", (b, t, self.d_out), u).copy_(
+                self.b_out.expand(b, t, self.d_out)
+            )
+            if residual is not None:
+                y.add_(layer.to_steps(residual, out_proj))
+        if sel.strategy.kind == "gather":
+            self._gather_fused(u, y, cast(torch.Tensor, sel.idx), cast(torch.Tensor, sel.values),
+                               sel.strategy.chunk, ws)
+        elif self.width:
+            h = self._dense_hidden(u, ws, "h")
+            if sel.gate is not None:
+                h.view(b, t, -1).mul_(sel.gate)
+            y.view(b * t, -1).addmm_(h, self.w_out_t)  # (B·T, D_out)
+        return layer.from_steps(y, residual if residual is not None else x, out_proj)
+
+    def _hidden_act(self, h: torch.Tensor) -> torch.Tensor:
+        if self.act in ("gelu", "relu", "identity"):
+            return h if self.act == "identity" else act_(h, self.act)
+        return cast(torch.Tensor, self.layer.act(h))  # type: ignore[misc]
+
+    def _dense_hidden(self, u: torch.Tensor, ws: Workspace, role: str) -> torch.Tensor:
+        """(B·T, n) activated hidden channels of the dense path."""
+        b, t, _ = u.shape
+        u2 = u.reshape(b * t, -1)
+        h = ws.get(role, (b * t, self.width), u)
+        fused = self.act in ("gelu", "relu") and not self.layer.glu
+        addmm_act(self.b_in[0], u2, self.w_in[0].t(), h, self.act if fused else None)
+        if not fused:
+            h = self._hidden_act(h)
+        if self.layer.glu:
+            up = torch.addmm(self.b_in[1], u2, self.w_in[1].t())
+            h = h * up
+        return h
+
+    def _gather_fused(
+        self,
+        u: torch.Tensor,
+        y: torch.Tensor,
+        idx: torch.Tensor,
+        values: torch.Tensor,
+        chunk: int,
+        ws: Workspace,
+    ) -> None:
+        """Kept channels only, accumulated into y (B, T, D_out)."""
+        packed = cast(torch.Tensor, self.packed)
+        b, t, _ = u.shape
+        k = idx.shape[1]
+        if k == 0:
+            return
+        offs = self._offsets()
+        (i0, i1), (o0, o1) = offs[0], offs[-1]
+        width = packed.shape[1]
+        glu = self.layer.glu
+        fused = self.act in ("gelu", "relu") and not glu
+        bias = ws.get("bk", (b, k), y)
+        torch.index_select(self.b_in_all[0], 0, idx.reshape(-1), out=bias.view(-1))  # (B, k)
+        if glu:
+            bias_up = ws.get("bk_up", (b, k), y)
+            torch.index_select(self.b_in_all[1], 0, idx.reshape(-1), out=bias_up.view(-1))
+        if chunk <= 1:
+            for i in range(b):
+                g = ws.get("g", (k, width), y)
+                torch.index_select(packed, 0, idx[i], out=g)  # (k, W): contiguous rows
+                h = ws.get("hk", (t, k), y)
+                addmm_act(bias[i], u[i], g[:, i0:i1].t(), h, self.act if fused else None)
+                if not fused:
+                    h = self._hidden_act(h)
+                if glu:
+                    u0, u1 = offs[1]
+                    h = h * torch.addmm(bias_up[i], u[i], g[:, u0:u1].t())
+                h.mul_(values[i])  # (T, k)
+                y[i].addmm_(h, g[:, o0:o1])  # (T, D_out)
+            return
+        for s in range(0, b, chunk):
+            e = min(b, s + chunk)
+            g = ws.get("g", (e - s, k, width), y)
+            torch.index_select(packed, 0, idx[s:e].reshape(-1), out=g.view(-1, width))
+            h = ws.get("hk", (e - s, t, k), y)
+            torch.baddbmm(bias[s:e].unsqueeze(1), u[s:e], g[:, :, i0:i1].transpose(1, 2), out=h)
+            h = act_(h, self.act) if fused else self._hidden_act(h)
+            if glu:
+                u0, u1 = offs[1]
+                h = h * torch.baddbmm(
+                    bias_up[s:e].unsqueeze(1), u[s:e], g[:, :, u0:u1].transpose(1, 2)
+                )
+            h.mul_(values[s:e].unsqueeze(1))  # (c, T, k)
+            y[s:e].baddbmm_(h, g[:, :, o0:o1])  # (c, T, D_out)
+
+    # ------------------------------------------------------------------ split
+
+    def project(
+        self, proj: _Projection, x: torch.Tensor, fwd: Forward, ws: Workspace
+    ) -> torch.Tensor:
+        """One projection called by the network's own forward (``fc1``, ``up``, ``fc2``)."""
+        layer = self.layer
+        if proj.role == "out":
+            return self._split_out(proj, x, fwd, ws)
+        x_steps = layer.to_steps(x, proj)
+        u = self._features(x_steps, ws)
+        b, t, _ = u.shape
+        if proj.role == "in":
+            t_in = layer.steps_of(x, proj, fwd)
+            sel, kept, executed, const = self._select(x_steps, t_in, fwd, ws)
+            self._record(fwd, kept, executed, t_in, t, const)
+            fwd.handoff[layer] = sel
+        sel = cast(_Selection, fwd.handoff[layer])
+        which = 0 if proj.role == "in" else 1
+        if sel.strategy.kind != "gather":
+            # Dense path: the hidden channels of the dense weights (all, or the open ones).
+            h = torch.addmm(self.b_in[which], u.reshape(b * t, -1), self.w_in[which].t())
+            return layer.from_steps(h.view(b, t, -1), x, proj)
+        idx, k = cast(torch.Tensor, sel.idx), cast(torch.Tensor, sel.idx).shape[1]
+        packed = cast(torch.Tensor, self.packed)
+        if sel.gathered is None:
+            sel.gathered = torch.index_select(packed, 0, idx.reshape(-1)).view(b, k, -1)
+        a, e = self._offsets()[which]
+        bias = torch.index_select(self.b_in_all[which], 0, idx.reshape(-1)).view(b, 1, k)
+        h = torch.baddbmm(bias, u, sel.gathered[:, :, a:e].transpose(1, 2))  # (B, T, k)
+        return layer.from_steps(h, x, proj)
+
+    def _split_out(
+        self, proj: _Projection, h_in: torch.Tensor, fwd: Forward, ws: Workspace
+    ) -> torch.Tensor:
+        layer = self.layer
+        sel = cast("_Selection | None", fwd.handoff.pop(layer, None))
+        if sel is None:
+            raise RuntimeError(f"gated layer {self.name}: output projection ran before its input")
+        h = layer.to_steps(h_in, proj)  # (B, T, k) or (B, T, n)
+        b, t, _ = h.shape
+        if sel.strategy.kind != "gather":
+            if sel.gate is not None:
+                h = h * sel.gate
+            y = torch.addmm(self.b_out, h.reshape(b * t, -1), self.w_out_t).view(b, t, -1)
+            return layer.from_steps(y, h_in, proj)
+        values = cast(torch.Tensor, sel.values)
+        gathered = cast(torch.Tensor, sel.gathered)
+        o0, o1 = self._offsets()[-1]
+        y = torch.baddbmm(
+            self.b_out.view(1, 1, -1), h * values.unsqueeze(1), gathered[:, :, o0:o1]
+        )  # (B, T, D_out)
+        return layer.from_steps(y, h_in, proj)
+
+    # ------------------------------------------------------------------ calibration
+
+    def run_for_timing(
+        self,
+        u: torch.Tensor,
+        y: torch.Tensor,
+        idx: torch.Tensor,
+        values: torch.Tensor,
+        strategy: Strategy,
+        ws: Workspace,
+    ) -> None:
+        """The kernels a strategy runs for a batch (calibration)."""
+        if strategy.kind == "gather":
+            self._gather_fused(u, y, idx, values, strategy.chunk, ws)
+            return
+        b, t, _ = u.shape
+        h = self._dense_hidden(u, ws, "h")
+        h.view(b, t, -1).mul_(self._dense_gate(idx, values))
+        y.view(b * t, -1).addmm_(h, self.w_out_t)
+
+
+class AttentionExecutor:
+    """Attention of one layer with closed heads removed and z folded into ``proj``."""
+
+    def __init__(self, layer: HeadGatedAttention, settings: GateSettings) -> None:
+        self.layer = layer
+        nh, hd, d = layer.num_heads, layer.head_dim, layer.d_model
+        z = None if settings.mode == "dense" else layer.head_gate()  # (nh,)
+        qkv, proj = layer.qkv, layer.proj
+        if z is None or bool((z == 1).all()):  # nothing to remove or fold: the model's weights
+            self.qkv_w, self.qkv_b = qkv.weight.detach(), qkv.bias.detach()
+            self.proj_w, self.proj_b = proj.weight.detach(), proj.bias.detach()
+            self.heads = nh
+        else:
+            keep = (z > 0).nonzero().flatten()
+            scale = z[keep]
+            h = int(keep.numel())
+            self.qkv_w = qkv.weight.detach().view(3, nh, hd, d)[:, keep].reshape(3 * h * hd, d)
+            self.qkv_w = self.qkv_w.contiguous()
+            self.qkv_b = qkv.bias.detach().view(3, nh, hd)[:, keep].reshape(-1).contiguous()
+            pw = proj.weight.detach().view(d, nh, hd)[:, keep] * scale.view(1, -1, 1)
+            self.proj_w = pw.reshape(d, h * hd).contiguous()
+            self.proj_b = proj.bias.detach().contiguous()
+            self.heads = h
+        self.head_dim = hd
+        self.heads_vec = torch.tensor([float(self.heads)], device=proj.weight.device)
+
+    def __call__(
+        self, x: torch.Tensor, residual: torch.Tensor | None, fwd: Forward, ws: Workspace
+    ) -> torch.Tensor:
+        """x (B, T, D) -> [residual +] attention."""
+        b, t, d = x.shape
+        lengths = fwd.lengths_at(t, self.layer.name)
+        heads = self.heads_vec.expand(b)
+        h = float(self.heads)
+        fwd.records[self.layer] = Record(heads, heads, lengths, None, (h, h))
+        out: torch.Tensor
+        if residual is not None and residual.is_contiguous():
+            out = residual
+        else:
+            out = ws.get(f"attn_out:{self.layer.name}", x.shape, x).zero_()
+            if residual is not None:
+                out.add_(residual)
+        out.add_(self.proj_b)
+        if self.heads == 0:
+            return out
+        width = self.heads * self.head_dim
+        qkv = ws.get("qkv", (b, t, 3 * width), x)
+        torch.addmm(self.qkv_b, x.reshape(b * t, d), self.qkv_w.t(), out=qkv.view(b * t, -1))
+        q, k, v = qkv.view(b, t, 3, self.heads, self.head_dim).unbind(2)
+        # Without padding the key mask is all true: SDPA skips it.
+        attn_mask = time_mask(lengths, t)[:, None, None, :] if fwd.padded else None
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
+        ).transpose(1, 2)  # (B, T, h, hd)
+        if not a.is_contiguous():
+            a = ws.get("attn", a.shape, x).copy_(a)
+        out.view(b * t, d).addmm_(a.reshape(b * t, width), self.proj_w.t())
+        return out
+
+
+def conv_unfolded(conv: UnfoldConv1d, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
+    """An ungated ``nn.Conv1d`` (groups 1) over x (B, C_in, T) as one matmul over the unfolded
+    windows -> (B, C_out, T') (a transposed view of a (B, T', C_out) tensor)."""
+    k = int(conv.kernel_size[0])
+    pad = conv.padding
+    if isinstance(pad, str) or conv.padding_mode != "zeros":
+        return cast(torch.Tensor, torch.nn.Conv1d.forward(conv, x))
+    u = unfold(x.transpose(1, 2), k, ws, int(pad[0]), int(conv.stride[0]), int(conv.dilation[0]))
+    b, t, _ = u.shape
+    w = conv.weight.detach().flatten(1)  # (C_out, C_in·k), a view
+    if conv.bias is None:
+        out = torch.mm(u.reshape(b * t, -1), w.t())
+    else:
+        out = torch.addmm(conv.bias.detach(), u.reshape(b * t, -1), w.t())  # (B·T, C_out)
+    return out.view(b, t, -1).transpose(1, 2)
