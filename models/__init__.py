@@ -41,7 +41,36 @@ _EXPORTS: dict[str, str] = {
     "compile_plan": "models.sparse",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ArchitectureError",
+    "CheckpointError",
+    "ConfigError",
+    "DeviceError",
+    "GATE_MODES",
+    "GATE_PARAMETERS",
+    "GateMode",
+    "GateSettings",
+    "GatedFFN",
+    "GatedNetwork",
+    "HeadGatedAttention",
+    "InvalidInputError",
+    "ModelConfig",
+    "ModelError",
+    "NetworkOutput",
+    "SparsePlan",
+    "Workspace",
+    "attach_gates",
+    "build_network",
+    "compile_plan",
+    "export_checkpoint",
+    "load_checkpoint",
+    "load_config",
+    "parse_config",
+    "read_metadata",
+    "resolve_device",
+    "save_checkpoint",
+    "settings_for",
+]
 
 if TYPE_CHECKING:
     from models.checkpoint import load_checkpoint, read_metadata, resolve_device, save_checkpoint

@@ -163,8 +163,8 @@ class TrainingConfig(_Strict):
     gate_lr: float = Field(0.05, gt=0.0, description="lr of log_alpha / logits")
     # Epochs of plain dense training before any gate acts.
     dense_warmup_epochs: int = Field(5, ge=0)
-    # Keep ratios sampled per step for the gated pass (sandwich rule); the smallest and the
-    # largest are always visited. Empty: use dynamic_pruning_config.keep_ratio only.
+    # Keep ratios of the gated pass: one is drawn at random per step (the dense pass runs every
+    # step). Empty: use dynamic_pruning_config.keep_ratio only.
     train_keep_ratios: list[KeepRatio] = Field(
         default_factory=lambda: [1.0, 0.5, 0.25, 0.125]
     )

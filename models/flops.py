@@ -68,8 +68,10 @@ class MacModel:
             expected = _rest_at(net, probe)
             got = float(eval_quadratic(coef, torch.tensor([probe]))[0])
             if not math.isclose(got, expected, rel_tol=1e-9, abs_tol=0.5):
-                logger.info("MACs of %s are not quadratic in the length: counting each length",
-                            type(net).__name__)
+                logger.info(
+                    "MACs of %s are not quadratic in the length: counting each length",
+                    type(net).__name__,
+                )
                 return cls(None, _table(net, max_len))
         return cls(coef, None)
 

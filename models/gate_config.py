@@ -26,6 +26,34 @@ Threshold = Annotated[float, Field(ge=0.0, le=1.0, description="keep channels wh
 DynamicWeight = Annotated[float, Field(ge=0.0, le=1.0, description="blend weight w")]
 Bucket = Annotated[int, Field(ge=1, description="k is rounded up to a multiple of this")]
 
+
+
+def _interval(annotated: Any) -> str:
+    """``(0, 1]`` from an Annotated float's bounds (so messages quote the declared range)."""
+    lo, hi = "(-inf", "inf)"
+    for meta in annotated.__metadata__:
+        for bound in getattr(meta, "metadata", []):
+            name = type(bound).__name__
+            value = getattr(bound, name.lower(), None)
+            if name == "Gt":
+                lo = f"({value:g}"
+            elif name == "Ge":
+                lo = f"[{value:g}"
+            elif name == "Lt":
+                hi = f"{value:g})"
+            elif name == "Le":
+                hi = f"{value:g}]"
+    return f"{lo}, {hi}"
+
+
+RANGES: dict[str, str] = {
+    "keep_ratio": _interval(KeepRatio),
+    "threshold": _interval(Threshold),
+    "dynamic_weight": _interval(DynamicWeight),
+    "bucket": "integers >= 1",
+    "mode": ", ".join(("dense", "static", "dynamic")),
+}
+
 GATE_PARAMETERS: tuple[str, ...] = ("gate_mode", "keep_ratio", "threshold", "dynamic_weight")
 
 
@@ -85,7 +113,9 @@ def describe(err: ValidationError, source: str = "config") -> str:
         shown = repr(value)
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        lines.append(f"{source}: {path}: got {shown}; {reason}{_bounds(e.get('ctx'))}")
+        field = str(e["loc"][-1]) if e["loc"] else ""
+        allowed = f"; allowed: {RANGES[field]}" if field in RANGES else _bounds(e.get("ctx"))
+        lines.append(f"{source}: {path}: got {shown}; {reason}{allowed}")
     return "\n".join(lines)
 
 

@@ -176,9 +176,7 @@ def track_lengths(module: nn.Module) -> int:
     so gated layers after it see exact per-request lengths; returns how many were hooked."""
     hooked = 0
     for m in module.modules():
-        if isinstance(m, GatedConv1d) or not isinstance(
-            m, nn.Conv1d | nn.MaxPool1d | nn.AvgPool1d
-        ):
+        if isinstance(m, GatedConv1d) or not isinstance(m, nn.Conv1d | nn.MaxPool1d | nn.AvgPool1d):
             continue
         if isinstance(m, nn.Conv1d) and not isinstance(m.padding, tuple | int):
             continue  # padding="same"/"valid" strings: "same" keeps the length
@@ -282,7 +280,13 @@ class GatedConv1d(_Projection):
     ) -> None:
         super().__init__()
         conv = nn.Conv1d(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            bias=bias,
             device=device,
         )
         self._take(conv)
@@ -632,7 +636,9 @@ class HeadGatedAttention(GatedLayer):
         mask = time_mask(lengths, t)
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
         a = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
             attn_mask=mask[:, None, None, :],
         )  # (B, nh, T, hd)
         if fwd.settings.mode == "dense":
@@ -662,17 +668,30 @@ def gated_layers(module: nn.Module) -> list[GatedLayer]:
 
 
 def _is_linear(m: object) -> bool:
-    return isinstance(m, nn.Linear) and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)
+    return isinstance(m, nn.Linear) and not isinstance(
+        m, nn.modules.linear.NonDynamicallyQuantizableLinear
+    )
 
 
 # Elementwise activation modules an FFN pattern may have between its two linears.
 _ACTIVATIONS = (
-    nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardswish,
-    nn.Softplus, nn.Identity,
+    nn.GELU,
+    nn.ReLU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Softplus,
+    nn.Identity,
 )
 
 
-def _gate_for(n: int, in_channels: int, cfg: ModelConfig, like: torch.Tensor) -> DynamicStructuredGate:
+def _gate_for(
+    n: int, in_channels: int, cfg: ModelConfig, like: torch.Tensor
+) -> DynamicStructuredGate:
     gate = DynamicStructuredGate(n, in_channels, cfg, device=like.device)
     return gate.to(like.dtype)
 
@@ -723,7 +742,9 @@ class _GatedSequentialFFN(nn.Module):
             self.add_module(key, child)
         keys = list(dict(seq.named_children()))
         act_key = keys[1]
-        drop = next((getattr(self, k) for k in keys[2:-1] if isinstance(getattr(self, k), nn.Dropout)), None)
+        drop = next(
+            (getattr(self, k) for k in keys[2:-1] if isinstance(getattr(self, k), nn.Dropout)), None
+        )
         self._ffn = make_ffn(name, self, [keys[0], keys[-1]], cfg, getattr(self, act_key))
         self._ffn.dropout = drop
 
@@ -831,13 +852,21 @@ def _find_pairs(module: nn.Module) -> list[tuple[str, nn.Module, list[str], Any]
         if calls is None:
             continue
         children = dict(m.named_children())
-        # a Linear, then an activation module, then a Linear whose input width is its output
+        # a Linear, an activation module, optionally a Dropout, then a Linear reading the
+        # first one's width
         for i in range(len(calls) - 2):
-            a, b, c = calls[i : i + 3]
-            if a in linears and c in linears and isinstance(children.get(b), _ACTIVATIONS):
+            a, b = calls[i], calls[i + 1]
+            rest = calls[i + 2 : i + 4]
+            if rest and isinstance(children.get(rest[0]), nn.Dropout):
+                rest = rest[1:]
+            if not rest or a not in linears or rest[0] not in linears:
+                continue
+            c = rest[0]
+            act = children.get(b)
+            if isinstance(act, _ACTIVATIONS) and not isinstance(act, nn.Identity):
                 la, lc = cast(nn.Linear, children[a]), cast(nn.Linear, children[c])
-                if la.out_features == lc.in_features and not isinstance(children[b], nn.Identity):
-                    found.append((path, m, [a, c], children[b]))
+                if la.out_features == lc.in_features:
+                    found.append((path, m, [a, c], act))
     return found
 
 
@@ -882,7 +911,9 @@ def attach_ffns(
         elif act == "sequential":
             parent, attr = _resolve(module, path) if path else (None, "")
             if parent is None:
-                raise ArchitectureError("attach_gates: the module itself is a Sequential FFN; wrap it")
+                raise ArchitectureError(
+                    "attach_gates: the module itself is a Sequential FFN; wrap it"
+                )
             gated = _GatedSequentialFFN(cast(nn.Sequential, owner), cfg, where)
             setattr(parent, attr, gated)
             layers.append(gated._ffn)

@@ -323,9 +323,7 @@ class GatedConvNet(GatedNetwork):
         self.stem = UnfoldConv1d(
             m.in_channels, m.channels, m.kernel_size, padding=m.kernel_size // 2
         )
-        self.blocks = nn.ModuleList(
-            GatedConvBlock(cfg, f"blocks.{i}") for i in range(m.num_blocks)
-        )
+        self.blocks = nn.ModuleList(GatedConvBlock(cfg, f"blocks.{i}") for i in range(m.num_blocks))
         self.head = nn.Linear(m.channels, m.num_classes)
 
     def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,15 @@ def service_version() -> str:
         return "0.0.0"
 
 
-def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> FastAPI:
-    """A new app serving ``settings.model_repository``; models load when the lifespan starts.
+def create_app(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    engine: Engine | None = None,
+) -> FastAPI:
+    """A new app serving ``settings.model_repository``; models load when the lifespan starts,
+    unless ``engine`` is given already loaded and warmed up (as ``serve`` does, so that a
+    model that cannot load stops the process with one line).
 
     Each app owns its metrics registry (a fresh one unless ``registry`` is given), so several
     apps, as in tests, never share series.
@@ -59,6 +66,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         openapi_url=None,
     )
     app.state.service = ServiceState(settings, service_version())
+    app.state.preloaded = engine
     app.state.registry = registry if registry is not None else CollectorRegistry()
     app.include_router(v2.build_router())
     app.include_router(admin.build_router())
@@ -74,13 +82,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = state.settings
     loop = asyncio.get_running_loop()
     start = time.monotonic()
-    try:
-        engine = await asyncio.to_thread(
-            Engine.load, settings.model_repository, settings.device, settings.torch_threads
-        )
-    except EngineError as err:
-        logger.error("startup failed: %s", err)
-        raise
+    engine: Engine | None = app.state.preloaded
+    warmed = engine is not None
+    if engine is None:
+        try:
+            engine = await asyncio.to_thread(
+                Engine.load, settings.model_repository, settings.device, settings.torch_threads
+            )
+        except EngineError as err:
+            logger.error("startup failed: %s", err)
+            raise
     state.engine = engine
     metrics = Metrics(
         app.state.registry,
@@ -90,7 +101,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     state.metrics = metrics
     try:
-        await loop.run_in_executor(engine.executor, engine.warm_up, settings.max_batch_rows)
+        if not warmed:
+            await loop.run_in_executor(engine.executor, engine.warm_up, settings.max_batch_rows)
         for name, info in engine.models.items():
             state.serve(name, info)
         # torch, fastapi and the models leave ~200k long-lived objects; every full collection
@@ -253,13 +265,18 @@ def serve(settings: Settings) -> int:
     configure_logging(settings)
     # The *_created series double every scrape for no use to us; process-wide, hence here.
     disable_created_metrics()  # type: ignore[no-untyped-call]
+    # Load and warm up before the server starts: a model that cannot load (a broken checkpoint,
+    # a user's factory that fails to import or raises) stops the process with one line and
+    # exit code 2, before any port is bound; readiness is the same either way.
     try:
         Engine.scan(settings.model_repository)
         Engine.check_device(settings.device)
+        engine = Engine.load(settings.model_repository, settings.device, settings.torch_threads)
+        engine.executor.submit(engine.warm_up, settings.max_batch_rows).result()
     except EngineError as err:
         logger.error("%s", err)
         return 2
-    app = create_app(settings)
+    app = create_app(settings, engine=engine)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -1,7 +1,9 @@
 """Dynamic batching of inference requests, one batcher per served model.
 
-Requests queue per gate configuration; a batch holds requests of one configuration only, so a
-runtime gate switch takes effect between batches and never inside one. A batch holds at most
+Requests queue per batch key: the plan their gate configuration runs (configurations that
+execute the same plan share it) and, for a model whose results depend on padding, their
+sequence length. A batch holds requests of one key only, so a runtime gate switch takes effect
+between batches and never inside one. A batch holds at most
 ``max_batch_size`` requests and ``max_batch_rows`` rows (a request is never split), and is
 dispatched as soon as the oldest queued request has a full batch of compatible mates or has
 waited ``max_queue_delay`` (``time.monotonic()``), whichever comes first; at light load it does not
@@ -20,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 
 from service.engine import FloatArray, GateConfig, ItemResult
@@ -81,6 +83,7 @@ class DynamicBatcher:
         max_queue_size: int,
         max_batch_rows: int | None = None,
         inflight: Callable[[], int] | None = None,
+        same_length: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError(
@@ -97,13 +100,15 @@ class DynamicBatcher:
         self._max_queue = max_queue_size
         self._inflight = inflight
         self._last_size = 0  # requests in the previous batch: a cheap load signal
-        self._queues: dict[GateConfig, deque[Ticket]] = {}
+        # Models whose results depend on padding batch only requests of one length.
+        self._same_length = same_length
+        self._queues: dict[Hashable, deque[Ticket]] = {}
         self._depth = 0  # live queued tickets (dropped ones may still sit in a deque)
         self._busy = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._want: GateConfig | None = None  # waiting for this key to fill; None: any arrival
+        self._want: Hashable | None = None  # waiting for this key to fill; None: any arrival
         self._queue_seconds = metrics.queue_seconds.labels(model)
         self._batch_size = metrics.batch_size.labels(model)
         self._compute_seconds = {
@@ -145,16 +150,17 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         ticket = Ticket(self, gate, array, loop.create_future(), request_id)
         ticket.timer = loop.call_later(timeout_s, self._expire, ticket, timeout_s)
-        queue = self._queues.get(gate)
+        key = self.key(gate, array)
+        queue = self._queues.get(key)
         if queue is None:
-            queue = self._queues[gate] = deque()
+            queue = self._queues[key] = deque()
         queue.append(ticket)
         self._depth += 1
         waiter = self._waiter
         if (
             waiter is not None
             and not waiter.done()
-            and (self._want is None or (self._want == gate and self._full(queue)))
+            and (self._want is None or (self._want == key and self._full(queue)))
         ):
             waiter.set_result(None)
         return ticket
@@ -181,6 +187,10 @@ class DynamicBatcher:
                 for ticket in queue:
                     self._drop(ticket, ServerNotReady("server shut down before compute"))
             self._queues.clear()
+
+    def key(self, gate: GateConfig, array: FloatArray) -> Hashable:
+        """Requests of one key may share a batch: same plan, and same length where needed."""
+        return (gate.key, array.shape[1]) if self._same_length else gate.key
 
     # ------------------------------------------------------------------ internals
 
@@ -220,9 +230,9 @@ class DynamicBatcher:
                 return True
         return False
 
-    def _oldest(self) -> GateConfig | None:
-        """Gate configuration whose first live request has waited longest; drops dead heads."""
-        best: GateConfig | None = None
+    def _oldest(self) -> Hashable | None:
+        """Batch key whose first live request has waited longest; drops dead heads."""
+        best: Hashable | None = None
         best_time = 0.0
         for gate in list(self._queues):
             queue = self._queues[gate]
@@ -235,7 +245,7 @@ class DynamicBatcher:
                 best, best_time = gate, queue[0].enqueued
         return best
 
-    async def _sleep(self, want: GateConfig | None, timeout_s: float | None) -> None:
+    async def _sleep(self, want: Hashable | None, timeout_s: float | None) -> None:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiter, self._want = waiter, want
@@ -249,16 +259,16 @@ class DynamicBatcher:
             if timer is not None:
                 timer.cancel()
 
-    async def _collect(self) -> tuple[GateConfig, list[Ticket]] | None:
+    async def _collect(self) -> tuple[GateConfig | None, list[Ticket]] | None:
         """Wait for the next batch; None once closing and empty."""
         while True:
-            gate = self._oldest()
-            if gate is None:
+            key = self._oldest()
+            if key is None:
                 if self._closing:
                     return None
                 await self._sleep(None, None)
                 continue
-            queue = self._queues[gate]
+            queue = self._queues[key]
             if self._full(queue) or self._closing:
                 break
             remaining = queue[0].enqueued + self._max_delay - time.monotonic()
@@ -273,7 +283,7 @@ class DynamicBatcher:
                 and self._inflight() <= self._depth
             ):
                 break
-            await self._sleep(gate, remaining)
+            await self._sleep(key, remaining)
         batch: list[Ticket] = []
         rows = 0
         while queue and len(batch) < self._max_batch:
@@ -293,8 +303,10 @@ class DynamicBatcher:
         self._depth -= len(batch)
         self._last_size = len(batch)
         if not queue:
-            del self._queues[gate]
-        return gate, batch
+            del self._queues[key]
+        # Every request of the batch runs the plan of the first one's configuration (the same
+        # plan: that is what the key says); each response still names its own configuration.
+        return (batch[0].gate if batch else None), batch
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -303,7 +315,7 @@ class DynamicBatcher:
             if collected is None:
                 return
             gate, batch = collected
-            if not batch:
+            if not batch or gate is None:
                 continue
             self._busy = True
             try:

@@ -18,18 +18,23 @@ PRETRAINED = Path(__file__).resolve().parent.parent / "models" / "pretrained" / 
 logger = logging.getLogger("gated")
 
 
-def _keep_ratio(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"keep ratio must be in (0, 1], got {value}")
-    return value
+def _knob(name: str) -> Callable[[str], float]:
+    """An argparse type checking a gate knob against models.GateSettings (its bounds)."""
 
+    def parse(text: str) -> float:
+        from models.errors import ConfigError
+        from models.gate_config import GateSettings
 
-def _unit(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"threshold must be in [0, 1], got {value}")
-    return value
+        try:
+            value = float(text)
+            GateSettings.parse({name: value})
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: not a number: {text!r}") from None
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix("gate: ")) from None
+        return value
+
+    return parse
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -122,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="accuracy and executed FLOPs on the MNIST-1D test split")
     p.add_argument("--checkpoint", type=Path, default=PRETRAINED)
     p.add_argument("--gate-mode", choices=["dense", "static", "dynamic"], default="dynamic")
-    p.add_argument("--keep-ratio", type=_keep_ratio, help="top-k fraction of open channels")
-    p.add_argument("--threshold", type=_unit, help="keep channels whose gate is >= this")
+    p.add_argument("--keep-ratio", type=_knob("keep_ratio"), help="top-k fraction of open channels")
+    p.add_argument(
+        "--threshold", type=_knob("threshold"), help="keep channels whose gate is >= this"
+    )
     p.add_argument("--data-seed", type=int, help="mnist1d generation seed (default: config's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")

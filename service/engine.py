@@ -5,8 +5,8 @@ requests at a time: pad to the longest sequence, pass true lengths, forward unde
 ``torch.inference_mode`` on the model's device, and split the result back per request.
 
 The interface is deliberately narrow (numpy in, numpy and floats out, frozen gate
-configurations as keys) so that a sparse execution plan can later replace the reference forward
-without touching the batcher or the HTTP layer. ``infer`` is blocking and not thread-safe: the
+configurations whose ``key`` says which compiled plan runs them): every batch runs through the
+sparse execution plan of its key. ``infer`` is blocking and not thread-safe: the
 caller runs it on the one compute thread of :attr:`Engine.executor`, which also makes every batch
 run under exactly one gate configuration.
 """
@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -46,16 +46,16 @@ class EngineError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class GateConfig:
-    """One gate configuration, canonical so that equal behaviour gives equal keys.
-
-    Dense ignores every knob; static ignores ``dynamic_weight``; ``keep_ratio`` wins over
-    ``threshold``. The batcher groups requests by this value.
-    """
+    """One resolved gate configuration: the knobs as the request (or the admin) set them, made
+    canonical (dense ignores every knob; static ignores ``dynamic_weight``; ``keep_ratio`` wins
+    over ``threshold``), and ``key``, what executes (``models.GatedNetwork.plan_key``):
+    configurations with equal keys run the same plan and may share a batch."""
 
     mode: str
     keep_ratio: float | None = None
     threshold: float | None = None
     dynamic_weight: float | None = None
+    key: tuple[object, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +71,9 @@ class ModelInfo:
     layers: tuple[str, ...]  # gated layers, in NetworkOutput.kept order
     config_gate: GateConfig  # the checkpoint's own dynamic keep policy
     device: str
+    # Whether requests of different lengths may share a batch (the network keeps padding out
+    # of its results); otherwise only requests of one length are batched together.
+    mixed_lengths: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,8 @@ class ItemResult:
 # Compiled plans kept per model. A plan holds gathered/folded weights and workspace buffers;
 # per-request keep ratios are unbounded in number, so the least recently used plans are dropped.
 MAX_PLANS = 16
+# Resolved gate configurations remembered per model (settings -> plan key): a cheap cache.
+MAX_KEYS = 4096
 
 
 @dataclass(slots=True)
@@ -95,7 +100,10 @@ class _Loaded:
     device: torch.device
     widths: torch.Tensor  # (L,) float64, gated channels of each layer in `layers` order
     bucket: int
-    plans: OrderedDict[GateConfig, models.SparsePlan] = field(default_factory=OrderedDict)
+    plans: OrderedDict[tuple[object, ...], models.SparsePlan] = field(default_factory=OrderedDict)
+    keys: OrderedDict[models.GateSettings, tuple[object, ...]] = field(
+        default_factory=OrderedDict
+    )
     calib_batches: tuple[int, ...] = (1, 8, 32)
 
 
@@ -214,6 +222,18 @@ class Engine:
             self._warm(loaded, self._warm_rows)
 
     def _warm(self, loaded: _Loaded, rows_max: int) -> None:
+        """Warm ``loaded`` up; raises EngineError naming the model when its network cannot run
+        (a user's forward that fails on the contract's input)."""
+        try:
+            self._warm_modes(loaded, rows_max)
+        except EngineError:
+            raise
+        except Exception as err:  # noqa: BLE001 - user code: any failure names the model
+            raise EngineError(
+                f"model {loaded.info.name!r}: warm-up failed: {type(err).__name__}: {err}"
+            ) from None
+
+    def _warm_modes(self, loaded: _Loaded, rows_max: int) -> None:
         info = loaded.info
         loaded.calib_batches = tuple(sorted({1, min(8, rows_max), rows_max}))
         length = min(info.max_length, 64)
@@ -225,7 +245,7 @@ class Engine:
             # Padded (two lengths) when it can be, so that every buffer of the masked path is
             # sized too.
             longest = np.zeros((rows_max, info.max_length, info.in_channels), np.float32)
-            padded = rows_max > 1 and info.max_length > 1
+            padded = rows_max > 1 and info.max_length > 1 and info.mixed_lengths
             self._infer(loaded, gate, [longest[:-1], longest[-1:, :-1]] if padded else [longest])
         logger.info("warmed up model %s", info.name)
 
@@ -238,9 +258,9 @@ class Engine:
         self,
         model: str,
         mode: str,
-        keep_ratio: float | None = None,
-        threshold: float | None = None,
-        dynamic_weight: float | None = None,
+        keep_ratio: object = None,
+        threshold: object = None,
+        dynamic_weight: object = None,
     ) -> GateConfig:
         """Validate a gate configuration for ``model`` and fill the model's defaults.
 
@@ -253,23 +273,31 @@ class Engine:
     def _resolve(
         loaded: _Loaded,
         mode: str,
-        keep_ratio: float | None = None,
-        threshold: float | None = None,
-        dynamic_weight: float | None = None,
+        keep_ratio: object = None,
+        threshold: object = None,
+        dynamic_weight: object = None,
     ) -> GateConfig:
-        if mode not in GATE_MODES:
-            raise InvalidInput(f"gate_mode: got {mode!r}; allowed: {', '.join(GATE_MODES)}")
+        # models.GateSettings is the one validated type: its errors name the knob, the value
+        # and the allowed range (strict numbers: "0.5" or true is refused).
         try:
             settings = models.settings_for(
                 loaded.network.config,
-                cast(models.GateMode, mode),  # checked against GATE_MODES above
-                keep_ratio,
-                threshold,
-                dynamic_weight,
-            )
+                cast(models.GateMode, mode),
+                cast("float | None", keep_ratio),
+                cast("float | None", threshold),
+                cast("float | None", dynamic_weight),
+            ).canonical()
         except models.ConfigError as err:
-            raise InvalidInput(str(err)) from None
-        return _canonical(settings)
+            raise InvalidInput(_gate_message(str(err))) from None
+        key = loaded.keys.get(settings)
+        if key is None:
+            key = loaded.network.plan_key(settings)
+            loaded.keys[settings] = key
+            if len(loaded.keys) > MAX_KEYS:
+                loaded.keys.popitem(last=False)
+        return GateConfig(
+            settings.mode, settings.keep_ratio, settings.threshold, settings.dynamic_weight, key
+        )
 
     def _plan(self, loaded: _Loaded, gate: GateConfig) -> models.SparsePlan:
         """The compiled sparse plan of ``gate`` (compiled on first use, on the compute thread).
@@ -278,9 +306,9 @@ class Engine:
         removed once, dynamic ones gathered per request. Compiling includes a short strategy
         calibration (well under a second for the shipped model).
         """
-        plan = loaded.plans.get(gate)
+        plan = loaded.plans.get(gate.key)
         if plan is not None:
-            loaded.plans.move_to_end(gate)
+            loaded.plans.move_to_end(gate.key)
             return plan
         start = time.monotonic()
         plan = models.compile_plan(
@@ -290,7 +318,7 @@ class Engine:
             calib_length=min(loaded.info.max_length, 64),
             workspace=self._workspace,
         )
-        loaded.plans[gate] = plan
+        loaded.plans[gate.key] = plan
         if len(loaded.plans) > MAX_PLANS:
             loaded.plans.popitem(last=False)
         logger.info(
@@ -373,6 +401,8 @@ def _read(repository: Path, name: str, device: torch.device) -> _Loaded:
         network = models.load_checkpoint(repository / name, device)
     except models.ModelError as err:
         raise EngineError(f"model {name!r}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - a user's network code: name the model and cause
+        raise EngineError(f"model {name!r}: {type(err).__name__}: {err}") from None
     return _wrap(name, network, device)
 
 
@@ -392,24 +422,28 @@ def _wrap(name: str, network: models.GatedNetwork, device: torch.device) -> _Loa
         layers=layers,
         config_gate=GateConfig("dynamic", keep, None if keep is not None else dp.threshold),
         device=str(device),
+        mixed_lengths=network.padding_invariant,
     )
     width_t = torch.tensor([float(widths[k]) for k in layers], dtype=torch.float64, device=device)
     return _Loaded(info, network, device, width_t, dp.bucket)
 
 
-def _canonical(settings: models.GateSettings) -> GateConfig:
-    if settings.mode == "dense":
-        return GateConfig("dense")
-    keep = settings.keep_ratio
-    threshold = None if keep is not None else settings.threshold
-    weight = settings.dynamic_weight if settings.mode == "dynamic" else None
-    return GateConfig(settings.mode, keep, threshold, weight)
+def _gate_message(text: str) -> str:
+    """``gate: keep_ratio: got 2; ...`` -> ``parameter 'keep_ratio': got 2; ...`` (the V2 names)."""
+    lines = []
+    for line in text.splitlines():
+        _, _, rest = line.partition("gate: ")
+        name, _, detail = rest.partition(": ")
+        name = "gate_mode" if name == "mode" else name
+        lines.append(f"parameter {name!r}: {detail}" if detail else line)
+    return "; ".join(lines)
 
 
 def _settings_of(gate: GateConfig, bucket: int) -> models.GateSettings:
-    kwargs: dict[str, Any] = {
-        "keep_ratio": gate.keep_ratio,
-        "threshold": gate.threshold,
-        "dynamic_weight": gate.dynamic_weight,
-    }
-    return models.GateSettings(gate.mode, bucket=bucket, **kwargs)  # type: ignore[arg-type]
+    return models.GateSettings(
+        gate.mode,
+        keep_ratio=gate.keep_ratio,
+        threshold=gate.threshold,
+        dynamic_weight=gate.dynamic_weight,
+        bucket=bucket,
+    )

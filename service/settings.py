@@ -20,11 +20,12 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from models.gate_config import GateMode, KeepRatio
+
 ENV_PREFIX = "GATED_"
 # The shipped checkpoints live beside the model code; every sub-folder is one served model.
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "models" / "pretrained"
 
-GateModeName = Literal["dense", "static", "dynamic"]
 
 # The YAML file of the settings being built. A context variable rather than a class attribute so
 # that loading settings never mutates the class (tests build many Settings side by side).
@@ -49,9 +50,9 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Runtime gate configuration every model starts with (changed later through the admin API).
-    default_gate_mode: GateModeName = "dynamic"
+    default_gate_mode: GateMode = "dynamic"
     # None: the keep policy of each model's own config (dynamic_pruning_config.keep_ratio).
-    default_keep_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    default_keep_ratio: KeepRatio | None = None
     # Dynamic batching. A batch holds at most max_batch_size requests of one gate configuration;
     # the oldest queued request waits at most max_queue_delay_ms for batch mates. Under load
     # batches fill while the previous one computes, so the delay only matters when the compute

@@ -88,6 +88,7 @@ class ServiceState:
                 max_queue_size=settings.max_queue_size,
                 max_batch_rows=settings.max_batch_rows,
                 inflight=_inflight_of(runtime),
+                same_length=not info.mixed_lengths,
             )
             runtime.batcher.start()
         self.models[name] = runtime

@@ -8,7 +8,13 @@
 - ``plan``: :func:`compile_plan` and :class:`SparsePlan`.
 """
 
-from models.sparse.executors import DENSE, AttentionExecutor, FFNExecutor, Strategy, static_keep_mask
+from models.sparse.executors import (
+    DENSE,
+    AttentionExecutor,
+    FFNExecutor,
+    Strategy,
+    static_keep_mask,
+)
 from models.sparse.kernels import addmm_act, time_once, without_onednn
 from models.sparse.plan import DEFAULT_BATCH_SIZES, SparsePlan, compile_plan
 from models.sparse.workspace import Workspace

@@ -365,8 +365,14 @@ class FFNExecutor:
             if residual is not None:
                 y.add_(layer.to_steps(residual, out_proj))
         if sel.strategy.kind == "gather":
-            self._gather_fused(u, y, cast(torch.Tensor, sel.idx), cast(torch.Tensor, sel.values),
-                               sel.strategy.chunk, ws)
+            self._gather_fused(
+                u,
+                y,
+                cast(torch.Tensor, sel.idx),
+                cast(torch.Tensor, sel.values),
+                sel.strategy.chunk,
+                ws,
+            )
         elif self.width:
             h = self._dense_hidden(u, ws, "h")
             if sel.gate is not None:

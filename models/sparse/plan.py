@@ -19,7 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
+from models.errors import InvalidInputError
 from models.gate_config import GateSettings
+from models.gates import bucketed_k
 from models.layers import (
     Forward,
     GatedFFN,
@@ -34,8 +36,6 @@ from models.sparse.executors import AttentionExecutor, FFNExecutor, Strategy, co
 from models.sparse.kernels import without_onednn
 from models.sparse.macs import PlanMacs
 from models.sparse.workspace import Workspace
-from models.gates import bucketed_k
-from models.errors import InvalidInputError
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32)
 
@@ -102,7 +102,9 @@ class SparsePlan:
             raise RuntimeError(f"gated layer {layer.name} is not in this plan: compile it again")
         return ex
 
-    def ffn(self, layer: GatedFFN, proj: _Projection, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
+    def ffn(
+        self, layer: GatedFFN, proj: _Projection, x: torch.Tensor, fwd: Forward
+    ) -> torch.Tensor:
         return self._ffn(layer).project(proj, x, fwd, self._ws)
 
     def ffn_fused(

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Literal
 
 import orjson
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from models.gate_config import DynamicWeight, GateMode, KeepRatio, Threshold
 from service.engine import GateConfig
 from service.errors import AdminDisabled, Forbidden, InvalidInput, Unauthorized
 from service.routes.v2 import read_body
@@ -33,12 +33,14 @@ class GateUpdate(BaseModel):
     ```
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict numbers, as the inference path: "0.5" and true are not keep ratios. The bounds
+    # are models.gate_config's, the one place they are declared.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    mode: Literal["dense", "static", "dynamic"]
-    keep_ratio: float | None = Field(None, gt=0.0, le=1.0)
-    threshold: float | None = Field(None, ge=0.0, le=1.0)
-    dynamic_weight: float | None = Field(None, ge=0.0, le=1.0)
+    mode: GateMode
+    keep_ratio: KeepRatio | None = None
+    threshold: Threshold | None = None
+    dynamic_weight: DynamicWeight | None = None
 
 
 def build_router() -> APIRouter:

@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 
+from models.gate_config import GATE_PARAMETERS
 from service.engine import INPUT_NAME, OUTPUT_NAME, FloatArray, GateConfig, ItemResult, ModelInfo
 from service.errors import (
     ClientDisconnected,
@@ -50,7 +51,6 @@ logger = logging.getLogger(__name__)
 SERVER_NAME = "gated-serve"
 EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
-GATE_PARAMETERS = ("gate_mode", "keep_ratio", "threshold", "dynamic_weight")
 JSON = "application/json"
 OCTET_STREAM = "application/octet-stream"
 
@@ -307,15 +307,6 @@ def _model_input(
     return result
 
 
-def _number(params: dict[str, ParameterValue], name: str, allowed: str) -> float | None:
-    value = params.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidInput(f"parameter {name!r} must be a number in {allowed}, got {value!r}")
-    return float(value)
-
-
 def _request_options(
     state: ServiceState, runtime: ModelRuntime, params: dict[str, ParameterValue]
 ) -> tuple[GateConfig, float]:
@@ -340,30 +331,23 @@ def _request_options(
     if not any(p in params for p in GATE_PARAMETERS):
         return runtime.gate, timeout_s
 
+    # The engine validates every knob against models.GateSettings, the one place the bounds
+    # live: its errors name the parameter, the value and the allowed range.
     base = runtime.gate
     mode = params.get("gate_mode", base.mode)
-    if not isinstance(mode, str) or mode not in ("dense", "static", "dynamic"):
-        raise InvalidInput(
-            f"parameter 'gate_mode' must be one of dense, static, dynamic; got {mode!r}"
-        )
     if mode != base.mode:
-        base = GateConfig(mode)
-    keep_ratio = _number(params, "keep_ratio", "(0, 1]")
-    threshold = _number(params, "threshold", "[0, 1]")
-    weight = _number(params, "dynamic_weight", "[0, 1]")
-    if keep_ratio is not None and not 0.0 < keep_ratio <= 1.0:
-        raise InvalidInput(f"parameter 'keep_ratio' must be in (0, 1], got {keep_ratio:g}")
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise InvalidInput(f"parameter 'threshold' must be in [0, 1], got {threshold:g}")
-    if weight is not None and not 0.0 <= weight <= 1.0:
-        raise InvalidInput(f"parameter 'dynamic_weight' must be in [0, 1], got {weight:g}")
+        base = GateConfig(str(mode))
+    keep_ratio = params.get("keep_ratio")
+    threshold = params.get("threshold")
+    weight = params.get("dynamic_weight")
     if keep_ratio is None and threshold is None:
         keep_ratio, threshold = base.keep_ratio, base.threshold
     if weight is None:
         weight = base.dynamic_weight
     engine = state.engine
     assert engine is not None  # check_ready passed
-    return engine.resolve_gate(runtime.info.name, mode, keep_ratio, threshold, weight), timeout_s
+    gate = engine.resolve_gate(runtime.info.name, str(mode), keep_ratio, threshold, weight)
+    return gate, timeout_s
 
 
 async def _run(

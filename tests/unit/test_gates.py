@@ -206,7 +206,7 @@ def test_predictor_global_stats_are_mean_and_population_std() -> None:
 def test_gate_settings_validation() -> None:
     with pytest.raises(ConfigError, match="mode: got 'sparse'"):
         GateSettings(mode="sparse")
-    with pytest.raises(ConfigError, match=r"keep_ratio: got 0.0; .*allowed: > 0.0"):
+    with pytest.raises(ConfigError, match=r"keep_ratio: got 0.0; .*allowed: \(0, 1\]"):
         GateSettings(keep_ratio=0.0)
     with pytest.raises(ConfigError, match="threshold: got 1.5"):
         GateSettings(threshold=1.5)

@@ -16,8 +16,9 @@ from service.engine import GATE_MODES, FloatArray, GateConfig, ItemResult
 from service.errors import ClientDisconnected, QueueFull, RequestTimeout, ServerNotReady
 from service.metrics import Metrics
 
-DYNAMIC = GateConfig("dynamic", 0.5)
-DENSE = GateConfig("dense")
+DYNAMIC = GateConfig("dynamic", 0.5, key=("dynamic", (8,), 0.5))
+DENSE = GateConfig("dense", key=("dense",))
+STATIC = GateConfig("static", key=("static", (16,), None))
 
 
 class FakeEngine:
@@ -37,7 +38,9 @@ def _x(value: float) -> FloatArray:
     return np.full((1, 4, 1), value, dtype=np.float32)
 
 
-def _batcher(engine: FakeEngine, pool: ThreadPoolExecutor, **kw: float) -> DynamicBatcher:
+def _batcher(
+    engine: FakeEngine, pool: ThreadPoolExecutor, same_length: bool = False, **kw: float
+) -> DynamicBatcher:
     metrics = Metrics(CollectorRegistry(), {"m": ("blocks.0",)}, GATE_MODES, "test")
     options = {"max_batch_size": 4, "max_queue_delay_s": 0.05, "max_queue_size": 16, **kw}
     return DynamicBatcher(
@@ -46,6 +49,7 @@ def _batcher(engine: FakeEngine, pool: ThreadPoolExecutor, **kw: float) -> Dynam
         max_queue_delay_s=float(options["max_queue_delay_s"]),
         max_queue_size=int(options["max_queue_size"]),
         max_batch_rows=int(options["max_batch_rows"]) if "max_batch_rows" in options else None,
+        same_length=same_length,
     )
 
 
@@ -156,7 +160,7 @@ def test_batches_never_mix_gate_configurations() -> None:
     async def scenario(pool: ThreadPoolExecutor) -> None:
         b = _batcher(engine, pool, max_queue_delay_s=0.01)
         b.start()
-        gates = [DYNAMIC, DENSE, DYNAMIC, GateConfig("static"), DENSE, DYNAMIC]
+        gates = [DYNAMIC, DENSE, DYNAMIC, STATIC, DENSE, DYNAMIC]
         tickets = [b.submit(g, _x(i), 5.0) for i, g in enumerate(gates)]
         await asyncio.gather(*(t.future for t in tickets))
         await b.stop(1.0)
@@ -165,6 +169,22 @@ def test_batches_never_mix_gate_configurations() -> None:
     assert sorted((g.mode, v) for g, v in engine.batches) == [
         ("dense", [1.0, 4.0]), ("dynamic", [0.0, 2.0, 5.0]), ("static", [3.0])
     ]
+
+
+def test_padding_dependent_models_batch_one_length_only() -> None:
+    engine = FakeEngine()
+    lengths = [4, 7, 4, 7, 4]
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        b = _batcher(engine, pool, same_length=True, max_queue_delay_s=0.01)
+        b.start()
+        arrays = [np.full((1, n, 1), float(i), np.float32) for i, n in enumerate(lengths)]
+        tickets = [b.submit(DYNAMIC, a, 5.0) for a in arrays]
+        await asyncio.gather(*(t.future for t in tickets))
+        await b.stop(1.0)
+
+    _run(scenario)
+    assert sorted(values for _, values in engine.batches) == [[0.0, 2.0, 4.0], [1.0, 3.0]]
 
 
 def test_queue_bound_raises_queue_full() -> None:

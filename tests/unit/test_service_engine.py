@@ -79,12 +79,37 @@ def test_mixed_lengths_in_one_batch_equal_solo(engine: Engine) -> None:
         assert batched.active_channel_ratio == pytest.approx(solo.active_channel_ratio)
 
 
+def test_settings_that_run_the_same_plan_share_it(engine: Engine) -> None:
+    x = np.random.default_rng(0).standard_normal((1, 9, 1)).astype(np.float32)
+    plans = engine._models["tiny"].plans
+    # Keep ratios that bucket to the same k execute the same plan (12 open channels, bucket 2:
+    # k = 6 for both).
+    a = engine.resolve_gate("tiny", "dynamic", keep_ratio=0.5)
+    b = engine.resolve_gate("tiny", "dynamic", keep_ratio=0.45)
+    c = engine.resolve_gate("tiny", "dynamic", keep_ratio=0.25)
+    assert a != b and a.key == b.key != c.key
+    engine.infer("tiny", a, [x])
+    before = len(plans)
+    [ra] = engine.infer("tiny", a, [x])
+    [rb] = engine.infer("tiny", b, [x])
+    assert len(plans) == before and np.array_equal(ra.logits, rb.logits)
+    # Static mode ignores the blend weight; dense ignores every knob.
+    assert (
+        engine.resolve_gate("tiny", "static", 0.5, None, 0.1).key
+        == engine.resolve_gate("tiny", "static", 0.5, None, 0.9).key
+    )
+    assert engine.resolve_gate("tiny", "dense", 0.3).key == ("dense",)
+
+
 def test_compiled_plans_are_bounded(engine: Engine) -> None:
     x = np.random.default_rng(0).standard_normal((1, 9, 1)).astype(np.float32)
-    for i in range(MAX_PLANS + 5):
-        gate = engine.resolve_gate("tiny", "dynamic", keep_ratio=(i + 1) / (MAX_PLANS + 5))
+    keys = set()
+    for i in range(MAX_PLANS + 5):  # every blend weight is another plan
+        gate = engine.resolve_gate("tiny", "dynamic", 0.5, None, (i + 1) / (MAX_PLANS + 5))
+        keys.add(gate.key)
         [result] = engine.infer("tiny", gate, [x])
         assert np.isfinite(result.logits).all()
+    assert len(keys) == MAX_PLANS + 5
     assert len(engine._models["tiny"].plans) == MAX_PLANS
 
 
@@ -92,7 +117,7 @@ def test_warm_up_compiles_every_mode_and_sizes_the_shared_buffers(engine: Engine
     engine.warm_up(max_batch_rows=3)
     for name in ("tiny", "tiny2"):
         plans = engine._models[name].plans
-        modes = {gate.mode for gate in plans}
+        modes = {key[0] for key in plans}
         assert modes == {"dense", "static", "dynamic"}
         # Every plan of the engine shares its buffers: memory is that of the largest batch.
         assert all(plan._ws is engine._workspace for plan in plans.values())
@@ -108,7 +133,7 @@ def test_warm_up_compiles_every_mode_and_sizes_the_shared_buffers(engine: Engine
     # A model loaded later is warmed up the same way before it serves.
     engine.load_model("tiny")
     reloaded = engine._models["tiny"]
-    assert {gate.mode for gate in reloaded.plans} == {"dense", "static", "dynamic"}
+    assert {key[0] for key in reloaded.plans} == {"dense", "static", "dynamic"}
     assert reloaded.calib_batches == (1, 3)
 
 

@@ -1,0 +1,342 @@
+"""attach_gates on networks the project never saw: plans equal the masked reference.
+
+Random plain ``nn.Module`` networks (depth, widths, activations incl. GLU, dropout, residuals,
+time downsampling, with and without lengths in their forward) are gated with attach_gates and
+compiled in every gate mode; each plan's logits equal the masked reference (dense projections
+times the hard mask, no executor code) within 1e-4, each request's output equals its solo
+output, kept counts are exact and MACs are what ran.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import (
+    ArchitectureError,
+    GatedNetwork,
+    GateSettings,
+    ModelConfig,
+    attach_gates,
+    compile_plan,
+    load_checkpoint,
+    save_checkpoint,
+)
+from models.export import export_checkpoint
+from models.sparse import Strategy
+
+ACTS: list[Callable[[], nn.Module]] = [nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh]
+
+
+class MLP(nn.Module):
+    """fc1 → act → [dropout] → fc2, found by tracing its forward."""
+
+    def __init__(self, d: int, h: int, act: nn.Module, p: float, residual: bool) -> None:
+        super().__init__()
+        self.fc1, self.act, self.drop, self.fc2 = nn.Linear(d, h), act, nn.Dropout(p), nn.Linear(h, d)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc2(self.drop(self.act(self.fc1(x))))
+        return x + y if self.residual else y
+
+
+class GLU(nn.Module):
+    """down(silu(gate(x)) · up(x)): named explicitly in ffns."""
+
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(d, h), nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class ConvPair(nn.Module):
+    """conv k → GELU → conv 1×1 over (B, C, T): named explicitly in ffns."""
+
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv1d(d, h, 3, padding=1), nn.Conv1d(h, d, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D)
+        return x + self.conv2(F.gelu(self.conv1(x.transpose(1, 2)))).transpose(1, 2)
+
+
+class RandomNet(nn.Module):
+    """Embed → blocks (MLP, Sequential MLP, GLU, conv pair, downsampling) → pool → head."""
+
+    def __init__(self, rng: random.Random, with_lengths: bool) -> None:
+        super().__init__()
+        d = rng.choice([8, 12, 16])
+        self.embed = nn.Linear(1, d)
+        blocks: list[nn.Module] = []
+        self.kinds: list[str] = []
+        self.ffns: list[tuple[str, ...]] = []
+        for i in range(rng.randint(2, 4)):
+            kind = rng.choice(["mlp", "seq", "glu", "conv", "down"])
+            h = rng.choice([16, 24, 32])
+            act = rng.choice(ACTS)()
+            if kind == "mlp":
+                blocks.append(MLP(d, h, act, rng.choice([0.0, 0.1]), rng.random() < 0.7))
+            elif kind == "seq":
+                layers: list[nn.Module] = [nn.Linear(d, h), act, nn.Dropout(0.1), nn.Linear(h, d)]
+                blocks.append(nn.Sequential(*layers))
+            elif kind == "glu":
+                blocks.append(GLU(d, h))
+                self.ffns.append((f"blocks.{i}.gate", f"blocks.{i}.up", f"blocks.{i}.down"))
+            elif kind == "conv":
+                blocks.append(ConvPair(d, h))
+                self.ffns.append((f"blocks.{i}.conv1", f"blocks.{i}.conv2"))
+            else:
+                blocks.append(
+                    nn.Conv1d(d, d, 3, stride=2, padding=1) if rng.random() < 0.5
+                    else nn.AvgPool1d(2, ceil_mode=False)
+                )
+            self.kinds.append(kind)
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(d, 10)
+        self.with_lengths = with_lengths
+
+    def run(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        h = self.embed(x)  # (B, T, D)
+        for kind, block in zip(self.kinds, self.blocks, strict=True):
+            if lengths is not None:  # keep padding out of every block's input
+                steps = torch.arange(h.shape[1], device=h.device)
+                h = h * (steps[None] < lengths[:, None]).unsqueeze(-1)
+            if kind == "down":
+                h = block(h.transpose(1, 2)).transpose(1, 2)
+                if lengths is not None:
+                    k, s, p = 3, 2, 1
+                    if isinstance(block, nn.AvgPool1d):
+                        k, s, p = 2, 2, 0
+                    lengths = torch.div(lengths + 2 * p - k, s, rounding_mode="floor") + 1
+            elif kind == "seq":
+                h = h + block(h)
+            else:
+                h = block(h)
+        if lengths is None:
+            return self.head(h.mean(1))
+        mask = (torch.arange(h.shape[1])[None] < lengths[:, None]).unsqueeze(-1)
+        return self.head((h * mask).sum(1) / mask.sum(1).clamp_min(1))
+
+
+class WithLengths(RandomNet):
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.run(x, lengths)
+
+
+class WithoutLengths(RandomNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, None)
+
+
+def config(**dp: object) -> ModelConfig:
+    return ModelConfig.model_validate(
+        {"model": {"name": "tests:random", "max_length": 64}, "dynamic_pruning_config": {"bucket": 2, **dp}}
+    )
+
+
+def random_network(seed: int, with_lengths: bool, **dp: object) -> GatedNetwork:
+    from models.layers import _find_pairs
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    cls = WithLengths if with_lengths else WithoutLengths
+    module = cls(rng, with_lengths)
+    while all(k == "down" for k in module.kinds):  # at least one FFN
+        module = cls(rng, with_lengths)
+    ffns: list[tuple[str, ...]] | None = None
+    if module.ffns:  # GLU and conv pairs are named, so name the pattern-found ones too
+        ffns = [
+            (f"{path}.0", f"{path}.3") if kind == "sequential"
+            else tuple(f"{path}.{a}" for a in attrs)
+            for path, _, attrs, kind in _find_pairs(module)
+        ]
+        ffns += module.ffns
+    net = attach_gates(module, config(**dp), ffns=ffns).eval()
+    for gate in net.static_gates():  # close some channels, leave some partly open
+        data = next(gate.parameters()).data
+        data[::3] = -10.0
+        data[1::4] = -0.8
+    with torch.no_grad():
+        for _, g in net.dynamic_gates():
+            if g.predictor is not None:
+                for p in g.predictor.parameters():
+                    p.normal_(0, 0.5)
+    return net
+
+
+SETTINGS = [
+    GateSettings("dense"),
+    GateSettings("static", bucket=2),
+    GateSettings("static", keep_ratio=0.5, bucket=2),
+    GateSettings("dynamic", keep_ratio=0.5, bucket=2),
+    GateSettings("dynamic", keep_ratio=0.25, bucket=2, dynamic_weight=1.0),
+    GateSettings("dynamic", threshold=0.3, bucket=2),
+]
+LENGTHS = {1: [23], 3: [9, 23, 14], 8: [3, 23, 9, 23, 6, 7, 23, 12]}
+
+
+def batch(size: int, with_lengths: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(size)
+    lengths = torch.tensor(LENGTHS[size]) if with_lengths else torch.full((size,), 23)
+    x = torch.full((size, 23, 1), 5.0)  # non-zero padding must not leak
+    for i, n in enumerate(lengths.tolist()):
+        x[i, :n] = torch.randn(n, 1, generator=gen)
+    return x, lengths
+
+
+@pytest.mark.parametrize("with_lengths", [True, False], ids=["lengths", "no-lengths"])
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("global_pool", [True, False], ids=["global", "per-step"])
+def test_random_networks_plans_equal_the_masked_reference(
+    seed: int, with_lengths: bool, global_pool: bool
+) -> None:
+    net = random_network(seed, with_lengths, predictor_config={"use_global_pool": global_pool})
+    assert net.takes_lengths is with_lengths and net.padding_invariant is with_lengths
+    assert net.gated()
+    for settings in SETTINGS:
+        strategies = [Strategy("dense"), Strategy("gather", 1), Strategy("gather", 3)]
+        for strategy in strategies:
+            plan = compile_plan(net, settings, calibrate=False, strategy=strategy)
+            for size in (1, 3, 8):
+                x, lengths = batch(size, with_lengths)
+                with torch.inference_mode():
+                    ref = net(x, lengths, settings)
+                    out = plan(x, lengths)
+                assert (out.logits - ref.logits).abs().max() < 1e-4, (settings, strategy)
+                assert list(out.kept) == list(ref.kept)
+                for name in ref.kept:
+                    assert torch.equal(out.kept[name].float(), ref.kept[name].float()), name
+                assert torch.equal(out.dense_macs, ref.dense_macs)
+                gathered = strategy.kind == "gather" and settings.keep_ratio is not None
+                if settings.mode != "dynamic" or (gathered and global_pool):
+                    assert torch.equal(out.macs, ref.macs), (settings, strategy)
+                else:  # the dense fallback and bucket padding run more than they keep
+                    assert bool((out.macs >= ref.macs).all())
+                if size == 3:  # each request alone gives what it gave in the batch
+                    for i in range(size):
+                        n = int(lengths[i]) if with_lengths else 23
+                        with torch.inference_mode():
+                            solo = plan(x[i : i + 1, :n], lengths[i : i + 1].clamp(max=n))
+                        assert (solo.logits - out.logits[i]).abs().max() < 1e-4
+
+
+def test_padding_dependent_networks_refuse_mixed_lengths() -> None:
+    net = random_network(0, with_lengths=False)
+    x, lengths = batch(3, with_lengths=True)
+    plan = compile_plan(net, GateSettings("dense"), calibrate=False)
+    with pytest.raises(Exception, match="depend on padding"):
+        plan(x, lengths)
+
+
+class Stock(nn.Module):
+    def __init__(self, batch_first: bool = True, norm_first: bool = False) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.inp = nn.Linear(1, 32)
+        layer = nn.TransformerEncoderLayer(
+            32, 4, 64, dropout=0.1, batch_first=batch_first, norm_first=norm_first
+        )
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        h = self.enc(h)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_stock_transformer_encoder_is_gated_not_fast_pathed(
+    batch_first: bool, norm_first: bool
+) -> None:
+    """nn.TransformerEncoderLayer's inference fast path calls neither linear; the gated layer
+    takes its slow path, equal to the stock eval forward in dense mode."""
+    import copy
+
+    torch.manual_seed(0)
+    stock = Stock(batch_first, norm_first).eval()
+    original = copy.deepcopy(stock)
+    net = attach_gates(stock, config()).eval()
+    assert [layer.name for layer in net.gated()] == ["enc.layers.0", "enc.layers.1"]
+    x = torch.randn(3, 20, 1)
+    lengths = torch.full((3,), 20)
+    with torch.inference_mode():
+        want = original(x)
+        got = net(x, lengths, GateSettings("dense")).logits
+        assert (got - want).abs().max() < 1e-5
+        for settings in SETTINGS:
+            ref = net(x, lengths, settings)
+            plan = compile_plan(net, settings, calibrate=False, strategy=Strategy("gather", 1))
+            assert (plan(x, lengths).logits - ref.logits).abs().max() < 1e-4
+            if settings.mode == "dynamic" and settings.keep_ratio == 0.5:
+                assert (ref.logits - want).abs().max() > 1e-4  # the gates act
+
+
+def test_attach_errors_name_the_module() -> None:
+    class NoFFN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(1, 4), nn.Linear(4, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x)).mean(1)  # no activation between: not an FFN
+
+    with pytest.raises(ArchitectureError, match=r"found no FFN in NoFFN.*<root> \(a, b\)"):
+        attach_gates(NoFFN(), config())
+    with pytest.raises(ArchitectureError, match="no module 'a.fc9'"):
+        attach_gates(NoFFN(), config(), ffns=[("a.fc9", "b")])
+    with pytest.raises(ArchitectureError, match="must be nn.Linear or nn.Conv1d"):
+        attach_gates(nn.Sequential(nn.Linear(1, 4), nn.ReLU()), config(), ffns=[("0", "1")])
+    with pytest.raises(ArchitectureError, match="reads 3 channels"):
+        mismatched = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(3, 2))
+        attach_gates(mismatched, config(), ffns=[("0", "2")])
+
+
+def test_export_of_an_attached_network_rebuilds_from_its_factory(tmp_path: Path) -> None:
+    """A pruned user network is rebuilt by its factory, then the recorded widths applied."""
+    cfg = ModelConfig.model_validate(
+        {
+            "model": {
+                "name": "examples.recurrent.network:build",
+                "max_length": 64,
+                "args": {"width": 16, "hidden": 32, "blocks": 2},
+            },
+            "dynamic_pruning_config": {"bucket": 2},
+        }
+    )
+    from models import build_network
+
+    torch.manual_seed(0)
+    net = build_network(cfg).eval()
+    assert net.takes_lengths and net.padding_invariant
+    with torch.no_grad():
+        for i, gate in enumerate(net.static_gates()):
+            next(gate.parameters()).data[:: 2 + 2 * i] = -10.0  # each layer: its own width
+    save_checkpoint(net, tmp_path / "src")
+    report = export_checkpoint(tmp_path / "src", tmp_path / "dst")
+    exported = load_checkpoint(tmp_path / "dst")
+    assert exported.gated_widths() == report.kept and len(set(report.kept.values())) == 2
+    assert report.static_macs_after == report.static_macs_before
+    x, lengths = batch(3, with_lengths=True)
+    for settings in (GateSettings("static", bucket=2), GateSettings("dynamic", keep_ratio=0.5, bucket=2)):
+        with torch.inference_mode():
+            ref = net(x, lengths, settings)
+            out = exported(x, lengths, settings)
+            plan = compile_plan(exported, settings, calibrate=False, strategy=Strategy("gather", 1))
+            fast = plan(x, lengths)
+        assert (out.logits - ref.logits).abs().max() < 1e-4
+        assert (fast.logits - ref.logits).abs().max() < 1e-4
