@@ -19,13 +19,19 @@ run slower per MAC than the gated matmuls, smaller matmuls run slower per MAC th
 the dynamic plan, which does the same matmuls and more, cannot reach it either.
 
 Models: ``conv`` (``models/configs/mnist1d_conv.yaml``, the shipped checkpoint when present,
-else random weights; T 40) and ``transformer-base`` (d_model 256, FFN 1024, 4 layers, 4 heads,
-T 128, random weights). Writes ``benchmarks/results/sparse_<device>.{json,md}``.
+else random weights; T 40), ``transformer-base`` (the built-in transformer, d_model 256, FFN
+1024, 4 layers, 4 heads, T 128, random weights) and ``stock-encoder``: a stock
+``torch.nn.TransformerEncoder`` of the same widths (GELU, pre-LN, in a plain module with an input
+projection and a pooled head) gated with ``models.attach_gates``. For it the cell also times the
+stock module's own eval forward (its fused fast path on, no gates): ``stock_ms`` and
+``speedup_vs_stock``. Writes ``sparse_<device>.{json,md}`` only into ``--out-dir`` when given
+(``benchmarks/sparse_bench.py`` gives ``benchmarks/results``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -38,12 +44,20 @@ from pathlib import Path
 
 import torch
 
-from models import GatedNetwork, GateSettings, ModelConfig, build_network, load_checkpoint
+from torch import nn
+
+from models import (
+    GatedNetwork,
+    GateSettings,
+    ModelConfig,
+    attach_gates,
+    build_network,
+    load_checkpoint,
+)
 from models.config import load_config
 from models.sparse import compile_plan, time_once
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 CONV_CONFIG = ROOT / "models" / "configs" / "mnist1d_conv.yaml"
 SHIPPED = ROOT / "models" / "pretrained" / "mnist1d-conv"
 
@@ -58,19 +72,47 @@ TRANSFORMER_BASE = {
     "num_layers": 4,
 }
 VARIANTS = ("dense_ref", "dense_plan", "masked", "sparse", "static")
+MODELS = ("conv", "transformer-base", "stock-encoder")
 
 
-def build_model(name: str, device: torch.device) -> tuple[GatedNetwork, int, str]:
-    """(network in eval mode, sequence length, where the weights come from)."""
+class StockEncoder(nn.Module):
+    """A stock ``nn.TransformerEncoder`` classifier of transformer-base's widths."""
+
+    def __init__(self, d_model: int = 256, ffn: int = 1024, layers: int = 4, heads: int = 4):
+        super().__init__()
+        self.inp = nn.Linear(1, d_model)
+        layer = nn.TransformerEncoderLayer(
+            d_model, heads, ffn, dropout=0.1, activation="gelu", batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 1) -> (B, 10)
+        return self.head(self.encoder(self.inp(x)).mean(1))
+
+
+def build_model(
+    name: str, device: torch.device
+) -> tuple[GatedNetwork, int, str, nn.Module | None]:
+    """(network in eval mode, sequence length, where the weights come from, the stock module
+    it was attached from, if any)."""
     torch.manual_seed(0)
     if name == "conv":
         if (SHIPPED / "model.safetensors").is_file():
-            return load_checkpoint(SHIPPED, device), 40, str(SHIPPED.relative_to(ROOT))
-        return build_network(load_config(CONV_CONFIG)).to(device).eval(), 40, "random"
+            return load_checkpoint(SHIPPED, device), 40, str(SHIPPED.relative_to(ROOT)), None
+        return build_network(load_config(CONV_CONFIG)).to(device).eval(), 40, "random", None
     if name == "transformer-base":
         cfg = ModelConfig.model_validate({"model": TRANSFORMER_BASE})
-        return build_network(cfg).to(device).eval(), 128, "random"
-    raise SystemExit(f"unknown model {name!r}; use conv or transformer-base")
+        return build_network(cfg).to(device).eval(), 128, "random", None
+    if name == "stock-encoder":
+        stock = StockEncoder().to(device).eval()
+        cfg = ModelConfig.model_validate(
+            {"model": {"name": "models.bench:StockEncoder", "max_length": 128}}
+        )
+        net = attach_gates(copy.deepcopy(stock), cfg).to(device).eval()
+        return net, 128, "random", stock
+    raise SystemExit(f"unknown model {name!r}; use one of {', '.join(MODELS)}")
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -98,7 +140,7 @@ def bench_model(
     repeats: int,
     device: torch.device,
 ) -> list[dict[str, object]]:
-    model, length, source = build_model(name, device)
+    model, length, source, stock = build_model(name, device)
     bucket = model.config.dynamic_pruning_config.bucket
     timer = _timer(device)
     dense = GateSettings("dense")
@@ -124,7 +166,9 @@ def bench_model(
                 "sparse": partial(plan, x, lengths),
                 "static": partial(static_plan, x, lengths),
             }
-            times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            if stock is not None:
+                fns["stock"] = partial(stock, x)
+            times: dict[str, list[float]] = {v: [] for v in fns}
             with torch.inference_mode():
                 for _ in range(2):  # warm-up: allocator, kernel selection
                     for fn in fns.values():
@@ -154,6 +198,13 @@ def bench_model(
                     if layer.k is not None and layer.k < layer.n_open
                 }
             ) or ["dense"]
+            extra: dict[str, object] = {}
+            if stock is not None:
+                extra = {
+                    "stock_ms": round(med["stock"], 3),
+                    "speedup_vs_stock": round(med["stock"] / med["sparse"], 3),
+                    "dense_plan_vs_stock": round(med["stock"] / med["dense_plan"], 3),
+                }
             cells.append(
                 {
                     "model": name,
@@ -179,6 +230,7 @@ def bench_model(
                     "length": length,
                     "repeats": cell_repeats(repeats, batch),
                     "weights": source,
+                    **extra,
                 }
             )
     return cells
@@ -195,25 +247,31 @@ def markdown(cells: Sequence[dict[str, object]], meta: dict[str, object]) -> str
         f"{meta['torch']}; medians of interleaved repeats ({meta['repeats']} × 32 / batch, at "
         f"least {meta['repeats']}); dynamic mode, "
         "keep ratio per request (top-k of the predictor's gates). Static bound: the static plan "
-        "at the same keep ratio (no predictor, no gather), its speedup / its FLOPs ideal.",
+        "at the same keep ratio (no predictor, no gather), its speedup / its FLOPs ideal. "
+        "Stock: the stock nn.TransformerEncoder's own eval forward (fast path), ms and the "
+        "sparse plan's speedup over it.",
         "",
         "| model | batch | keep | dense ms | masked ms | sparse ms | speedup | ideal | "
-        "speedup/ideal | static bound | strategy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "speedup/ideal | static bound | strategy | stock ms / sparse vs stock |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
+        stock = (
+            f"{c['stock_ms']:.2f} / {c['speedup_vs_stock']:.2f}×" if "stock_ms" in c else "—"
+        )
         lines.append(
             f"| {c['model']} | {c['batch']} | {c['keep_ratio']} | {c['dense_ms']:.2f} | "
             f"{c['masked_ms']:.2f} | {c['sparse_ms']:.2f} | {c['speedup']:.2f}× | "
             f"{c['ideal_speedup']:.2f}× | {c['speedup_over_ideal']:.2f} | "
-            f"{c['static_speedup']:.2f}× / {c['static_speedup_over_ideal']:.2f} | {c['strategy']} |"
+            f"{c['static_speedup']:.2f}× / {c['static_speedup_over_ideal']:.2f} | "
+            f"{c['strategy']} | {stock} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["conv", "transformer-base"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--keep-ratios", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
     parser.add_argument(
@@ -222,8 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--json", action="store_true", help="one JSON object per cell")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    parser.add_argument("--no-write", action="store_true", help="do not write result files")
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="write sparse_<device>.{json,md} here"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -249,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = markdown(cells, meta)
     if not args.json:
         sys.stdout.write(table)
-    if not args.no_write:
+    if args.out_dir is not None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         stem = args.out_dir / f"sparse_{device.type}"
         stem.with_suffix(".json").write_text(json.dumps({**meta, "cells": cells}, indent=1))

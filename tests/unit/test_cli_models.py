@@ -76,7 +76,6 @@ def test_bench_json_cells() -> None:
         "--repeats",
         "1",
         "--json",
-        "--no-write",
     )
     assert proc.returncode == 0, proc.stderr
     (line,) = proc.stdout.splitlines()

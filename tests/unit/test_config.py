@@ -87,8 +87,8 @@ def _with(path: str, value: object) -> dict:
 BAD = [
     ("dynamic_pruning_config.gate_typo", "hardconcrete", "unknown key"),
     ("dynamic_pruning_config.gate_type", "relu", "'hardconcrete' or 'sigmoid'"),
-    ("dynamic_pruning_config.dynamic_weight", 1.5, "<= 1"),
-    ("dynamic_pruning_config.dynamic_weight", -0.1, ">= 0"),
+    ("dynamic_pruning_config.dynamic_weight", 1.5, "allowed: [0, 1]"),
+    ("dynamic_pruning_config.dynamic_weight", -0.1, "allowed: [0, 1]"),
     ("dynamic_pruning_config.use_input_gating", "maybe", "boolean"),
     ("dynamic_pruning_config.predictor_config.reduction_ratio", 0, ">= 1"),
     ("dynamic_pruning_config.predictor_config.reduction_ratio", 2.5, "integer"),
