@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from models.gate_config import GateSettings
 
@@ -108,14 +108,38 @@ class MacModel:
         return macs, dense
 
 
+def _cpu_flash_attention(
+    query: Sequence[int], key: Sequence[int], value: Sequence[int], *args: object, **kw: object
+) -> int:
+    """FLOPs of the CPU flash-attention kernel, which the counter has no formula for."""
+    return int(sdpa_flop_count(query, key, value))
+
+
+# Kernels the FLOP counter does not know, by the same formula as their known siblings.
+_EXTRA_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention,
+}
+
+
 def _rest_at(net: GatedNetwork, length: int) -> float:
     """Counted MACs of one dense request of ``length`` steps minus its gated layers'."""
     from models.layers import forward_context
 
     x, lengths = net.example_input(length)
     fwd = net.open_forward(x, lengths, GateSettings("dense"))
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter, forward_context(fwd):
-        net.compute(x, lengths)
+    # nn.MultiheadAttention's native fast path is one fused kernel the FLOP counter has no
+    # formula for; its decomposed form does the same matmuls and is counted.
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with (
+            torch.inference_mode(),
+            FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter,
+            forward_context(fwd),
+        ):
+            net.compute(x, lengths)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     gated = 0.0
     for layer, rec in fwd.records.items():
         full = torch.full_like(rec.length, layer.n, dtype=torch.float64)

@@ -340,3 +340,18 @@ def test_export_of_an_attached_network_rebuilds_from_its_factory(tmp_path: Path)
             fast = plan(x, lengths)
         assert (out.logits - ref.logits).abs().max() < 1e-4
         assert (fast.logits - ref.logits).abs().max() < 1e-4
+
+
+def test_flops_of_a_network_never_seen_are_counted_by_torch() -> None:
+    """The stock encoder's attention (not gated) is counted by torch's FLOP counter: dense MACs
+    equal a hand count of every matmul, for any length."""
+    torch.manual_seed(0)
+    net = attach_gates(Stock(), config()).eval()
+    d, ffn, layers = 32, 64, 2
+    for t in (1, 7, 40):
+        x = torch.randn(2, t, 1)
+        with torch.inference_mode():
+            out = net(x, torch.full((2,), t), GateSettings("dense"))
+        per_layer = t * (3 * d * d + d * d + 2 * d * ffn) + 2 * t * t * d
+        hand = t * d + layers * per_layer + d * 10
+        assert out.dense_macs.tolist() == [hand, hand]
