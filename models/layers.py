@@ -34,8 +34,7 @@ from __future__ import annotations
 import inspect
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -68,21 +67,34 @@ class Record:
     const: tuple[float, float] | None = None
 
 
-@dataclass
 class Forward:
     """One forward pass of a gated network: settings, lengths, plan, what each layer did."""
 
-    settings: GateSettings
-    batch: int
-    full_length: int  # padded T of the network input
-    lengths: dict[int, torch.Tensor]  # padded time size -> (B,) lengths
-    padded: bool  # some request is shorter than the padded input
-    plan: SparsePlan | None = None
-    records: dict[GatedLayer, Record] = field(default_factory=dict)
-    handoff: dict[GatedLayer, Any] = field(default_factory=dict)  # input side -> output side
-    calls: dict[GatedLayer, int] = field(default_factory=dict)
-    ambiguous: set[int] = field(default_factory=set)
-    _masks: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    __slots__ = (
+        "_masks", "ambiguous", "batch", "calls", "full_length", "handoff", "lengths", "padded",
+        "plan", "records", "settings",
+    )
+
+    def __init__(
+        self,
+        settings: GateSettings,
+        batch: int,
+        full_length: int,
+        lengths: dict[int, torch.Tensor],
+        padded: bool,
+        plan: SparsePlan | None = None,
+    ) -> None:
+        self.settings = settings
+        self.batch = batch
+        self.full_length = full_length  # padded T of the network input
+        self.lengths = lengths  # padded time size -> (B,) lengths
+        self.padded = padded  # some request is shorter than the padded input
+        self.plan = plan
+        self.records: dict[GatedLayer, Record] = {}
+        self.handoff: dict[GatedLayer, Any] = {}  # input side -> output side of a layer
+        self.calls: dict[GatedLayer, int] = {}
+        self.ambiguous: set[int] = set()
+        self._masks: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def lengths_at(self, t: int, where: str) -> torch.Tensor:
         """(B,) lengths of a tensor whose padded time size is ``t``."""
@@ -121,16 +133,25 @@ def current() -> Forward | None:
     return stack[-1] if stack else None
 
 
-@contextmanager
-def forward_context(fwd: Forward) -> Iterator[Forward]:
-    stack = getattr(_LOCAL, "stack", None)
-    if stack is None:
-        stack = _LOCAL.stack = []
-    stack.append(fwd)
-    try:
-        yield fwd
-    finally:
-        stack.pop()
+class forward_context:  # noqa: N801 - used like contextlib's context managers
+    """``with forward_context(fwd):`` makes ``fwd`` the current forward of this thread (a
+    class, not a generator: it runs on every forward, and costs less)."""
+
+    __slots__ = ("fwd", "stack")
+
+    def __init__(self, fwd: Forward) -> None:
+        self.fwd = fwd
+        stack = getattr(_LOCAL, "stack", None)
+        if stack is None:
+            stack = _LOCAL.stack = []
+        self.stack: list[Forward] = stack
+
+    def __enter__(self) -> Forward:
+        self.stack.append(self.fwd)
+        return self.fwd
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.pop()
 
 
 def _out_length(length: torch.Tensor, k: int, s: int, p: int, d: int) -> torch.Tensor:
@@ -325,10 +346,15 @@ class UnfoldConv1d(nn.Conv1d):
     is the plain ``nn.Conv1d``; any network may use it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C_in, T) -> (B, C_out, T'), as ``nn.Conv1d``."""
+        return self.steps(x.transpose(1, 2)).transpose(1, 2)
+
+    def steps(self, x: torch.Tensor) -> torch.Tensor:
+        """The same conv over x (B, T, C_in) -> (B, T', C_out), without transposes in a plan."""
         fwd = current()
         if fwd is not None and fwd.plan is not None and self.groups == 1:
             return fwd.plan.conv(self, x)
-        return super().forward(x)
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------- gated layers
@@ -525,13 +551,20 @@ class GatedFFN(GatedLayer):
             return fwd.plan.ffn(self, proj, x, fwd)
         return self._reference(proj, x, fwd)
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, steps: bool = False
+    ) -> torch.Tensor:
         """The whole layer at once: ``[residual +] fc2(act(fc1(x)) [· up(x)])``. Inside a plan
         one fused executor (matmul and activation in one kernel where torch has one, the
-        residual accumulated in place: pass it only when it is not needed afterwards)."""
+        residual accumulated in place: pass it only when it is not needed afterwards).
+        ``steps``: x, residual and the result are (B, T, C) whatever the projections' own
+        layout (a conv pair then needs no transposes around it)."""
         fwd = current()
         if fwd is not None and fwd.plan is not None:
-            return fwd.plan.ffn_fused(self, x, residual, fwd)
+            return fwd.plan.ffn_fused(self, x, residual, fwd, steps)
+        if steps and not self.inputs[0].channel_last:
+            y = self(x.transpose(1, 2))
+            return y.transpose(1, 2) if residual is None else residual + y.transpose(1, 2)
         h = self.inputs[0](x)
         h = self.act(h) if self.act is not None else h
         if self.glu:

@@ -309,8 +309,7 @@ class GatedConvBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mf: torch.Tensor) -> torch.Tensor:
         """x (B, T, C), mask (B, T) -> (B, T, C)."""
         f = self.norm(x, mask) * mf  # (B, T, C); padding is zero, as the conv's own padding
-        y = self.ffn(f.transpose(1, 2), residual=x.transpose(1, 2))  # (B, C, T)
-        return _zero_padding(y.transpose(1, 2), mf)
+        return _zero_padding(self.ffn(f, residual=x, steps=True), mf)  # (B, T, C)
 
 
 class GatedConvNet(GatedNetwork):
@@ -330,8 +329,7 @@ class GatedConvNet(GatedNetwork):
         """x (B, T, C_in), lengths (B,) -> logits (B, classes)."""
         mask = time_mask(lengths.to(x.device), x.shape[1])  # (B, T)
         mf = mask.unsqueeze(-1).to(x.dtype)
-        h = self.stem((x * mf).transpose(1, 2)).transpose(1, 2)  # (B, T, C)
-        h = _zero_padding(h, mf)
+        h = _zero_padding(self.stem.steps(x * mf), mf)  # (B, T, C)
         for block in self.blocks:
             h = block(h, mask, mf)
         return cast(torch.Tensor, self.head(_masked_mean(h, mask)))
@@ -386,8 +384,7 @@ class GatedTransformer(GatedNetwork):
     def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         mask = time_mask(lengths.to(x.device), x.shape[1])
         mf = mask.unsqueeze(-1).to(x.dtype)
-        h = self.embed((x * mf).transpose(1, 2)).transpose(1, 2)  # (B, T, D)
-        h = h + self.pos[: x.shape[1]]
+        h = self.embed.steps(x * mf) + self.pos[: x.shape[1]]  # (B, T, D)
         for layer in self.layers:
             h = layer(h)
         return cast(torch.Tensor, self.head(_masked_mean(self.norm(h), mask)))

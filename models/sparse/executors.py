@@ -143,6 +143,7 @@ class FFNExecutor:
     def __init__(self, layer: GatedFFN, settings: GateSettings) -> None:
         self.layer = layer
         self.name = layer.name
+        self._y_role = f"y:{layer.name}"
         self.settings = settings
         self.act = layer.act_kind  # "gelu" | "relu" | "identity" | None (run the module)
         gate = layer.gate
@@ -341,29 +342,39 @@ class FFNExecutor:
     # ------------------------------------------------------------------ fused
 
     def fused(
-        self, x: torch.Tensor, residual: torch.Tensor | None, fwd: Forward, ws: Workspace
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        fwd: Forward,
+        ws: Workspace,
+        steps: bool = False,
     ) -> torch.Tensor:
-        """The whole layer: ``[residual +] out(act(in(x)))``, in the caller's layout."""
+        """The whole layer: ``[residual +] out(act(in(x)))``, in the caller's layout, or in
+        (B, T, C) for all three with ``steps``."""
         layer = self.layer
         first = layer.inputs[0]
-        x_steps = layer.to_steps(x, first)  # (B, T, C)
-        t_in = layer.steps_of(x, first, fwd)
+        if steps:
+            x_steps, t_in = x, x.shape[1]
+        else:
+            x_steps = layer.to_steps(x, first)  # (B, T, C)
+            t_in = layer.steps_of(x, first, fwd)
         sel, kept, executed, const = self._select(x_steps, t_in, fwd, ws)
         u = self._features(x_steps, ws)  # (B, T', D_in)
         b, t, _ = u.shape
         self._record(fwd, kept, executed, t_in, t, const)
         out_proj = layer.output
         y: torch.Tensor | None = None
+        r = None
         if residual is not None:
-            r = layer.to_steps(residual, out_proj)
+            r = residual if steps else layer.to_steps(residual, out_proj)
             if r.is_contiguous() and r.shape == (b, t, self.d_out):
                 y = r.add_(self.b_out)  # accumulate in place: the caller no longer needs it
         if y is None:
-            y = ws.get(f"y:{self.name}", (b, t, self.d_out), u).copy_(
+            y = ws.get(self._y_role, (b, t, self.d_out), u).copy_(
                 self.b_out.expand(b, t, self.d_out)
             )
-            if residual is not None:
-                y.add_(layer.to_steps(residual, out_proj))
+            if r is not None:
+                y.add_(r)
         if sel.strategy.kind == "gather":
             self._gather_fused(
                 u,
@@ -378,6 +389,8 @@ class FFNExecutor:
             if sel.gate is not None:
                 h.view(b, t, -1).mul_(sel.gate)
             y.view(b * t, -1).addmm_(h, self.w_out_t)  # (B·T, D_out)
+        if steps:
+            return y
         return layer.from_steps(y, residual if residual is not None else x, out_proj)
 
     def _hidden_act(self, h: torch.Tensor) -> torch.Tensor:
@@ -589,17 +602,17 @@ class AttentionExecutor:
 
 
 def conv_unfolded(conv: UnfoldConv1d, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
-    """An ungated ``nn.Conv1d`` (groups 1) over x (B, C_in, T) as one matmul over the unfolded
-    windows -> (B, C_out, T') (a transposed view of a (B, T', C_out) tensor)."""
+    """An ungated ``nn.Conv1d`` (groups 1) over x (B, T, C_in) as one matmul over the unfolded
+    windows -> (B, T', C_out)."""
     k = int(conv.kernel_size[0])
     pad = conv.padding
     if isinstance(pad, str) or conv.padding_mode != "zeros":
-        return cast(torch.Tensor, torch.nn.Conv1d.forward(conv, x))
-    u = unfold(x.transpose(1, 2), k, ws, int(pad[0]), int(conv.stride[0]), int(conv.dilation[0]))
+        return cast(torch.Tensor, torch.nn.Conv1d.forward(conv, x.transpose(1, 2))).transpose(1, 2)
+    u = unfold(x, k, ws, int(pad[0]), int(conv.stride[0]), int(conv.dilation[0]))
     b, t, _ = u.shape
     w = conv.weight.detach().flatten(1)  # (C_out, C_in·k), a view
     if conv.bias is None:
         out = torch.mm(u.reshape(b * t, -1), w.t())
     else:
         out = torch.addmm(conv.bias.detach(), u.reshape(b * t, -1), w.t())  # (B·T, C_out)
-    return out.view(b, t, -1).transpose(1, 2)
+    return out.view(b, t, -1)

@@ -7,8 +7,7 @@ cold after the big matmuls), so the plans call as few kernels as torch allows.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -43,8 +42,7 @@ def act_(h: torch.Tensor, act: str | None) -> torch.Tensor:
     return h
 
 
-@contextmanager
-def without_onednn() -> Iterator[None]:
+class without_onednn:  # noqa: N801 - used like contextlib's context managers
     """Run ATen's own CPU kernels instead of oneDNN's.
 
     oneDNN compiles and caches a kernel per input shape (GELU is one of its ops here): a server
@@ -52,12 +50,15 @@ def without_onednn() -> Iterator[None]:
     ATen's kernels cache nothing and are within noise at these sizes. The flag is process-wide;
     a plan runs on one thread at a time and restores it.
     """
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a ContextProp
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
+
+    __slots__ = ("enabled",)
+
+    def __enter__(self) -> None:
+        self.enabled = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a ContextProp
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.mkldnn.enabled = self.enabled
 
 
 def unfold(

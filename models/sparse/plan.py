@@ -108,9 +108,14 @@ class SparsePlan:
         return self._ffn(layer).project(proj, x, fwd, self._ws)
 
     def ffn_fused(
-        self, layer: GatedFFN, x: torch.Tensor, residual: torch.Tensor | None, fwd: Forward
+        self,
+        layer: GatedFFN,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        fwd: Forward,
+        steps: bool = False,
     ) -> torch.Tensor:
-        return self._ffn(layer).fused(x, residual, fwd, self._ws)
+        return self._ffn(layer).fused(x, residual, fwd, self._ws, steps)
 
     def attention(
         self,
