@@ -852,9 +852,15 @@ def _gate_encoder_layer(layer: nn.TransformerEncoderLayer, cfg: ModelConfig, nam
     return ffn
 
 
-def _calls_in_forward(module: nn.Module) -> list[str] | None:
-    """Names of child modules the module's ``forward`` calls, in call order, when torch.fx can
-    trace that forward alone (children as leaves); None when it cannot."""
+_ACT_FUNCTIONS = {
+    F.gelu, F.relu, torch.relu, F.silu, torch.tanh, torch.sigmoid, F.leaky_relu, F.elu, F.mish,
+    F.hardswish, F.softplus,
+}
+_ACT_METHODS = {"relu", "sigmoid", "tanh"}
+
+
+def _trace(module: nn.Module) -> Any:
+    """The fx graph of ``module.forward`` with its children as leaves, or None if untraceable."""
     try:
         import torch.fx as fx
 
@@ -862,14 +868,87 @@ def _calls_in_forward(module: nn.Module) -> list[str] | None:
             def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
                 return m is not module
 
-        graph = _Leaves().trace(module)
-    except Exception:  # noqa: BLE001 - any untraceable forward: fall back to names
+        return _Leaves().trace(module)
+    except Exception:  # noqa: BLE001 - any untraceable forward: the caller decides
         return None
-    return [str(n.target) for n in graph.nodes if n.op == "call_module"]
+
+
+def _ffns_in_graph(
+    module: nn.Module, graph: Any, where: str
+) -> list[tuple[list[str], Any]]:
+    """FFNs by data flow: ``Linear → activation → [Dropout] → Linear`` and the GLU form
+    ``Linear(act(Linear_a(x)) · Linear_b(x))``; -> [([attrs], act)]."""
+    import operator
+
+    children = dict(module.named_children())
+
+    def child(node: Any) -> nn.Module | None:
+        if getattr(node, "op", None) == "call_module":
+            return children.get(str(node.target))
+        return None
+
+    def is_linear(node: Any) -> bool:
+        return _is_linear(child(node))
+
+    def skip_dropout(node: Any) -> Any:
+        while getattr(node, "op", None) in ("call_module", "call_function") and (
+            isinstance(child(node), nn.Dropout) or node.target is F.dropout
+        ):
+            node = node.args[0]
+        return node
+
+    def activation(node: Any) -> tuple[Any, Any] | None:
+        """(activation, its input node) when ``node`` applies an elementwise activation."""
+        m = child(node)
+        if isinstance(m, _ACTIVATIONS) and not isinstance(m, nn.Identity):
+            return m, node.args[0]
+        if getattr(node, "op", None) == "call_function" and node.target in _ACT_FUNCTIONS:
+            return node.target, node.args[0]
+        if getattr(node, "op", None) == "call_method" and node.target in _ACT_METHODS:
+            return getattr(torch, str(node.target)), node.args[0]
+        return None
+
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    found: list[tuple[list[str], Any]] = []
+    for node in graph.nodes:
+        if not is_linear(node) or not node.args:
+            continue
+        src = skip_dropout(node.args[0])
+        act = activation(src)
+        if act is not None and is_linear(act[1]):
+            first = act[1]
+            attrs = [str(first.target), str(node.target)]
+        elif getattr(src, "op", None) == "call_function" and src.target in (
+            operator.mul, torch.mul
+        ):
+            sides = [activation(arg) for arg in src.args[:2]]
+            gated = [i for i, side in enumerate(sides) if side is not None and is_linear(side[1])]
+            other = [arg for i, arg in enumerate(src.args[:2]) if i not in gated[:1]]
+            if not gated or not other or not is_linear(other[0]):
+                continue
+            act = sides[gated[0]]
+            assert act is not None
+            attrs = [str(act[1].target), str(other[0].target), str(node.target)]
+        else:
+            continue
+        widths = {cast(nn.Linear, children[a]).out_features for a in attrs[:-1]}
+        if widths != {cast(nn.Linear, children[attrs[-1]]).in_features}:
+            continue
+        twice = [a for a in attrs if calls.get(a, 0) > 1]
+        if twice:
+            raise ArchitectureError(
+                f"{where}: {', '.join(twice)} called more than once in forward: ambiguous FFN; "
+                "name the FFNs with ffns=[...]"
+            )
+        found.append((attrs, act[0]))
+    return found
 
 
 def _find_pairs(module: nn.Module) -> list[tuple[str, nn.Module, list[str], Any]]:
-    """FFNs found by pattern: (path, owner, [proj attrs], act)."""
+    """FFNs found by pattern: (path, owner, [proj attrs], act or a pattern tag)."""
     found: list[tuple[str, nn.Module, list[str], Any]] = []
     for path, m in module.named_modules():
         if isinstance(m, nn.TransformerEncoderLayer):
@@ -881,25 +960,19 @@ def _find_pairs(module: nn.Module) -> list[tuple[str, nn.Module, list[str], Any]
         linears = [k for k, c in m.named_children() if _is_linear(c)]
         if len(linears) < 2 or isinstance(m, nn.Sequential | nn.MultiheadAttention):
             continue
-        calls = _calls_in_forward(m)
-        if calls is None:
+        graph = _trace(m)
+        where = path or "<root>"
+        if graph is None:
+            if any(isinstance(c, _ACTIVATIONS) for c in m.children()):
+                # Linears and an activation, but a forward fx cannot follow: maybe an FFN
+                # that would run dense. Never guess: ask for names.
+                raise ArchitectureError(
+                    f"{where} ({type(m).__name__}): torch.fx cannot trace its forward to find "
+                    f"its FFNs (linears: {', '.join(linears)}); name them with ffns=[...]"
+                )
             continue
-        children = dict(m.named_children())
-        # a Linear, an activation module, optionally a Dropout, then a Linear reading the
-        # first one's width
-        for i in range(len(calls) - 2):
-            a, b = calls[i], calls[i + 1]
-            rest = calls[i + 2 : i + 4]
-            if rest and isinstance(children.get(rest[0]), nn.Dropout):
-                rest = rest[1:]
-            if not rest or a not in linears or rest[0] not in linears:
-                continue
-            c = rest[0]
-            act = children.get(b)
-            if isinstance(act, _ACTIVATIONS) and not isinstance(act, nn.Identity):
-                la, lc = cast(nn.Linear, children[a]), cast(nn.Linear, children[c])
-                if la.out_features == lc.in_features:
-                    found.append((path, m, [a, c], act))
+        for attrs, act in _ffns_in_graph(m, graph, where):
+            found.append((path, m, attrs, act))
     return found
 
 
@@ -928,17 +1001,25 @@ def attach_ffns(
             owner = owners[0][0]
             if any(o is not owner for o, _ in owners):
                 raise ArchitectureError(f"ffns: {list(spec)}: projections of one module only")
-            prefix = spec[0].rpartition(".")[0] or "ffn"
+            prefix = spec[0].rpartition(".")[0]
+            shared = sum(1 for other in ffns if other[0].rpartition(".")[0] == prefix) > 1
+            name = spec[0] if shared or not prefix else prefix
             act = _act_between(owner, [a for _, a in owners])
-            layers.append(make_ffn(prefix, owner, [a for _, a in owners], cfg, act))
+            layers.append(make_ffn(name, owner, [a for _, a in owners], cfg, act))
         return layers
     if isinstance(module, nn.TransformerEncoder):
         module.__class__ = _GatedEncoder
     for path, m in module.named_modules():
         if isinstance(m, nn.TransformerEncoder):
             m.__class__ = _GatedEncoder
-    for path, owner, attrs, act in _find_pairs(module):
+    pairs = _find_pairs(module)
+    per_owner: dict[str, int] = {}
+    for path, *_ in pairs:
+        per_owner[path] = per_owner.get(path, 0) + 1
+    for path, owner, attrs, act in pairs:
         where = path or "<root>"
+        if per_owner[path] > 1:  # several FFNs in one module: name each by its first linear
+            where = f"{path}.{attrs[0]}" if path else attrs[0]
         if act == "encoder":
             layers.append(_gate_encoder_layer(cast(nn.TransformerEncoderLayer, owner), cfg, where))
         elif act == "sequential":
@@ -958,12 +1039,15 @@ def attach_ffns(
 
 
 def _act_between(owner: nn.Module, attrs: Sequence[str]) -> Any:
-    calls = _calls_in_forward(owner)
-    children = dict(owner.named_children())
-    if calls and attrs[0] in calls:
-        i = calls.index(attrs[0])
-        if i + 1 < len(calls) and isinstance(children.get(calls[i + 1]), _ACTIVATIONS):
-            return children[calls[i + 1]]
+    graph = _trace(owner)
+    if graph is not None:
+        try:
+            pairs = _ffns_in_graph(owner, graph, "")
+        except ArchitectureError:  # named explicitly: the user resolved the ambiguity
+            pairs = []
+        for found, act in pairs:
+            if found[0] == attrs[0]:
+                return act
     return None  # the forward applies it: the layer's own call never needs to know
 
 

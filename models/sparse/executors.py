@@ -478,7 +478,7 @@ class FFNExecutor:
         x_steps = layer.to_steps(x, proj)
         u = self._features(x_steps, ws)
         b, t, _ = u.shape
-        if proj.role == "in":
+        if layer not in fwd.handoff:  # the first input side to run (GLU: gate or up) selects
             t_in = layer.steps_of(x, proj, fwd)
             sel, kept, executed, const = self._select(x_steps, t_in, fwd, ws)
             self._record(fwd, kept, executed, t_in, t, const)

@@ -48,7 +48,7 @@ class MLP(nn.Module):
 
 
 class GLU(nn.Module):
-    """down(silu(gate(x)) · up(x)): named explicitly in ffns."""
+    """down(silu(gate(x)) · up(x)): found by the forward's data flow."""
 
     def __init__(self, d: int, h: int) -> None:
         super().__init__()
@@ -90,7 +90,6 @@ class RandomNet(nn.Module):
                 blocks.append(nn.Sequential(*layers))
             elif kind == "glu":
                 blocks.append(GLU(d, h))
-                self.ffns.append((f"blocks.{i}.gate", f"blocks.{i}.up", f"blocks.{i}.down"))
             elif kind == "conv":
                 blocks.append(ConvPair(d, h))
                 self.ffns.append((f"blocks.{i}.conv1", f"blocks.{i}.conv2"))
@@ -153,7 +152,7 @@ def random_network(seed: int, with_lengths: bool, **dp: object) -> GatedNetwork:
     while all(k == "down" for k in module.kinds):  # at least one FFN
         module = cls(rng, with_lengths)
     ffns: list[tuple[str, ...]] | None = None
-    if module.ffns:  # GLU and conv pairs are named, so name the pattern-found ones too
+    if module.ffns:  # conv pairs are named, so name the pattern-found ones too
         ffns = [
             (f"{path}.0", f"{path}.3") if kind == "sequential"
             else tuple(f"{path}.{a}" for a in attrs)
@@ -355,3 +354,43 @@ def test_flops_of_a_network_never_seen_are_counted_by_torch() -> None:
         per_layer = t * (3 * d * d + d * d + 2 * d * ffn) + 2 * t * t * d
         hand = t * d + layers * per_layer + d * 10
         assert out.dense_macs.tolist() == [hand, hand]
+
+
+def test_ffns_are_found_by_data_flow() -> None:
+    """Functional activations, GLU products and two FFNs in one module are found by tracing the
+    forward's data flow; a linear used twice is ambiguous and named."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(1, 8)
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)  # F.gelu between
+            self.gate, self.up, self.down = nn.Linear(8, 12), nn.Linear(8, 12), nn.Linear(12, 8)
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            h = h + self.fc2(F.dropout(F.gelu(self.fc1(h)), 0.1, self.training))
+            h = h + self.down(self.up(h) * F.silu(self.gate(h)))
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    net = attach_gates(Mixed(), config()).eval()
+    assert [(layer.name, layer.n) for layer in net.gated()] == [("fc1", 16), ("gate", 12)]
+    x, lengths = batch(3, with_lengths=False)
+    for settings in SETTINGS:
+        with torch.inference_mode():
+            ref = net(x, lengths, settings)
+            plan = compile_plan(net, settings, calibrate=False, strategy=Strategy("gather", 1))
+            assert (plan(x, lengths).logits - ref.logits).abs().max() < 1e-4
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.act(self.fc1(x))) + self.fc2(self.act(self.fc1(x)))
+
+    with pytest.raises(ArchitectureError, match="called more than once.*ambiguous"):
+        attach_gates(Twice(), config())
