@@ -40,13 +40,13 @@ def accuracy(
     the curve plots the first, the keep policy's cost, so that it does not move with that pick.
     """
     correct, kept_ratios, ran_ratios = 0, [], []
-    with_predictor = plan.settings.mode == "dynamic"
     with torch.inference_mode():
         for s in range(0, len(y), 500):
             seq = lengths[s : s + 500]
             out = plan(x[s : s + 500], seq)
             correct += int((out.logits.argmax(-1) == y[s : s + 500]).sum())
-            policy = plan.model.count_macs(seq, out.kept, with_predictor)
+            # The masked reference counts the kept channels only: the keep policy's cost.
+            policy = plan.model(x[s : s + 500], seq, plan.settings).macs
             kept_ratios.append(policy / out.dense_macs)
             ran_ratios.append(out.flops_ratio)
     return (

@@ -31,17 +31,18 @@ from common import RESULTS
 
 from models.bench import build_model
 from models.gates import GateSettings
-from models.sparse import SparsePlan, Workspace, _addmm_gelu, _without_onednn, compile_plan
+from models.layers import Forward
+from models.sparse import SparsePlan, Workspace, addmm_act, compile_plan, without_onednn
 
 
-def _phases_sparse(plan: SparsePlan, f: torch.Tensor, ctx: object) -> dict[str, float]:
+def _phases_sparse(plan: SparsePlan, f: torch.Tensor, fwd: Forward) -> dict[str, float]:
     layer = plan.layers[0]
-    mlp = layer.mlp
-    assert layer.predictor is not None and mlp.packed is not None and layer.k is not None
+    assert layer.predictor is not None and layer.packed is not None and layer.k is not None
     b, t, _ = f.shape
     x = torch.zeros_like(f)
-    ws: Workspace = ctx.ws  # type: ignore[attr-defined]
-    d_in, d_out, width = mlp.d_in, mlp.d_out, mlp.packed.shape[1]
+    ws: Workspace = plan._ws
+    d_in, d_out, width = layer.d_ins[0], layer.d_out, layer.packed.shape[1]
+    step_weights = fwd.mask_at(t, layer.name)[3]
     strategy = layer.strategy(b, layer.k)
     times: dict[str, float] = {}
     clock = time.perf_counter()
@@ -52,26 +53,26 @@ def _phases_sparse(plan: SparsePlan, f: torch.Tensor, ctx: object) -> dict[str, 
         times[name] = times.get(name, 0.0) + (now - clock) * 1e3
         clock = now
 
-    dynamic = layer.predictor(f, ctx)  # type: ignore[arg-type]
+    dynamic = layer.predictor(f, step_weights, ws)
     tick("predictor")
     final = torch.addcmul(layer.static_part, dynamic, layer.weighted_static)  # type: ignore[arg-type]
     values, idx = final.topk(layer.k, dim=-1, sorted=False)
     tick("select")
     if strategy.kind != "gather":
-        mlp.run(f, x, idx, values, strategy, layer.dense_map, ws)
+        layer.run_for_timing(f, x, idx, values, strategy, ws)
         tick("dense fallback")
         return times
     k = layer.k
     bias = ws.get("bk", (b, k), x)
-    torch.index_select(mlp.b1_all, 0, idx.reshape(-1), out=bias.view(-1))
+    torch.index_select(layer.b_in_all[0], 0, idx.reshape(-1), out=bias.view(-1))
     tick("gather")
     if strategy.chunk <= 1:  # per request: matmul and GELU are one call, as in the plan
         for i in range(b):
             g = ws.get("g", (k, width), x)
-            torch.index_select(mlp.packed, 0, idx[i], out=g)
+            torch.index_select(layer.packed, 0, idx[i], out=g)
             tick("gather")
             h = ws.get("hk", (t, k), x)
-            _addmm_gelu(bias[i], f[i], g[:, :d_in].t(), h)
+            addmm_act(bias[i], f[i], g[:, :d_in].t(), h, "gelu")
             tick("matmul 1 + GELU")
             h.mul_(values[i])
             tick("scale")
@@ -81,7 +82,7 @@ def _phases_sparse(plan: SparsePlan, f: torch.Tensor, ctx: object) -> dict[str, 
     for s in range(0, b, strategy.chunk):
         e = min(b, s + strategy.chunk)
         g = ws.get("g", (e - s, k, width), x)
-        torch.index_select(mlp.packed, 0, idx[s:e].reshape(-1), out=g.view(-1, width))
+        torch.index_select(layer.packed, 0, idx[s:e].reshape(-1), out=g.view(-1, width))
         tick("gather")
         h = ws.get("hk", (e - s, t, k), x)
         torch.baddbmm(bias[s:e].unsqueeze(1), f[s:e], g[:, :, :d_in].transpose(1, 2), out=h)
@@ -96,14 +97,14 @@ def _phases_sparse(plan: SparsePlan, f: torch.Tensor, ctx: object) -> dict[str, 
 
 
 def _phases_dense(plan: SparsePlan, f: torch.Tensor) -> dict[str, float]:
-    mlp = plan.layers[0].mlp
+    ex = plan.layers[0]
     b, t, _ = f.shape
     x = torch.zeros_like(f)
-    h = torch.empty(b * t, mlp.width)
+    h = torch.empty(b * t, ex.width)
     start = time.perf_counter()
-    _addmm_gelu(mlp.b1, f.reshape(b * t, -1), mlp.w1.t(), h)
+    addmm_act(ex.b_in[0], f.reshape(b * t, -1), ex.w_in[0].t(), h, "gelu")
     t1 = time.perf_counter()
-    x.view(b * t, -1).addmm_(h, mlp.w2t)
+    x.view(b * t, -1).addmm_(h, ex.w_out_t)
     t2 = time.perf_counter()
     return {"matmul 1 + GELU": (t1 - start) * 1e3, "matmul 2": (t2 - t1) * 1e3}
 
@@ -115,7 +116,7 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def breakdown(batch: int, keep: float, repeats: int) -> dict[str, object]:
-    model, length, _ = build_model("transformer-base", torch.device("cpu"))
+    model, length, _, _ = build_model("transformer-base", torch.device("cpu"))
     bucket = model.config.dynamic_pruning_config.bucket
     dense = compile_plan(model, GateSettings("dense"), calibrate=False)
     sparse = compile_plan(
@@ -129,11 +130,11 @@ def breakdown(batch: int, keep: float, repeats: int) -> dict[str, object]:
     norm = model.layers[0].norm2  # type: ignore[index]
     x = torch.zeros(batch, length, 1)
     lengths = torch.full((batch,), length)
-    others = [layer.mlp.packed for layer in sparse.layers[1:] if layer.mlp.packed is not None]
+    others = [ex.packed for ex in sparse.layers[1:] if ex.packed is not None]
     runs: dict[str, list[dict[str, float]]] = {"dense": [], "sparse": []}
-    with _without_onednn(), torch.inference_mode():
-        ctx_s = sparse._context(x, lengths)
-        ctx_d = dense._context(x, lengths)
+    with without_onednn(), torch.inference_mode():
+        ctx_s = model.open_forward(x, lengths, sparse.settings, sparse)
+        ctx_d = model.open_forward(x, lengths, dense.settings, dense)
         for rep in range(repeats + 2):
             for side in ("dense", "sparse"):
                 plan = dense if side == "dense" else sparse
@@ -146,7 +147,7 @@ def breakdown(batch: int, keep: float, repeats: int) -> dict[str, object]:
                     if timed == "layer":
                         out = torch.zeros_like(f)
                         phases["layer"] = _timed(
-                            partial(plan.layers[0].forward, f, f, out, ctx, plan.settings)
+                            partial(plan.layers[0].fused, f, out, ctx, plan._ws, True)
                         )
                     elif side == "dense":
                         phases.update(_phases_dense(dense, f))

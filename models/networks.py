@@ -39,6 +39,7 @@ from models.layers import (
     HeadGatedAttention,
     UnfoldConv1d,
     attach_ffns,
+    current,
     forward_context,
     gated_layers,
     signature_takes_lengths,
@@ -237,9 +238,20 @@ class GatedNetwork(nn.Module):
 # --------------------------------------------------------------------------- built-ins
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, C)
+def _padding(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask (B, T) bool, mf (B, T, 1) float) of the network input; the forward's own when it
+    computed them already (every gated layer at this resolution shares them)."""
+    fwd = current()
+    if fwd is not None and fwd.full_length == x.shape[1] and x.dtype == torch.float32:
+        mask, mf = fwd.mask_at(x.shape[1], "input")[:2]
+        return mask, mf
+    mask = time_mask(lengths.to(x.device), x.shape[1])
+    return mask, mask.unsqueeze(-1).to(x.dtype)
+
+
+def _masked_mean(x: torch.Tensor, mf: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C), mf (B, T, 1) float mask -> (B, C) mean over valid steps."""
+    return (x * mf).sum(1) / mf.sum(1).clamp_min(1.0)
 
 
 def _zero_padding(h: torch.Tensor, mf: torch.Tensor) -> torch.Tensor:
@@ -327,12 +339,11 @@ class GatedConvNet(GatedNetwork):
 
     def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """x (B, T, C_in), lengths (B,) -> logits (B, classes)."""
-        mask = time_mask(lengths.to(x.device), x.shape[1])  # (B, T)
-        mf = mask.unsqueeze(-1).to(x.dtype)
+        mask, mf = _padding(x, lengths)  # (B, T), (B, T, 1)
         h = _zero_padding(self.stem.steps(x * mf), mf)  # (B, T, C)
         for block in self.blocks:
             h = block(h, mask, mf)
-        return cast(torch.Tensor, self.head(_masked_mean(h, mask)))
+        return cast(torch.Tensor, self.head(_masked_mean(h, mf)))
 
 
 class GatedEncoderLayer(nn.Module):
@@ -382,12 +393,11 @@ class GatedTransformer(GatedNetwork):
         self.head = nn.Linear(m.d_model, m.num_classes)
 
     def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        mask = time_mask(lengths.to(x.device), x.shape[1])
-        mf = mask.unsqueeze(-1).to(x.dtype)
+        mask, mf = _padding(x, lengths)
         h = self.embed.steps(x * mf) + self.pos[: x.shape[1]]  # (B, T, D)
         for layer in self.layers:
             h = layer(h)
-        return cast(torch.Tensor, self.head(_masked_mean(self.norm(h), mask)))
+        return cast(torch.Tensor, self.head(_masked_mean(self.norm(h), mf)))
 
 
 # --------------------------------------------------------------------------- any module

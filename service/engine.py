@@ -44,6 +44,10 @@ class EngineError(Exception):
     """A model repository or checkpoint cannot be served; the message names the path."""
 
 
+class ModelNotInRepository(EngineError):
+    """The repository has no folder of that name."""
+
+
 @dataclass(frozen=True, slots=True)
 class GateConfig:
     """One resolved gate configuration: the knobs as the request (or the admin) set them, made
@@ -179,7 +183,7 @@ class Engine:
         The old entry, its network and its compiled plans become garbage with that swap.
         """
         if self._repository is None or name not in self.scan(self._repository):
-            raise EngineError(f"model {name!r}: no such model in the repository")
+            raise ModelNotInRepository(f"model {name!r}: no such model in the repository")
         start = time.monotonic()
         fresh = _read(self._repository, name, self._device)
         self.executor.submit(self._warm_and_install, fresh).result()

@@ -42,6 +42,13 @@ class ModelNotFound(ServiceError):
     status = 404
 
 
+class ModelLoadFailed(ServiceError):
+    """A repository model exists but cannot be loaded (its checkpoint, its factory or its
+    network's forward fails); the message names the model and the cause."""
+
+    status = 400
+
+
 class PayloadTooLarge(ServiceError):
     """Request body over ``max_request_bytes``: 413."""
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.batcher import DynamicBatcher
-from service.engine import Engine, EngineError, GateConfig, ModelInfo
-from service.errors import ModelNotFound, ModelNotReady, ServerNotReady
+from service.engine import Engine, EngineError, GateConfig, ModelInfo, ModelNotInRepository
+from service.errors import ModelLoadFailed, ModelNotFound, ModelNotReady, ServerNotReady
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -108,8 +108,10 @@ class ServiceState:
         assert engine is not None  # callers check readiness first
         try:
             info = await asyncio.to_thread(engine.load_model, name)
-        except EngineError as err:
+        except ModelNotInRepository as err:
             raise ModelNotFound(str(err)) from None
+        except EngineError as err:  # it exists but does not load: the request names a bad model
+            raise ModelLoadFailed(str(err)) from None
         runtime = self.models.get(name)
         if runtime is None:
             return self.serve(name, info)
