@@ -15,7 +15,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from models.gate_config import DynamicWeight, GateMode, KeepRatio, Threshold
+from models.gate_config import RANGES, DynamicWeight, GateMode, KeepRatio, Threshold
 from service.engine import GateConfig
 from service.errors import AdminDisabled, Forbidden, InvalidInput, Unauthorized
 from service.routes.v2 import read_body
@@ -28,9 +28,11 @@ class GateUpdate(BaseModel):
     """Body of ``PUT /admin/models/{m}/gate``; omitted knobs take the model's defaults.
 
     ```
-    {"mode": "dense"|"static"|"dynamic", "keep_ratio": (0, 1] | null,
-     "threshold": [0, 1] | null, "dynamic_weight": [0, 1] | null}
+    {"mode": "dense"|"static"|"dynamic", "keep_ratio": number | null,
+     "threshold": number | null, "dynamic_weight": number | null}
     ```
+
+    The ranges are ``models.gate_config``'s (``RANGES``), quoted in every error.
     """
 
     # Strict numbers, as the inference path: "0.5" and true are not keep ratios. The bounds
@@ -139,10 +141,8 @@ def _describe(err: ValidationError) -> str:
     for item in err.errors():
         where = ".".join(str(p) for p in item["loc"]) or "body"
         parts.append(f"{where}: {item['msg']}")
-    return "invalid gate update: " + "; ".join(parts) + (
-        " (fields: mode in dense|static|dynamic, keep_ratio in (0, 1], threshold in [0, 1], "
-        "dynamic_weight in [0, 1])"
-    )
+    fields = ", ".join(f"{name} in {RANGES[name]}" for name in GateUpdate.model_fields)
+    return "invalid gate update: " + "; ".join(parts) + f" (fields: {fields})"
 
 
 async def load_model(request: Request, model_name: str) -> Response:
