@@ -5,8 +5,9 @@ float64 so long sequences do not overflow. Gated layers count what they ran (the
 over the channels they computed, the predictor's when it ran); everything else in the network
 is counted once, at first use, by torch's FLOP counter (``torch.utils.flop_counter``) run on the
 dense network at a few lengths and fitted as a quadratic in the length (every stride-1 layer,
-attention included, is one). A network whose count is not quadratic (strided convs, pooling)
-gets an exact table per length instead. Nothing is traced on the serving path.
+attention included, is one), one quadratic per residue class of the length when strided convs
+or pooling floor it, an exact table per length if even that does not hold. Nothing is traced
+on the serving path.
 
 Only matmuls and convolutions count (the FLOP counter's convention); element-wise work (norms,
 activations, gate multiplies) does not, as is usual.
@@ -45,39 +46,44 @@ def eval_quadratic(c: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 class MacModel:
     """MACs of the ungated rest of a network as a function of the request length, plus the
-    gated layers' own formulas over what each ran (:meth:`count`)."""
+    gated layers' own formulas over what each ran (:meth:`count`).
+
+    The rest is a quadratic in the length, one per residue class of the length modulo the
+    network's ``length_period`` (strided convs and pooling floor the lengths, which makes every
+    count affine in ⌊L / period⌋ within a class): ``coef`` is (period, 3).
+    """
 
     def __init__(self, coef: torch.Tensor | None, table: torch.Tensor | None) -> None:
-        self.coef = coef  # (3,) float64: rest(L) = c0 + c1·L + c2·L²
-        self.table = table  # (max_length + 1,) float64 when not quadratic
+        self.coef = coef  # (P, 3) float64: rest(L) = c0 + c1·L + c2·L², c = coef[L mod P]
+        self.table = table  # (max_length + 1,) float64 when no fit holds
         self._on: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
     def fit(cls, net: GatedNetwork) -> MacModel:
-        """Count the rest of ``net`` at a few lengths with torch's FLOP counter; verify the
-        quadratic at two more, else count every length up to ``max_length``."""
+        """Count the rest of ``net`` with torch's FLOP counter at three lengths of each residue
+        class and verify each quadratic at two more; if one fails, count every length up to
+        ``max_length`` (slow for long models: a warning says so)."""
         max_len = net.config.model.max_length
-        if max_len < 6:
-            return cls(None, _table(net, max_len))
-        a = min(16, max_len - 4)
-        values = torch.tensor([_rest_at(net, n) for n in (a, a + 1, a + 2)], dtype=torch.float64)
-        # Shift the fit from lengths (a, a+1, a+2) to coefficients in L.
-        c = quadratic(values)  # in s = L − a
-        coef = torch.stack([c[0] - a * c[1] + a * a * c[2], c[1] - 2 * a * c[2], c[2]])
-        for probe in (max_len, (a + max_len) // 2 + 1):
-            expected = _rest_at(net, probe)
-            got = float(eval_quadratic(coef, torch.tensor([probe]))[0])
-            if not math.isclose(got, expected, rel_tol=1e-9, abs_tol=0.5):
-                logger.info(
-                    "MACs of %s are not quadratic in the length: counting each length",
+        period = max(1, int(getattr(net, "length_period", 1)))
+        coefs = []
+        for r in range(period):
+            coef = _fit_class(net, r, period, max_len)
+            if coef is None:
+                logger.warning(
+                    "MACs of %s are not a quadratic in the length (per residue modulo %d): "
+                    "counting each of its %d lengths once",
                     type(net).__name__,
+                    period,
+                    max_len,
                 )
                 return cls(None, _table(net, max_len))
-        return cls(coef, None)
+            coefs.append(coef)
+        return cls(torch.stack(coefs), None)
 
     @property
     def quadratic(self) -> bool:
-        return self.coef is not None
+        """One quadratic for every length (the plans' closed form then applies)."""
+        return self.coef is not None and self.coef.shape[0] == 1
 
     def rest(self, lengths: torch.Tensor) -> torch.Tensor:
         """(B,) float64 MACs of everything but the gated layers."""
@@ -87,9 +93,13 @@ class MacModel:
         on = self._on.get(dev)
         if on is None:
             on = self._on[dev] = src.to(dev)
-        if self.coef is not None:
-            return eval_quadratic(on, lengths)
-        return on[lengths.long().clamp(0, on.numel() - 1)]
+        if self.coef is None:
+            return on[lengths.long().clamp(0, on.numel() - 1)]
+        if on.shape[0] == 1:
+            return eval_quadratic(on[0], lengths)
+        c = on[lengths.long() % on.shape[0]]  # (B, 3)
+        seq = lengths.to(torch.float64)
+        return c[:, 0] + seq * (c[:, 1] + seq * c[:, 2])
 
     def count(
         self,
@@ -106,6 +116,33 @@ class MacModel:
             full = torch.full_like(rec.length, layer.n, dtype=torch.float64)
             dense = dense + layer.macs(rec.length, full, None)
         return macs, dense
+
+
+def _fit_class(net: GatedNetwork, r: int, period: int, max_len: int) -> torch.Tensor | None:
+    """(3,) coefficients in L of the rest's MACs over lengths ≡ r (mod period), or None."""
+    # Lengths L = r + period·m; fit in m at m0, m0+1, m0+2, verify at two larger m.
+    m_max = (max_len - r) // period
+    if m_max < 4:
+        return None
+    m0 = max(1, min(16 // period + 1, m_max - 4))
+    ms = [m0, m0 + 1, m0 + 2]
+    values = torch.tensor([_rest_at(net, r + period * m) for m in ms], dtype=torch.float64)
+    c = quadratic(values)  # in s = m − m0
+    # rest = c0 + c1·s + c2·s², s = (L − r)/period − m0 = (L − L0)/period, L0 = r + period·m0
+    l0, p = float(r + period * m0), float(period)
+    coef = torch.stack(
+        [
+            c[0] - c[1] * l0 / p + c[2] * l0 * l0 / (p * p),
+            c[1] / p - 2 * c[2] * l0 / (p * p),
+            c[2] / (p * p),
+        ]
+    )
+    for m in sorted({m_max, (m0 + m_max) // 2 + 1} - set(ms)):
+        length = r + period * m
+        got = float(eval_quadratic(coef, torch.tensor([length]))[0])
+        if not math.isclose(got, _rest_at(net, length), rel_tol=1e-9, abs_tol=0.5):
+            return None
+    return coef
 
 
 def _cpu_flash_attention(

@@ -194,8 +194,10 @@ def _window(m: nn.Module) -> tuple[int, int, int, int]:
 
 def track_lengths(module: nn.Module) -> int:
     """Hook every 1-D conv and pooling module of ``module`` that changes the time resolution,
-    so gated layers after it see exact per-request lengths; returns how many were hooked."""
-    hooked = 0
+    so gated layers after it see exact per-request lengths. Returns the product of their
+    strides: lengths at every resolution are affine in the input length on each residue class
+    modulo it (what the MAC fit of :mod:`models.flops` relies on)."""
+    period = 1
     for m in module.modules():
         if isinstance(m, GatedConv1d) or not isinstance(m, nn.Conv1d | nn.MaxPool1d | nn.AvgPool1d):
             continue
@@ -205,8 +207,8 @@ def track_lengths(module: nn.Module) -> int:
         if s == 1 and 2 * p == d * (k - 1):
             continue  # same length in, same length out
         m.register_forward_hook(_length_hook)
-        hooked += 1
-    return hooked
+        period *= s
+    return period
 
 
 # --------------------------------------------------------------------------- projections

@@ -93,6 +93,9 @@ class GatedNetwork(nn.Module):
     config: ModelConfig
     takes_lengths: bool = True
     padding_invariant: bool = True
+    # MACs are a quadratic in the length on each residue class modulo this (the product of the
+    # strides that change the time resolution; 1: one quadratic).
+    length_period: int = 1
 
     # ------------------------------------------------------------------ structure
 
@@ -432,7 +435,7 @@ class AttachedNetwork(GatedNetwork):
                 f"ffns=[('path.fc1', 'path.fc2'), ...]{hint}"
             )
         self.module = module
-        track_lengths(module)
+        self.length_period = track_lengths(module)
 
     def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> Any:
         return self.module(x, lengths) if self.takes_lengths else self.module(x)

@@ -394,3 +394,18 @@ def test_ffns_are_found_by_data_flow() -> None:
 
     with pytest.raises(ArchitectureError, match="called more than once.*ambiguous"):
         attach_gates(Twice(), config())
+
+
+def test_macs_of_downsampling_networks_are_exact_at_every_length() -> None:
+    """Strided convs floor the lengths: the rest is one quadratic per residue class of the
+    length modulo the product of the strides, checked against torch's count at each length."""
+    from models.flops import _rest_at
+
+    net = random_network(3, with_lengths=True)
+    module = net.module  # type: ignore[attr-defined]
+    downs = [b for k, b in zip(module.kinds, module.blocks, strict=True) if k == "down"]
+    assert downs and net.length_period == 2 ** len(downs)
+    model = net.mac_model
+    assert model.coef is not None and model.coef.shape[0] == net.length_period
+    for length in range(4, 65):  # shorter inputs pool down to nothing: the network cannot run
+        assert float(model.rest(torch.tensor([length]))[0]) == _rest_at(net, length), length
