@@ -268,6 +268,7 @@ def serve(settings: Settings) -> int:
     # Load and warm up before the server starts: a model that cannot load (a broken checkpoint,
     # a user's factory that fails to import or raises) stops the process with one line and
     # exit code 2, before any port is bound; readiness is the same either way.
+    start = time.monotonic()
     try:
         Engine.scan(settings.model_repository)
         Engine.check_device(settings.device)
@@ -276,6 +277,9 @@ def serve(settings: Settings) -> int:
     except EngineError as err:
         logger.error("%s", err)
         return 2
+    logger.info(
+        "loaded and warmed up %d model(s) in %.1f s", len(engine.models), time.monotonic() - start
+    )
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(
         app,
