@@ -43,7 +43,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-
 from torch import nn
 
 from models import (
@@ -82,7 +81,12 @@ class StockEncoder(nn.Module):
         super().__init__()
         self.inp = nn.Linear(1, d_model)
         layer = nn.TransformerEncoderLayer(
-            d_model, heads, ffn, dropout=0.1, activation="gelu", batch_first=True,
+            d_model,
+            heads,
+            ffn,
+            dropout=0.1,
+            activation="gelu",
+            batch_first=True,
             norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -92,9 +96,7 @@ class StockEncoder(nn.Module):
         return self.head(self.encoder(self.inp(x)).mean(1))
 
 
-def build_model(
-    name: str, device: torch.device
-) -> tuple[GatedNetwork, int, str, nn.Module | None]:
+def build_model(name: str, device: torch.device) -> tuple[GatedNetwork, int, str, nn.Module | None]:
     """(network in eval mode, sequence length, where the weights come from, the stock module
     it was attached from, if any)."""
     torch.manual_seed(0)
@@ -256,9 +258,7 @@ def markdown(cells: Sequence[dict[str, object]], meta: dict[str, object]) -> str
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
-        stock = (
-            f"{c['stock_ms']:.2f} / {c['speedup_vs_stock']:.2f}×" if "stock_ms" in c else "—"
-        )
+        stock = f"{c['stock_ms']:.2f} / {c['speedup_vs_stock']:.2f}×" if "stock_ms" in c else "—"
         lines.append(
             f"| {c['model']} | {c['batch']} | {c['keep_ratio']} | {c['dense_ms']:.2f} | "
             f"{c['masked_ms']:.2f} | {c['sparse_ms']:.2f} | {c['speedup']:.2f}× | "

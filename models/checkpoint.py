@@ -35,12 +35,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def save_checkpoint(
     model: GatedNetwork, out_dir: str | Path, metadata: dict[str, object] | None = None
 ) -> Path:
-    """Write ``model`` (and its config) to ``out_dir``; ``metadata`` goes into the weights file."""
+    """Write ``model`` (and its config) to ``out_dir``; ``metadata`` goes into the weights file,
+    with the network's MAC count (``mac_model``, fitted now if it was not), which loading
+    reuses."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(model.config.to_yaml())
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    was_training = model.training
+    model.eval()
+    try:
+        macs = model.mac_model.to_dict(model)
+    finally:
+        model.train(was_training)
+    meta = {k: json.dumps(v) for k, v in {**(metadata or {}), "mac_model": macs}.items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata=meta)
     # safetensors writes 0600; a checkpoint is read by other users (a container's non-root one).
     (out / WEIGHTS_FILE).chmod(0o644)
@@ -73,7 +81,8 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
             raise CheckpointError(f"{path}: missing {name}")
     cfg: ModelConfig = load_config(path / CONFIG_FILE)
     model = build_network(cfg)
-    widths = _metadata(path).get("pruned_widths")
+    meta = _metadata(path)
+    widths = meta.get("pruned_widths")
     if isinstance(widths, dict):
         model.apply_widths({str(k): int(v) for k, v in widths.items()})
     try:
@@ -95,4 +104,9 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
             + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
         )
     model.load_state_dict(tensors)
+    from models.flops import MacModel
+
+    recorded = MacModel.from_dict(meta.get("mac_model"), model)
+    if recorded is not None:  # counted when it was saved: no FLOP counter at load
+        model.__dict__["_mac_model"] = recorded
     return model.to(device).eval()

@@ -1,7 +1,8 @@
 """Model configuration: the single source of truth for gates, architecture, data and training.
 
-The top level accepts the parameter guide's complete YAML example verbatim (docs/gates.md §6) and adds three
-sections of our own: ``model`` (architecture), ``data`` and ``training``. Every section forbids
+The top level accepts the parameter guide's complete YAML example verbatim (docs/gates.md §6)
+and adds three sections of our own: ``model`` (architecture), ``data`` and ``training``. Every
+section forbids
 unknown keys; :func:`load_config` turns validation failures into one :class:`ConfigError` whose
 message names the key path, the offending value and the allowed range.
 """
@@ -54,8 +55,8 @@ class DynamicPruningConfig(_Strict):
     dynamic_weight: DynamicWeight = 0.5
     use_input_gating: bool = True
     predictor_config: PredictorConfig = PredictorConfig()
-    # Keep policy (docs/gates.md §4). keep_ratio and threshold are alternatives; keep_ratio wins when
-    # both are set. None for both keeps every statically open channel.
+    # Keep policy (docs/gates.md §4). keep_ratio and threshold are alternatives; keep_ratio wins
+    # when both are set. None for both keeps every statically open channel.
     keep_ratio: KeepRatio | None = 0.5
     threshold: Threshold | None = None
     # k is rounded up to a multiple of `bucket` so that requests share a few kernel shapes.

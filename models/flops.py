@@ -7,7 +7,9 @@ is counted once, at first use, by torch's FLOP counter (``torch.utils.flop_count
 dense network at a few lengths and fitted as a quadratic in the length (every stride-1 layer,
 attention included, is one), one quadratic per residue class of the length when strided convs
 or pooling floor it, an exact table per length if even that does not hold. Nothing is traced
-on the serving path.
+on the serving path. Checkpoints record the fitted count (``mac_model`` in the weights file's
+metadata, with a fingerprint of the network's structure), so a server loading them never runs
+the counter: its first use imports torch's compiler stack, some 70 MB of resident memory.
 
 Only matmuls and convolutions count (the FLOP counter's convention); element-wise work (norms,
 activations, gate multiplies) does not, as is usual.
@@ -80,6 +82,25 @@ class MacModel:
             coefs.append(coef)
         return cls(torch.stack(coefs), None)
 
+    def to_dict(self, net: GatedNetwork) -> dict[str, object]:
+        """What a checkpoint records (with the network's structure, checked at load)."""
+        src = self.coef if self.coef is not None else self.table
+        assert src is not None
+        kind = "quadratic" if self.coef is not None else "table"
+        return {"kind": kind, "values": src.tolist(), "structure": structure(net)}
+
+    @classmethod
+    def from_dict(cls, data: object, net: GatedNetwork) -> MacModel | None:
+        """The recorded model, or None when absent or recorded for another structure."""
+        if not isinstance(data, dict) or data.get("structure") != structure(net):
+            return None
+        values = torch.tensor(data.get("values"), dtype=torch.float64)
+        if data.get("kind") == "quadratic" and values.dim() == 2 and values.shape[1] == 3:
+            return cls(values, None)
+        if data.get("kind") == "table" and values.dim() == 1:
+            return cls(None, values)
+        return None
+
     @property
     def quadratic(self) -> bool:
         """One quadratic for every length (the plans' closed form then applies)."""
@@ -116,6 +137,18 @@ class MacModel:
             full = torch.full_like(rec.length, layer.n, dtype=torch.float64)
             dense = dense + layer.macs(rec.length, full, None)
         return macs, dense
+
+
+def structure(net: GatedNetwork) -> str:
+    """A fingerprint of what the count depends on: module types, parameter shapes, the input
+    contract. A recorded count is reused only for the same fingerprint."""
+    import hashlib
+
+    parts = [type(m).__name__ for m in net.modules()]
+    parts += [f"{k}:{tuple(v.shape)}" for k, v in net.state_dict().items()]
+    cfg = net.config.model
+    parts += [str(cfg.in_channels), str(cfg.max_length), str(getattr(net, "length_period", 1))]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def _fit_class(net: GatedNetwork, r: int, period: int, max_len: int) -> torch.Tensor | None:

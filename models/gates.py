@@ -46,7 +46,8 @@ def settings_for(
 
 
 def bucketed_k(keep_ratio: float, n_open: int, bucket: int) -> int:
-    """docs/gates.md §4: k = ceil(ρ·n_open) rounded up to a multiple of ``bucket``, never above n_open."""
+    """docs/gates.md §4: k = ceil(ρ·n_open) rounded up to a multiple of ``bucket``, never above
+    n_open."""
     if n_open <= 0:
         return 0
     k = max(1, math.ceil(keep_ratio * n_open - 1e-9))
@@ -190,7 +191,8 @@ def straight_through(final: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
 
 
 class DynamicStructuredGate(nn.Module):
-    """Static gate blended with an SE-style input predictor (docs/gates.md §3), plus the keep policy.
+    """Static gate blended with an SE-style input predictor (docs/gates.md §3), plus the keep
+    policy.
 
     ``final = (1 − w)·static + w·(static · dynamic)``; a channel closed by the static gate stays
     closed in every mode. ``forward`` returns the gate to multiply the block's hidden channels by

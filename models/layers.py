@@ -35,7 +35,7 @@ import inspect
 import math
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -1009,9 +1009,7 @@ def attach_ffns(
             act = _act_between(owner, [a for _, a in owners])
             layers.append(make_ffn(name, owner, [a for _, a in owners], cfg, act))
         return layers
-    if isinstance(module, nn.TransformerEncoder):
-        module.__class__ = _GatedEncoder
-    for path, m in module.named_modules():
+    for m in module.modules():
         if isinstance(m, nn.TransformerEncoder):
             m.__class__ = _GatedEncoder
     pairs = _find_pairs(module)

@@ -54,15 +54,24 @@ BROKEN = [
 
 
 @pytest.mark.parametrize(("factory", "cause"), BROKEN, ids=["import", "raises", "type"])
-def test_broken_factory_stops_serve_with_one_line(
-    tmp_path: Path, factory: str, cause: str
-) -> None:
+def test_broken_factory_stops_serve_with_one_line(tmp_path: Path, factory: str, cause: str) -> None:
     repo = tmp_path / "repo"
     broken_folder(repo / "broken", factory)
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repo),
-         "--port", str(free_port())],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--model-repository",
+            str(repo),
+            "--port",
+            str(free_port()),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert proc.returncode == 2, lines

@@ -39,7 +39,12 @@ class MLP(nn.Module):
 
     def __init__(self, d: int, h: int, act: nn.Module, p: float, residual: bool) -> None:
         super().__init__()
-        self.fc1, self.act, self.drop, self.fc2 = nn.Linear(d, h), act, nn.Dropout(p), nn.Linear(h, d)
+        self.fc1, self.act, self.drop, self.fc2 = (
+            nn.Linear(d, h),
+            act,
+            nn.Dropout(p),
+            nn.Linear(h, d),
+        )
         self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +100,8 @@ class RandomNet(nn.Module):
                 self.ffns.append((f"blocks.{i}.conv1", f"blocks.{i}.conv2"))
             else:
                 blocks.append(
-                    nn.Conv1d(d, d, 3, stride=2, padding=1) if rng.random() < 0.5
+                    nn.Conv1d(d, d, 3, stride=2, padding=1)
+                    if rng.random() < 0.5
                     else nn.AvgPool1d(2, ceil_mode=False)
                 )
             self.kinds.append(kind)
@@ -138,7 +144,10 @@ class WithoutLengths(RandomNet):
 
 def config(**dp: object) -> ModelConfig:
     return ModelConfig.model_validate(
-        {"model": {"name": "tests:random", "max_length": 64}, "dynamic_pruning_config": {"bucket": 2, **dp}}
+        {
+            "model": {"name": "tests:random", "max_length": 64},
+            "dynamic_pruning_config": {"bucket": 2, **dp},
+        }
     )
 
 
@@ -154,7 +163,8 @@ def random_network(seed: int, with_lengths: bool, **dp: object) -> GatedNetwork:
     ffns: list[tuple[str, ...]] | None = None
     if module.ffns:  # conv pairs are named, so name the pattern-found ones too
         ffns = [
-            (f"{path}.0", f"{path}.3") if kind == "sequential"
+            (f"{path}.0", f"{path}.3")
+            if kind == "sequential"
             else tuple(f"{path}.{a}" for a in attrs)
             for path, _, attrs, kind in _find_pairs(module)
         ]
@@ -331,7 +341,10 @@ def test_export_of_an_attached_network_rebuilds_from_its_factory(tmp_path: Path)
     assert exported.gated_widths() == report.kept and len(set(report.kept.values())) == 2
     assert report.static_macs_after == report.static_macs_before
     x, lengths = batch(3, with_lengths=True)
-    for settings in (GateSettings("static", bucket=2), GateSettings("dynamic", keep_ratio=0.5, bucket=2)):
+    for settings in (
+        GateSettings("static", bucket=2),
+        GateSettings("dynamic", keep_ratio=0.5, bucket=2),
+    ):
         with torch.inference_mode():
             ref = net(x, lengths, settings)
             out = exported(x, lengths, settings)
@@ -409,3 +422,39 @@ def test_macs_of_downsampling_networks_are_exact_at_every_length() -> None:
     assert model.coef is not None and model.coef.shape[0] == net.length_period
     for length in range(4, 65):  # shorter inputs pool down to nothing: the network cannot run
         assert float(model.rest(torch.tensor([length]))[0]) == _rest_at(net, length), length
+
+
+def test_checkpoints_record_the_mac_count_so_loading_runs_no_counter(tmp_path: Path) -> None:
+    """torch's FLOP counter imports its compiler stack (~70 MB resident) on first use: a server
+    loading a saved checkpoint must not need it."""
+    import subprocess
+    import sys
+
+    from models.flops import MacModel
+
+    net = random_network(0, with_lengths=True)
+    cfg = ModelConfig.model_validate(
+        {"model": {"name": "tests.utils.factories:tiny_user", "max_length": 64}}
+    )
+    from models import build_network
+
+    user = build_network(cfg).eval()
+    save_checkpoint(user, tmp_path / "ck")
+    code = (
+        "import sys; from models import load_checkpoint, compile_plan, GateSettings; "
+        f"n = load_checkpoint({str(tmp_path / 'ck')!r}); "
+        "compile_plan(n, GateSettings('dynamic', keep_ratio=0.5)); "
+        "print('_mac_model' in n.__dict__, 'torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout.split()
+    assert out == ["True", "False"]
+    # A record made for another structure is not trusted.
+    record = user.mac_model.to_dict(user)
+    assert MacModel.from_dict(record, user) is not None
+    assert MacModel.from_dict(record, net) is None

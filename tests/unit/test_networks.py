@@ -102,7 +102,8 @@ def test_predictor_overhead_is_small_for_the_default_conv() -> None:
     cfg = ModelConfig()
     net = build_network(cfg).eval()
     with torch.inference_mode():
-        out = net(torch.randn(1, 40, 1), torch.tensor([40]), GateSettings("dynamic", keep_ratio=1.0))
+        settings = GateSettings("dynamic", keep_ratio=1.0)
+        out = net(torch.randn(1, 40, 1), torch.tensor([40]), settings)
     assert out.flops_ratio.item() - 1.0 < 0.03
 
 
