@@ -93,7 +93,8 @@ class StockEncoder(nn.Module):
         self.head = nn.Linear(d_model, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 1) -> (B, 10)
-        return self.head(self.encoder(self.inp(x)).mean(1))
+        logits: torch.Tensor = self.head(self.encoder(self.inp(x)).mean(1))
+        return logits
 
 
 def build_model(name: str, device: torch.device) -> tuple[GatedNetwork, int, str, nn.Module | None]:

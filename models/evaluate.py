@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from models.data import Split
-from models.gates import GateSettings
+from models.gate_config import GateSettings
 from models.networks import GatedNetwork
 
 

@@ -182,7 +182,7 @@ def _cpu_flash_attention(
     query: Sequence[int], key: Sequence[int], value: Sequence[int], *args: object, **kw: object
 ) -> int:
     """FLOPs of the CPU flash-attention kernel, which the counter has no formula for."""
-    return int(sdpa_flop_count(query, key, value))
+    return int(sdpa_flop_count(query, key, value))  # type: ignore[no-untyped-call]
 
 
 # Kernels the FLOP counter does not know, by the same formula as their known siblings.
@@ -214,7 +214,7 @@ def _rest_at(net: GatedNetwork, length: int) -> float:
     for layer, rec in fwd.records.items():
         full = torch.full_like(rec.length, layer.n, dtype=torch.float64)
         gated += float(layer.macs(rec.length, full, None)[0])
-    return counter.get_total_flops() / 2.0 - gated
+    return float(counter.get_total_flops()) / 2.0 - gated
 
 
 def _table(net: GatedNetwork, max_len: int) -> torch.Tensor:

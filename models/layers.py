@@ -218,8 +218,8 @@ class _Projection(nn.Module):
     """A linear map over channels that a gated layer owns. Holds the weight as ``nn.Linear`` or
     ``nn.Conv1d`` did (same parameter names), and asks its layer what to compute."""
 
-    weight: nn.Parameter
-    bias: nn.Parameter | None
+    weight: torch.Tensor  # an nn.Parameter
+    bias: torch.Tensor | None
     role: str  # "in" (first input projection), "up" (GLU's second), "out"
     channel_last: bool  # Linear: (B, ..., C); Conv1d: (B, C, T)
 
@@ -323,7 +323,7 @@ class GatedConv1d(_Projection):
         self.bias = conv.bias
         self.kernel_size = int(conv.kernel_size[0])
         self.stride = int(conv.stride[0])
-        self.padding = int(cast(tuple[int, ...], conv.padding)[0])
+        self.padding = int(conv.padding[0])
         self.dilation = int(conv.dilation[0])
 
     @classmethod
@@ -565,15 +565,15 @@ class GatedFFN(GatedLayer):
         if fwd is not None and fwd.plan is not None:
             return fwd.plan.ffn_fused(self, x, residual, fwd, steps)
         if steps and not self.inputs[0].channel_last:
-            y = self(x.transpose(1, 2))
-            return y.transpose(1, 2) if residual is None else residual + y.transpose(1, 2)
+            ych = self(x.transpose(1, 2))  # (B, C, T)
+            return ych.transpose(1, 2) if residual is None else residual + ych.transpose(1, 2)
         h = self.inputs[0](x)
         h = self.act(h) if self.act is not None else h
         if self.glu:
             h = h * self.inputs[1](x)
         if self.dropout is not None:
             h = self.dropout(h)
-        y = self.output(h)
+        y: torch.Tensor = self.output(h)
         return y if residual is None else residual + y
 
     def _reference(self, proj: _Projection, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
@@ -683,7 +683,7 @@ class HeadGatedAttention(GatedLayer):
             a = a * z.view(1, -1, 1, 1)
             heads = (z > 0).sum().float().expand(b)
         fwd.records[self] = Record(heads, heads, lengths, None)
-        y = self.proj(a.transpose(1, 2).reshape(b, t, d))
+        y: torch.Tensor = self.proj(a.transpose(1, 2).reshape(b, t, d))
         return y if residual is None else residual + y
 
 
@@ -693,7 +693,10 @@ def gated_layers(module: nn.Module) -> list[GatedLayer]:
     for m in module.modules():
         layer = m.__dict__.get("_layer")
         if isinstance(layer, GatedLayer) and id(layer) not in seen:
-            anchor = layer.inputs[0] if isinstance(layer, GatedFFN) else layer.head_gate
+            anchor = (
+                layer.inputs[0] if isinstance(layer, GatedFFN)
+                else cast(HeadGatedAttention, layer).head_gate
+            )
             if m is anchor:
                 seen[id(layer)] = layer
     return list(seen.values())
@@ -803,7 +806,7 @@ class _GatedEncoderLayer(nn.TransformerEncoderLayer):
 
     _gated_ffn: GatedFFN
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         src: torch.Tensor,
         src_mask: torch.Tensor | None = None,
@@ -831,7 +834,7 @@ class _GatedEncoder(nn.TransformerEncoder):
     """``nn.TransformerEncoder`` without its nested-tensor fast path (it would hand the layers
     nested tensors, and its layers are gated)."""
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         src: torch.Tensor,
         mask: torch.Tensor | None = None,

@@ -31,7 +31,8 @@ from models.checkpoint import resolve_device, save_checkpoint
 from models.config import GATE_MODES, ModelConfig
 from models.data import load_mnist1d
 from models.evaluate import evaluate
-from models.gates import GateSettings, StaticGate, settings_for, temperature_at
+from models.gate_config import GateSettings
+from models.gates import StaticGate, settings_for, temperature_at
 from models.networks import GatedNetwork, build_network
 
 logger = logging.getLogger(__name__)

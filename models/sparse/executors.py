@@ -607,7 +607,7 @@ def conv_unfolded(conv: UnfoldConv1d, x: torch.Tensor, ws: Workspace) -> torch.T
     k = int(conv.kernel_size[0])
     pad = conv.padding
     if isinstance(pad, str) or conv.padding_mode != "zeros":
-        return cast(torch.Tensor, torch.nn.Conv1d.forward(conv, x.transpose(1, 2))).transpose(1, 2)
+        return torch.nn.Conv1d.forward(conv, x.transpose(1, 2)).transpose(1, 2)
     u = unfold(x, k, ws, int(pad[0]), int(conv.stride[0]), int(conv.dilation[0]))
     b, t, _ = u.shape
     w = conv.weight.detach().flatten(1)  # (C_out, C_in·k), a view
