@@ -72,6 +72,7 @@ def prune_static(
             layer.select_channels(rows)
             kept[layer.name] = int(rows.numel())
     model.__dict__.pop("_mac_model", None)
+    model.__dict__.pop("_statics", None)
     return model, kept
 
 

@@ -131,11 +131,12 @@ class MacModel:
         """(executed, dense) MACs per request (B,) float64."""
         rest = self.rest(lengths)
         macs, dense = rest, rest
-        for layer, rec in records.items():
-            pred = rec.pred_length if with_predictor else None
-            macs = macs + layer.macs(rec.length, rec.executed, pred)
-            full = torch.full_like(rec.length, layer.n, dtype=torch.float64)
-            dense = dense + layer.macs(rec.length, full, None)
+        for layer, first in records.items():
+            for rec in first.calls():
+                pred = rec.pred_length if with_predictor else None
+                macs = macs + layer.macs(rec.length, rec.executed, pred)
+                full = torch.full_like(rec.length, layer.n, dtype=torch.float64)
+                dense = dense + layer.macs(rec.length, full, None)
         return macs, dense
 
 
@@ -147,7 +148,8 @@ def structure(net: GatedNetwork) -> str:
     parts = [type(m).__name__ for m in net.modules()]
     parts += [f"{k}:{tuple(v.shape)}" for k, v in net.state_dict().items()]
     cfg = net.config.model
-    parts += [str(cfg.in_channels), str(cfg.max_length), str(getattr(net, "length_period", 1))]
+    parts += [cfg.name, repr(sorted(cfg.args.items())), str(cfg.in_channels), str(cfg.max_length)]
+    parts.append(str(getattr(net, "length_period", 1)))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -211,9 +213,10 @@ def _rest_at(net: GatedNetwork, length: int) -> float:
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
     gated = 0.0
-    for layer, rec in fwd.records.items():
-        full = torch.full_like(rec.length, layer.n, dtype=torch.float64)
-        gated += float(layer.macs(rec.length, full, None)[0])
+    for layer, first in fwd.records.items():
+        for rec in first.calls():
+            full = torch.full_like(rec.length, layer.n, dtype=torch.float64)
+            gated += float(layer.macs(rec.length, full, None)[0])
     return float(counter.get_total_flops()) / 2.0 - gated
 
 

@@ -35,7 +35,7 @@ import inspect
 import math
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -65,14 +65,28 @@ class Record:
     pred_length: torch.Tensor | None  # time steps the predictor read; None: it did not run
     # Input-independent counts (static, dense, fixed k): the MAC count then has a closed form.
     const: tuple[float, float] | None = None
+    # Later calls of the same layer in one forward (a block applied twice): their MACs count too.
+    more: list[Record] = field(default_factory=list)
+
+    def calls(self) -> list[Record]:
+        return [self, *self.more]
 
 
 class Forward:
     """One forward pass of a gated network: settings, lengths, plan, what each layer did."""
 
     __slots__ = (
-        "_masks", "ambiguous", "batch", "calls", "full_length", "handoff", "lengths", "padded",
-        "plan", "records", "settings",
+        "_masks",
+        "ambiguous",
+        "batch",
+        "calls",
+        "full_length",
+        "handoff",
+        "lengths",
+        "padded",
+        "plan",
+        "records",
+        "settings",
     )
 
     def __init__(
@@ -95,6 +109,14 @@ class Forward:
         self.calls: dict[GatedLayer, int] = {}
         self.ambiguous: set[int] = set()
         self._masks: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def record(self, layer: GatedLayer, rec: Record) -> None:
+        """What ``layer`` did; a second call of the layer in this forward adds to the first."""
+        first = self.records.get(layer)
+        if first is None:
+            self.records[layer] = rec
+        else:
+            first.more.append(rec)
 
     def lengths_at(self, t: int, where: str) -> torch.Tensor:
         """(B,) lengths of a tensor whose padded time size is ``t``."""
@@ -154,9 +176,17 @@ class forward_context:  # noqa: N801 - used like contextlib's context managers
         self.stack.pop()
 
 
-def _out_length(length: torch.Tensor, k: int, s: int, p: int, d: int) -> torch.Tensor:
-    """Valid output steps of a conv/pool over ``length`` valid input steps (PyTorch formula)."""
-    return torch.div(length + 2 * p - d * (k - 1) - 1, s, rounding_mode="floor").add(1).clamp(0)
+def _out_length(
+    length: torch.Tensor, k: int, s: int, p: int, d: int, ceil: bool = False
+) -> torch.Tensor:
+    """Valid output steps of a conv/pool over ``length`` valid input steps (PyTorch formula;
+    with ``ceil_mode`` a last window may start in the input or its left padding only)."""
+    span = length + 2 * p - d * (k - 1) - 1
+    if not ceil:
+        return torch.div(span, s, rounding_mode="floor").add(1).clamp(0)
+    out = torch.div(span + s - 1, s, rounding_mode="floor").add(1)
+    out = out - ((out - 1) * s >= length + p).long()
+    return out.clamp(0)
 
 
 def _length_hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
@@ -171,7 +201,7 @@ def _length_hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
     if lengths is None or t_in in fwd.ambiguous:
         return
     k, s, p, d = _window(module)
-    derived = _out_length(lengths, k, s, p, d)
+    derived = _out_length(lengths, k, s, p, d, bool(getattr(module, "ceil_mode", False)))
     known = fwd.lengths.get(t_out)
     if known is None:
         fwd.lengths[t_out] = derived
@@ -184,7 +214,8 @@ def _window(m: nn.Module) -> tuple[int, int, int, int]:
         return int(v[0] if isinstance(v, tuple | list) else v)
 
     if isinstance(m, nn.Conv1d):
-        return one(m.kernel_size), one(m.stride), one(m.padding), one(m.dilation)
+        pad = 0 if m.padding == "valid" else one(m.padding)
+        return one(m.kernel_size), one(m.stride), pad, one(m.dilation)
     if isinstance(m, nn.MaxPool1d):
         return one(m.kernel_size), one(m.stride), one(m.padding), one(m.dilation)
     if isinstance(m, nn.AvgPool1d):
@@ -201,8 +232,8 @@ def track_lengths(module: nn.Module) -> int:
     for m in module.modules():
         if isinstance(m, GatedConv1d) or not isinstance(m, nn.Conv1d | nn.MaxPool1d | nn.AvgPool1d):
             continue
-        if isinstance(m, nn.Conv1d) and not isinstance(m.padding, tuple | int):
-            continue  # padding="same"/"valid" strings: "same" keeps the length
+        if isinstance(m, nn.Conv1d) and m.padding == "same":
+            continue  # keeps the length (stride 1 by PyTorch's rule)
         k, s, p, d = _window(m)
         if s == 1 and 2 * p == d * (k - 1):
             continue  # same length in, same length out
@@ -437,8 +468,22 @@ class GatedFFN(GatedLayer):
                 f"{name}: output projection reads {output.in_features} channels, the input "
                 f"projection writes {n}"
             )
-        if isinstance(output, GatedConv1d) and output.kernel_size != 1:
-            raise ArchitectureError(f"{name}: the output conv of a gated pair must be 1×1")
+        if isinstance(output, GatedConv1d) and (
+            output.kernel_size,
+            output.stride,
+            output.padding,
+            output.dilation,
+        ) != (1, 1, 0, 1):
+            raise ArchitectureError(
+                f"{name}: the output conv of a gated pair must be 1×1, stride 1, no padding"
+            )
+        geometry = {
+            (p.kernel_size, p.stride, p.padding, p.dilation)
+            for p in inputs
+            if isinstance(p, GatedConv1d)
+        }
+        if len(geometry) > 1:
+            raise ArchitectureError(f"{name}: the GLU input convs differ in kernel or stride")
         if gate.n != n:
             raise ArchitectureError(f"{name}: gate has {gate.n} channels, the layer {n}")
         self.name = name
@@ -590,7 +635,7 @@ class GatedFFN(GatedLayer):
             h_len = self.lengths(t_hidden, fwd) if t_hidden != t else lengths
             fwd.handoff[self] = gate
             dynamic = fwd.settings.mode == "dynamic" and self.gate.predictor is not None
-            fwd.records[self] = Record(kept, kept, h_len, lengths if dynamic else None)
+            fwd.record(self, Record(kept, kept, h_len, lengths if dynamic else None))
             return y
         if proj.role == "up":
             return proj.dense(x)
@@ -682,7 +727,7 @@ class HeadGatedAttention(GatedLayer):
             z = self.head_gate()  # (nh,)
             a = a * z.view(1, -1, 1, 1)
             heads = (z > 0).sum().float().expand(b)
-        fwd.records[self] = Record(heads, heads, lengths, None)
+        fwd.record(self, Record(heads, heads, lengths, None))
         y: torch.Tensor = self.proj(a.transpose(1, 2).reshape(b, t, d))
         return y if residual is None else residual + y
 
@@ -694,7 +739,8 @@ def gated_layers(module: nn.Module) -> list[GatedLayer]:
         layer = m.__dict__.get("_layer")
         if isinstance(layer, GatedLayer) and id(layer) not in seen:
             anchor = (
-                layer.inputs[0] if isinstance(layer, GatedFFN)
+                layer.inputs[0]
+                if isinstance(layer, GatedFFN)
                 else cast(HeadGatedAttention, layer).head_gate
             )
             if m is anchor:
@@ -858,8 +904,17 @@ def _gate_encoder_layer(layer: nn.TransformerEncoderLayer, cfg: ModelConfig, nam
 
 
 _ACT_FUNCTIONS = {
-    F.gelu, F.relu, torch.relu, F.silu, torch.tanh, torch.sigmoid, F.leaky_relu, F.elu, F.mish,
-    F.hardswish, F.softplus,
+    F.gelu,
+    F.relu,
+    torch.relu,
+    F.silu,
+    torch.tanh,
+    torch.sigmoid,
+    F.leaky_relu,
+    F.elu,
+    F.mish,
+    F.hardswish,
+    F.softplus,
 }
 _ACT_METHODS = {"relu", "sigmoid", "tanh"}
 
@@ -878,9 +933,7 @@ def _trace(module: nn.Module) -> Any:
         return None
 
 
-def _ffns_in_graph(
-    module: nn.Module, graph: Any, where: str
-) -> list[tuple[list[str], Any]]:
+def _ffns_in_graph(module: nn.Module, graph: Any, where: str) -> list[tuple[list[str], Any]]:
     """FFNs by data flow: ``Linear → activation → [Dropout] → Linear`` and the GLU form
     ``Linear(act(Linear_a(x)) · Linear_b(x))``; -> [([attrs], act)]."""
     import operator
@@ -895,9 +948,16 @@ def _ffns_in_graph(
     def is_linear(node: Any) -> bool:
         return _is_linear(child(node))
 
+    def single(node: Any) -> bool:
+        # The hidden channels must flow only into the output projection: in a plan they are
+        # a compact (B, T, k) tensor that nothing else could read correctly.
+        return len(getattr(node, "users", ())) == 1
+
     def skip_dropout(node: Any) -> Any:
-        while getattr(node, "op", None) in ("call_module", "call_function") and (
-            isinstance(child(node), nn.Dropout) or node.target is F.dropout
+        while (
+            getattr(node, "op", None) in ("call_module", "call_function")
+            and (isinstance(child(node), nn.Dropout) or node.target is F.dropout)
+            and single(node)
         ):
             node = node.args[0]
         return node
@@ -922,17 +982,24 @@ def _ffns_in_graph(
         if not is_linear(node) or not node.args:
             continue
         src = skip_dropout(node.args[0])
-        act = activation(src)
-        if act is not None and is_linear(act[1]):
+        act = activation(src) if single(src) else None
+        if act is not None and is_linear(act[1]) and single(act[1]):
             first = act[1]
             attrs = [str(first.target), str(node.target)]
-        elif getattr(src, "op", None) == "call_function" and src.target in (
-            operator.mul, torch.mul
+        elif (
+            getattr(src, "op", None) == "call_function"
+            and src.target in (operator.mul, torch.mul)
+            and single(src)
         ):
-            sides = [activation(arg) for arg in src.args[:2]]
-            gated = [i for i, side in enumerate(sides) if side is not None and is_linear(side[1])]
-            other = [arg for i, arg in enumerate(src.args[:2]) if i not in gated[:1]]
-            if not gated or not other or not is_linear(other[0]):
+            args = list(src.args[:2])
+            sides = [activation(arg) if single(arg) else None for arg in args]
+            gated = [
+                i
+                for i, side in enumerate(sides)
+                if side is not None and is_linear(side[1]) and single(side[1])
+            ]
+            other = [arg for i, arg in enumerate(args) if i not in gated[:1]]
+            if not gated or not other or not is_linear(other[0]) or not single(other[0]):
                 continue
             act = sides[gated[0]]
             assert act is not None

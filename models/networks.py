@@ -123,6 +123,25 @@ class GatedNetwork(nn.Module):
             if gate.predictor is not None:
                 yield from gate.predictor.parameters()
 
+    def _static_values(self) -> list[tuple[GatedFFN, torch.Tensor]]:
+        """Each gated FFN's static gate values on the host, computed once while the network is
+        in eval mode (they are constants then; ``train()`` forgets them)."""
+        cached = self.__dict__.get("_statics")
+        if cached is None:
+            with torch.no_grad():
+                cached = [
+                    (layer, layer.gate.static_values().detach().cpu())
+                    for layer in self.gated()
+                    if isinstance(layer, GatedFFN)
+                ]
+            if not self.training:
+                self.__dict__["_statics"] = cached
+        return cast(list[tuple[GatedFFN, torch.Tensor]], cached)
+
+    def train(self, mode: bool = True) -> GatedNetwork:
+        self.__dict__.pop("_statics", None)
+        return super().train(mode)
+
     def apply_widths(self, widths: dict[str, int]) -> None:
         """Resize named gated FFNs of a freshly built network to recorded widths (a pruned
         export's ``pruned_widths``), before its weights load."""
@@ -133,6 +152,7 @@ class GatedNetwork(nn.Module):
         for name, n in widths.items():
             layers[name].select_channels(None, int(n))
         self.__dict__.pop("_mac_model", None)
+        self.__dict__.pop("_statics", None)
 
     def plan_key(self, settings: GateSettings) -> tuple[object, ...]:
         """What a forward under ``settings`` executes, so that settings which run the same plan
@@ -145,11 +165,7 @@ class GatedNetwork(nn.Module):
         uses_weight = False
         from models.gates import bucketed_k
 
-        for layer in self.gated():
-            if not isinstance(layer, GatedFFN):
-                continue
-            with torch.no_grad():
-                static = layer.gate.static_values()
+        for layer, static in self._static_values():
             n_open = int((static > 0).sum())
             dynamic = s.mode == "dynamic" and layer.gate.predictor is not None
             uses_weight |= dynamic
@@ -233,6 +249,8 @@ class GatedNetwork(nn.Module):
     def finish(self, logits: torch.Tensor, fwd: Forward) -> NetworkOutput:
         lengths = fwd.lengths[fwd.full_length]
         kept = {layer.name: rec.kept for layer, rec in fwd.records.items()}
+        for layer in self.gated():  # a layer this forward did not run kept nothing
+            kept.setdefault(layer.name, lengths.new_zeros(fwd.batch, dtype=torch.float32))
         with_pred = fwd.settings.mode == "dynamic"
         macs, dense = self.mac_model.count(lengths, fwd.records, with_pred)
         return NetworkOutput(logits, kept, macs, dense)

@@ -190,7 +190,8 @@ class DynamicBatcher:
 
     def key(self, gate: GateConfig, array: FloatArray) -> Hashable:
         """Requests of one key may share a batch: same plan, and same length where needed."""
-        return (gate.key, array.shape[1]) if self._same_length else gate.key
+        key = (gate.generation, gate.key)
+        return (*key, array.shape[1]) if self._same_length else key
 
     # ------------------------------------------------------------------ internals
 

@@ -13,6 +13,7 @@ run under exactly one gate configuration.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -60,6 +61,8 @@ class GateConfig:
     threshold: float | None = None
     dynamic_weight: float | None = None
     key: tuple[object, ...] = field(default=(), compare=False)
+    # The load of the model the key was computed for: a hot reload may change what executes.
+    generation: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,7 @@ class ItemResult:
 MAX_PLANS = 16
 # Resolved gate configurations remembered per model (settings -> plan key): a cheap cache.
 MAX_KEYS = 4096
+_GENERATIONS = itertools.count(1)
 
 
 @dataclass(slots=True)
@@ -105,6 +109,7 @@ class _Loaded:
     widths: torch.Tensor  # (L,) float64, gated channels of each layer in `layers` order
     bucket: int
     plans: OrderedDict[tuple[object, ...], models.SparsePlan] = field(default_factory=OrderedDict)
+    generation: int = field(default_factory=lambda: next(_GENERATIONS))
     keys: OrderedDict[models.GateSettings, tuple[object, ...]] = field(
         default_factory=OrderedDict
     )
@@ -300,7 +305,12 @@ class Engine:
             if len(loaded.keys) > MAX_KEYS:
                 loaded.keys.popitem(last=False)
         return GateConfig(
-            settings.mode, settings.keep_ratio, settings.threshold, settings.dynamic_weight, key
+            settings.mode,
+            settings.keep_ratio,
+            settings.threshold,
+            settings.dynamic_weight,
+            key,
+            loaded.generation,
         )
 
     def _plan(self, loaded: _Loaded, gate: GateConfig) -> models.SparsePlan:
@@ -346,6 +356,10 @@ class Engine:
     def _infer(
         self, loaded: _Loaded, gate: GateConfig, inputs: Sequence[FloatArray]
     ) -> list[ItemResult]:
+        if gate.generation != loaded.generation:  # resolved before a hot reload: again
+            gate = self._resolve(
+                loaded, gate.mode, gate.keep_ratio, gate.threshold, gate.dynamic_weight
+            )
         plan = self._plan(loaded, gate)
         rows = [a.shape[0] for a in inputs]
         total = sum(rows)

@@ -116,6 +116,11 @@ class ServiceState:
         if runtime is None:
             return self.serve(name, info)
         runtime.info = info
+        # The runtime gate's plan key belongs to the old network: resolve it for the new one.
+        g = runtime.gate
+        runtime.gate = engine.resolve_gate(
+            name, g.mode, g.keep_ratio, g.threshold, g.dynamic_weight
+        )
         return runtime
 
     async def unload(self, name: str) -> None:

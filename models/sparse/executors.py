@@ -143,7 +143,6 @@ class FFNExecutor:
     def __init__(self, layer: GatedFFN, settings: GateSettings) -> None:
         self.layer = layer
         self.name = layer.name
-        self._y_role = f"y:{layer.name}"
         self.settings = settings
         self.act = layer.act_kind  # "gelu" | "relu" | "identity" | None (run the module)
         gate = layer.gate
@@ -337,7 +336,7 @@ class FFNExecutor:
     ) -> None:
         length = self.layer.lengths(t_hidden, fwd)
         pred = self.layer.lengths(t_in, fwd) if self.predictor is not None else None
-        fwd.records[self.layer] = Record(kept, executed, length, pred, const)
+        fwd.record(self.layer, Record(kept, executed, length, pred, const))
 
     # ------------------------------------------------------------------ fused
 
@@ -367,12 +366,12 @@ class FFNExecutor:
         r = None
         if residual is not None:
             r = residual if steps else layer.to_steps(residual, out_proj)
-            if r.is_contiguous() and r.shape == (b, t, self.d_out):
+            if _may_accumulate(r, x, (b, t, self.d_out)):
                 y = r.add_(self.b_out)  # accumulate in place: the caller no longer needs it
         if y is None:
-            y = ws.get(self._y_role, (b, t, self.d_out), u).copy_(
-                self.b_out.expand(b, t, self.d_out)
-            )
+            # A fresh tensor: the result leaves the layer (a workspace buffer could be
+            # overwritten by a second call of this layer while the first result is still used).
+            y = self.b_out.expand(b, t, self.d_out).clone()
             if r is not None:
                 y.add_(r)
         if sel.strategy.kind == "gather":
@@ -492,7 +491,8 @@ class FFNExecutor:
         idx, k = cast(torch.Tensor, sel.idx), cast(torch.Tensor, sel.idx).shape[1]
         packed = cast(torch.Tensor, self.packed)
         if sel.gathered is None:
-            sel.gathered = torch.index_select(packed, 0, idx.reshape(-1)).view(b, k, -1)
+            rows = torch.index_select(packed, 0, idx.reshape(-1))
+            sel.gathered = rows.view(b, k, packed.shape[1])
         a, e = self._offsets()[which]
         bias = torch.index_select(self.b_in_all[which], 0, idx.reshape(-1)).view(b, 1, k)
         h = torch.baddbmm(bias, u, sel.gathered[:, :, a:e].transpose(1, 2))  # (B, T, k)
@@ -575,14 +575,12 @@ class AttentionExecutor:
         lengths = fwd.lengths_at(t, self.layer.name)
         heads = self.heads_vec.expand(b)
         h = float(self.heads)
-        fwd.records[self.layer] = Record(heads, heads, lengths, None, (h, h))
+        fwd.record(self.layer, Record(heads, heads, lengths, None, (h, h)))
         out: torch.Tensor
-        if residual is not None and residual.is_contiguous():
+        if residual is not None and _may_accumulate(residual, x, x.shape):
             out = residual
         else:
-            out = ws.get(f"attn_out:{self.layer.name}", x.shape, x).zero_()
-            if residual is not None:
-                out.add_(residual)
+            out = x.new_zeros(x.shape) if residual is None else residual.clone()
         out.add_(self.proj_b)
         if self.heads == 0:
             return out
@@ -599,6 +597,18 @@ class AttentionExecutor:
             a = ws.get("attn", a.shape, x).copy_(a)
         out.view(b * t, d).addmm_(a.reshape(b * t, width), self.proj_w.t())
         return out
+
+
+def _may_accumulate(r: torch.Tensor, x: torch.Tensor, shape: object) -> bool:
+    """Whether a residual may take the layer's output in place: contiguous, of the output's
+    shape, not a parameter, and not sharing memory with the layer's input (which the matmuls
+    still read)."""
+    return (
+        r.is_contiguous()
+        and tuple(r.shape) == tuple(shape)  # type: ignore[arg-type]
+        and not isinstance(r, torch.nn.Parameter)
+        and r.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    )
 
 
 def conv_unfolded(conv: UnfoldConv1d, x: torch.Tensor, ws: Workspace) -> torch.Tensor:

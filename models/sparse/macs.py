@@ -32,6 +32,7 @@ class PlanMacs:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.model.quadratic and all(
             r.const is not None
+            and not r.more
             and r.length is lengths
             and (r.pred_length is None or r.pred_length is lengths)
             for r in records.values()

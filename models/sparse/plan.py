@@ -67,6 +67,14 @@ class SparsePlan:
         self.macs = PlanMacs(model.mac_model)
 
     @property
+    def _names(self) -> list[str]:
+        return [layer.name for layer in [*self.ffns, *self.attentions]]
+
+    @property
+    def _n_layers(self) -> int:
+        return len(self.ffns) + len(self.attentions)
+
+    @property
     def layers(self) -> list[FFNExecutor]:
         return list(self.ffns.values())
 
@@ -92,6 +100,9 @@ class SparsePlan:
             full = fwd.lengths[fwd.full_length]
             macs, dense = self.macs.count(full, fwd.records, self.settings.mode == "dynamic")
             kept = {layer.name: rec.kept for layer, rec in fwd.records.items()}
+            if len(kept) < self._n_layers:  # a layer this forward did not run kept nothing
+                for name in self._names:
+                    kept.setdefault(name, full.new_zeros(fwd.batch, dtype=torch.float32))
         return NetworkOutput(logits, kept, macs, dense)
 
     # Called by the gated layers while this plan runs them.

@@ -458,3 +458,130 @@ def test_checkpoints_record_the_mac_count_so_loading_runs_no_counter(tmp_path: P
     record = user.mac_model.to_dict(user)
     assert MacModel.from_dict(record, user) is not None
     assert MacModel.from_dict(record, net) is None
+
+
+class Reuse(nn.Module):
+    """An MLP applied twice in a row and once more on another input, outputs held together;
+    a second FFN whose hidden activation is also read elsewhere (not gateable); an unused one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(1, 8)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8)
+        self.spare = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        a = self.mlp(self.mlp(h))
+        b = self.mlp(2 * h)
+        hidden = self.act(self.fc1(h))
+        c = self.fc2(hidden) + hidden.mean(-1, keepdim=True)
+        return self.head((a + b + c).mean(1))
+
+
+def test_layers_called_twice_outputs_held_and_reused_activations() -> None:
+    torch.manual_seed(0)
+    net = attach_gates(Reuse(), config()).eval()
+    # fc1's activation is also read outside fc2: gating it would change that read, so it is not
+    # an FFN; the other two are.
+    assert [layer.name for layer in net.gated()] == ["mlp", "spare"]
+    x, lengths = batch(3, with_lengths=False)
+    for settings in [*SETTINGS, GateSettings("dynamic", threshold=1.0, bucket=2)]:
+        for strategy in (Strategy("dense"), Strategy("gather", 1), Strategy("gather", 3)):
+            plan = compile_plan(net, settings, calibrate=False, strategy=strategy)
+            with torch.inference_mode():
+                ref = net(x, lengths, settings)
+                out = plan(x, lengths)
+            assert (out.logits - ref.logits).abs().max() < 1e-4, (settings, strategy)
+            assert torch.equal(out.kept["spare"], torch.zeros(3))  # never ran: kept nothing
+            if settings.mode == "dense":  # three calls of mlp counted, none of spare
+                assert torch.equal(out.macs, ref.dense_macs)
+            assert torch.equal(out.dense_macs, ref.dense_macs)
+            gathered = strategy.kind == "gather" and settings.keep_ratio is not None
+            if settings.mode != "dynamic" or gathered:
+                assert torch.equal(out.macs, ref.macs)
+
+
+class PostNorm(GatedNetwork):
+    """A built-in-style network whose gated FFN takes its own input as the residual."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from models.gates import DynamicStructuredGate
+        from models.layers import GatedFFN, GatedLinear
+
+        self.config = cfg
+        self.embed = nn.Linear(1, 8)
+        self.fc1, self.fc2 = GatedLinear(8, 16), GatedLinear(16, 8)
+        self.gate = DynamicStructuredGate(16, 8, cfg)
+        self.ffn = GatedFFN("ffn", [self.fc1], self.fc2, self.gate, act=F.gelu)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 10)
+
+    def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = self.norm(self.ffn(h, residual=h))  # the input is the residual: no in-place add
+        mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).unsqueeze(-1)
+        return self.head((h * mask).sum(1) / mask.sum(1))
+
+
+def test_a_residual_that_is_the_input_is_not_accumulated_in_place() -> None:
+    torch.manual_seed(0)
+    net = PostNorm(config()).eval()
+    x, lengths = batch(3, with_lengths=True)
+    for settings in SETTINGS:
+        plan = compile_plan(net, settings, calibrate=False, strategy=Strategy("gather", 1))
+        with torch.inference_mode():
+            assert (plan(x, lengths).logits - net(x, lengths, settings).logits).abs().max() < 1e-4
+
+
+def test_unsupported_conv_geometry_is_refused() -> None:
+    class StridedOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv1d(1, 8, 3, padding=1), nn.Conv1d(8, 4, 1, stride=2)
+
+    with pytest.raises(ArchitectureError, match="must be 1×1, stride 1, no padding"):
+        attach_gates(StridedOut(), config(), ffns=[("conv1", "conv2")])
+
+
+def test_ceil_mode_pooling_lengths_are_exact() -> None:
+    """The gated layer after a ceil_mode pool sees each request's own length: a request
+    batched with a longer one counts the MACs of its solo run. (Its logits may differ: a
+    partial last window averages padding, which this module lets through.)"""
+    from models.layers import _out_length
+
+    for k, s, p in [(2, 2, 0), (3, 2, 1), (3, 3, 1)]:
+        pool = nn.AvgPool1d(k, s, p, ceil_mode=True)
+        for n in range(max(1, k - 2 * p), 20):
+            want = pool(torch.zeros(1, 1, n)).shape[-1]
+            assert int(_out_length(torch.tensor([n]), k, s, p, 1, ceil=True)[0]) == want
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(1, 8)
+            self.pool = nn.AvgPool1d(2, ceil_mode=True)
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            valid = (torch.arange(x.shape[1])[None] < lengths[:, None]).unsqueeze(-1)
+            h = self.pool((self.embed(x) * valid).transpose(1, 2)).transpose(1, 2)
+            short = torch.div(lengths + 1, 2, rounding_mode="floor")  # ceil(L / 2)
+            h = h + self.fc2(self.act(self.fc1(h)))
+            m = (torch.arange(h.shape[1])[None] < short[:, None]).unsqueeze(-1)
+            return self.head((h * m).sum(1) / m.sum(1))
+
+    torch.manual_seed(0)
+    net = attach_gates(Pooled(), config()).eval()
+    settings = GateSettings("dynamic", keep_ratio=0.5, bucket=2)
+    x = torch.randn(2, 10, 1)
+    lengths = torch.tensor([7, 10])
+    plan = compile_plan(net, settings, calibrate=False, strategy=Strategy("gather", 1))
+    with torch.inference_mode():
+        both = plan(x, lengths)
+        solo = plan(x[:1, :7], lengths[:1])
+    assert both.macs[0] == solo.macs[0] and both.macs[1] != solo.macs[0]

@@ -142,3 +142,16 @@ def test_missing_cuda_is_a_clear_error() -> None:
     with pytest.raises(EngineError, match=r"GATED_DEVICE.*no CUDA device"):
         Engine.check_device("cuda")
     Engine.check_device("auto")
+
+
+def test_a_gate_resolved_before_a_reload_is_resolved_again(engine: Engine) -> None:
+    """Plan keys belong to one load of a model: a request resolved before a hot reload runs
+    the plan of its own configuration on the new network."""
+    gate = engine.resolve_gate("tiny", "dynamic", 0.25)
+    engine.load_model("tiny")
+    fresh = engine.resolve_gate("tiny", "dynamic", 0.25)
+    assert fresh.generation != gate.generation and fresh.key == gate.key
+    x = np.random.default_rng(3).standard_normal((2, 11, 1)).astype(np.float32)
+    [old] = engine.infer("tiny", gate, [x])
+    [new] = engine.infer("tiny", fresh, [x])
+    np.testing.assert_array_equal(old.logits, new.logits)
