@@ -53,3 +53,8 @@ def test_static_mode_executes_what_it_reports(results: dict[str, EvalResult]) ->
     r = results["static@0.5"]
     assert r.flops_ratio == pytest.approx(results["dynamic@0.5"].flops_ratio, abs=0.01)
     assert 0.4 < r.active_channel_ratio <= 0.5
+
+
+def test_shipped_checkpoint_records_its_mac_count() -> None:
+    """The server loads the shipped model without running torch's FLOP counter."""
+    assert "_mac_model" in load_checkpoint(SHIPPED).__dict__
