@@ -22,6 +22,8 @@ _EXPORTS: dict[str, str] = {
     "InvalidInputError": "models.errors",
     "ModelError": "models.errors",
     "ModelConfig": "models.config",
+    "ModelContract": "models.contract",
+    "TensorSpec": "models.contract",
     "load_config": "models.config",
     "parse_config": "models.config",
     "load_checkpoint": "models.checkpoint",
@@ -55,9 +57,11 @@ __all__ = [
     "HeadGatedAttention",
     "InvalidInputError",
     "ModelConfig",
+    "ModelContract",
     "ModelError",
     "NetworkOutput",
     "SparsePlan",
+    "TensorSpec",
     "Workspace",
     "attach_gates",
     "build_network",
@@ -75,6 +79,7 @@ __all__ = [
 if TYPE_CHECKING:
     from models.checkpoint import load_checkpoint, read_metadata, resolve_device, save_checkpoint
     from models.config import ModelConfig, load_config, parse_config
+    from models.contract import ModelContract, TensorSpec
     from models.errors import (
         ArchitectureError,
         CheckpointError,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
+from models.contract import ModelContract
 from models.errors import ArchitectureError, ConfigError, InvalidInputError
 from models.flops import MacModel
 from models.gate_config import GateSettings
@@ -190,6 +191,16 @@ class GatedNetwork(nn.Module):
             model = MacModel.fit(self)
             self.__dict__["_mac_model"] = model
         return cast(MacModel, model)
+
+    def contract(self) -> ModelContract:
+        """The named tensors this network takes and returns (docs/model-contract.md): the
+        default FP32 ``input`` [batch, T, C] -> ``logits`` [batch, classes], or what the module
+        declares as ``gated_contract``."""
+        declared = getattr(self, "gated_contract", None)
+        if isinstance(declared, ModelContract):
+            return declared
+        m = self.config.model
+        return ModelContract.default(m.in_channels, m.num_classes)
 
     def example_input(self, length: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         dev = next(self.parameters()).device
@@ -454,6 +465,14 @@ class AttachedNetwork(GatedNetwork):
             )
         self.module = module
         self.length_period = track_lengths(module)
+        declared = getattr(module, "gated_contract", None)
+        if declared is not None:
+            if not isinstance(declared, ModelContract):
+                raise ArchitectureError(
+                    f"{type(module).__name__}.gated_contract must be a models.ModelContract, "
+                    f"got {type(declared).__name__}"
+                )
+            self.gated_contract = declared
 
     def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> Any:
         return self.module(x, lengths) if self.takes_lengths else self.module(x)

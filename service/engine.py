@@ -78,6 +78,7 @@ class ModelInfo:
     layers: tuple[str, ...]  # gated layers, in NetworkOutput.kept order
     config_gate: GateConfig  # the checkpoint's own dynamic keep policy
     device: str
+    contract: models.ModelContract  # the named tensors it takes and returns
     # Whether requests of different lengths may share a batch (the network keeps padding out
     # of its results); otherwise only requests of one length are batched together.
     mixed_lengths: bool = True
@@ -426,6 +427,10 @@ def _read(repository: Path, name: str, device: torch.device) -> _Loaded:
 
 def _wrap(name: str, network: models.GatedNetwork, device: torch.device) -> _Loaded:
     cfg = network.config
+    contract = network.contract()
+    refused = contract.served_today()
+    if refused is not None:
+        raise EngineError(f"model {name!r}: {refused}")
     widths = network.gated_widths()
     layers = tuple(widths)
     dp = cfg.dynamic_pruning_config
@@ -440,6 +445,7 @@ def _wrap(name: str, network: models.GatedNetwork, device: torch.device) -> _Loa
         layers=layers,
         config_gate=GateConfig("dynamic", keep, None if keep is not None else dp.threshold),
         device=str(device),
+        contract=contract,
         mixed_lengths=network.padding_invariant,
     )
     width_t = torch.tensor([float(widths[k]) for k in layers], dtype=torch.float64, device=device)

@@ -129,8 +129,14 @@ async def model_metadata(
         name=info.name,
         versions=[info.version],
         platform=info.platform,
-        inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=_input_shape(info))],
-        outputs=[TensorMetadata(name=OUTPUT_NAME, datatype="FP32", shape=[-1, info.num_classes])],
+        inputs=[
+            TensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
+            for t in info.contract.inputs
+        ],
+        outputs=[
+            TensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
+            for t in info.contract.outputs
+        ],
     )
     return _json(meta.model_dump(exclude_none=True))
 
@@ -166,11 +172,6 @@ async def repository_index(request: Request) -> Response:
             ).model_dump()
         )
     return _json(entries)
-
-
-def _input_shape(info: ModelInfo) -> list[int]:
-    # [batch, T, C] with batch and T dynamic; single-channel models also take [batch, T].
-    return [-1, -1, info.in_channels]
 
 
 # ---------------------------------------------------------------------- inference

@@ -585,3 +585,39 @@ def test_ceil_mode_pooling_lengths_are_exact() -> None:
         both = plan(x, lengths)
         solo = plan(x[:1, :7], lengths[:1])
     assert both.macs[0] == solo.macs[0] and both.macs[1] != solo.macs[0]
+
+
+def test_the_contract_is_declared_and_refused_when_not_served(tmp_path: Path) -> None:
+    from models import ModelContract, TensorSpec
+    from service.engine import Engine, EngineError
+
+    net = attach_gates(Reuse(), config())
+    assert net.contract() == ModelContract.default(1, 10)
+    bert_like = ModelContract(
+        inputs=(
+            TensorSpec("input_ids", "INT64", (-1, -1), length_dim=1),
+            TensorSpec("attention_mask", "INT64", (-1, -1), optional=True, length_dim=1),
+        ),
+        outputs=(TensorSpec("logits", "FP32", (-1, 2)),),
+    )
+    assert "serves one FP32 input" in str(bert_like.served_today())
+    cfg = ModelConfig.model_validate(
+        {"model": {"name": "tests.utils.factories:tiny_user", "max_length": 64}}
+    )
+    from models import build_network
+
+    save_checkpoint(build_network(cfg), tmp_path / "repo" / "bert")
+    import tests.utils.factories as factories
+
+    original = factories.TinyUserNet.__init__
+
+    def declaring(self: nn.Module, *a: object, **k: object) -> None:
+        original(self, *a, **k)  # type: ignore[arg-type]
+        self.gated_contract = bert_like
+
+    factories.TinyUserNet.__init__ = declaring  # type: ignore[method-assign]
+    try:
+        with pytest.raises(EngineError, match="model 'bert': declares inputs"):
+            Engine.load(tmp_path / "repo", "cpu")
+    finally:
+        factories.TinyUserNet.__init__ = original  # type: ignore[method-assign]
