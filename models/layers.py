@@ -45,7 +45,7 @@ from torch import nn
 from models.config import ModelConfig
 from models.errors import ArchitectureError, InvalidInputError
 from models.gate_config import GateSettings
-from models.gates import DynamicStructuredGate, StaticGate, make_static_gate
+from models.gates import DynamicStructuredGate, StaticGate
 from models.predictor import time_mask
 
 if TYPE_CHECKING:
@@ -106,7 +106,6 @@ class Forward:
         self.plan = plan
         self.records: dict[GatedLayer, Record] = {}
         self.handoff: dict[GatedLayer, Any] = {}  # input side -> output side of a layer
-        self.calls: dict[GatedLayer, int] = {}
         self.ambiguous: set[int] = set()
         self._masks: dict[int, tuple[torch.Tensor, ...]] = {}
 
@@ -405,22 +404,12 @@ class GatedLayer:
     def __eq__(self, other: object) -> bool:
         return self is other
 
-    def static_gate(self) -> StaticGate:
-        raise NotImplementedError
-
     def macs(
         self, length: torch.Tensor, channels: torch.Tensor, pred_length: torch.Tensor | None
     ) -> torch.Tensor:
         """MACs per request (B,) float64 of ``channels`` units over ``length`` steps, plus the
         predictor's over ``pred_length`` steps when it ran."""
         raise NotImplementedError
-
-    def modules(self) -> list[nn.Module]:
-        """The modules holding this layer's weights (for export and devices)."""
-        raise NotImplementedError
-
-
-_EXACT = {"gelu", "relu"}
 
 
 def activation_kind(act: Callable[..., Any] | None) -> str | None:
@@ -504,12 +493,6 @@ class GatedFFN(GatedLayer):
         object.__setattr__(output, "_layer", self)
 
     # ------------------------------------------------------------------ facts
-
-    def static_gate(self) -> StaticGate:
-        return self.gate.static_gate
-
-    def modules(self) -> list[nn.Module]:
-        return [*self.inputs, self.output, self.gate]
 
     @property
     def conv(self) -> bool:
@@ -690,12 +673,6 @@ class HeadGatedAttention(GatedLayer):
         self.d_model = proj.out_features
         self.head_dim = self.d_model // num_heads
         object.__setattr__(head_gate, "_layer", self)
-
-    def static_gate(self) -> StaticGate:
-        return self.head_gate
-
-    def modules(self) -> list[nn.Module]:
-        return [self.qkv, self.proj, self.head_gate]
 
     def macs(
         self, length: torch.Tensor, channels: torch.Tensor, pred_length: torch.Tensor | None
@@ -1138,7 +1115,3 @@ def signature_takes_lengths(module: nn.Module) -> bool:
     except (TypeError, ValueError):
         return False
     return "lengths" in params
-
-
-def make_head_gate(n: int, cfg: ModelConfig) -> StaticGate:
-    return make_static_gate(n, cfg)
