@@ -223,3 +223,16 @@ def test_settings_for_fills_dynamic_defaults_only() -> None:
     assert settings_for(cfg, "dynamic") == GateSettings("dynamic", keep_ratio=0.3, bucket=2)
     assert settings_for(cfg, "static") == GateSettings("static", bucket=2)
     assert settings_for(cfg, "dynamic", threshold=0.4).threshold == 0.4
+
+
+def test_the_gate_type_imports_without_torch() -> None:
+    """The wire protocol and other torch-free code validate gate parameters with it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from models import GateSettings; from models.contract import ModelContract; "
+        "GateSettings('dynamic', keep_ratio=0.5); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
