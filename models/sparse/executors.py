@@ -24,6 +24,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
+from models.errors import InvalidInputError
 from models.gate_config import GateSettings
 from models.gates import apply_keep_policy, bucketed_k
 from models.layers import (
@@ -386,6 +387,7 @@ class FFNExecutor:
         elif self.width:
             h = self._dense_hidden(u, ws, "h")
             if sel.gate is not None:
+                _check_steps(sel.gate, t, self.name)
                 h.view(b, t, -1).mul_(sel.gate)
             y.view(b * t, -1).addmm_(h, self.w_out_t)  # (B·T, D_out)
         if steps:
@@ -509,6 +511,7 @@ class FFNExecutor:
         b, t, _ = h.shape
         if sel.strategy.kind != "gather":
             if sel.gate is not None:
+                _check_steps(sel.gate, h.shape[1], self.name)
                 h = h * sel.gate
             y = torch.addmm(self.b_out, h.reshape(b * t, -1), self.w_out_t).view(b, t, -1)
             return layer.from_steps(y, h_in, proj)
@@ -597,6 +600,14 @@ class AttentionExecutor:
             a = ws.get("attn", a.shape, x).copy_(a)
         out.view(b * t, d).addmm_(a.reshape(b * t, width), self.proj_w.t())
         return out
+
+
+def _check_steps(gate: torch.Tensor, steps: int, name: str) -> None:
+    """Per-step gates must cover the hidden time steps (a strided input conv changes them)."""
+    if gate.shape[1] not in (1, steps):
+        raise InvalidInputError(
+            f"gated layer {name}: per-step gates over {gate.shape[1]} steps, hidden has {steps}"
+        )
 
 
 def _may_accumulate(r: torch.Tensor, x: torch.Tensor, shape: object) -> bool:

@@ -621,3 +621,30 @@ def test_the_contract_is_declared_and_refused_when_not_served(tmp_path: Path) ->
             Engine.load(tmp_path / "repo", "cpu")
     finally:
         factories.TinyUserNet.__init__ = original  # type: ignore[method-assign]
+
+
+def test_per_step_gates_after_a_strided_gated_conv_are_a_clear_error() -> None:
+    """Per-step gates are computed at the conv's input resolution: with a strided conv they do
+    not cover the hidden steps, and both the reference and the plans say so (no 500)."""
+    from models import InvalidInputError
+
+    class Strided(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv1d(1, 8, 3, stride=2, padding=1), nn.Conv1d(8, 4, 1)
+            self.head = nn.Linear(4, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv2(F.gelu(self.conv1(x.transpose(1, 2))))
+            return self.head(h.mean(-1))
+
+    net = attach_gates(
+        Strided(), config(predictor_config={"use_global_pool": False}), ffns=[("conv1", "conv2")]
+    ).eval()
+    x, lengths = batch(3, with_lengths=False)
+    settings = GateSettings("dynamic", keep_ratio=0.5, bucket=2)
+    with pytest.raises(InvalidInputError, match="per-step gates over 23 steps, hidden has 12"):
+        net(x, lengths, settings)
+    plan = compile_plan(net, settings, calibrate=False)
+    with pytest.raises(InvalidInputError, match="per-step gates over 23 steps"):
+        plan(x, lengths)
