@@ -1040,6 +1040,9 @@ def attach_ffns(
 ) -> list[GatedFFN]:
     """Gate the FFNs of ``module`` in place (see :func:`models.attach_gates`)."""
     layers: list[GatedFFN] = []
+    for m in module.modules():  # its nested-tensor fast path would bypass the gated layers
+        if isinstance(m, nn.TransformerEncoder):
+            m.__class__ = _GatedEncoder
     if ffns:
         for spec in ffns:
             if len(spec) not in (2, 3):
@@ -1053,12 +1056,14 @@ def attach_ffns(
             prefix = spec[0].rpartition(".")[0]
             shared = sum(1 for other in ffns if other[0].rpartition(".")[0] == prefix) > 1
             name = spec[0] if shared or not prefix else prefix
-            act = _act_between(owner, [a for _, a in owners])
-            layers.append(make_ffn(name, owner, [a for _, a in owners], cfg, act))
+            attrs = [a for _, a in owners]
+            if isinstance(owner, nn.TransformerEncoderLayer) and attrs == ["linear1", "linear2"]:
+                # Its fused fast path reads the weights directly: take its gated slow path.
+                layers.append(_gate_encoder_layer(owner, cfg, name))
+                continue
+            act = _act_between(owner, attrs)
+            layers.append(make_ffn(name, owner, attrs, cfg, act))
         return layers
-    for m in module.modules():
-        if isinstance(m, nn.TransformerEncoder):
-            m.__class__ = _GatedEncoder
     pairs = _find_pairs(module)
     per_owner: dict[str, int] = {}
     for path, *_ in pairs:

@@ -648,3 +648,18 @@ def test_per_step_gates_after_a_strided_gated_conv_are_a_clear_error() -> None:
     plan = compile_plan(net, settings, calibrate=False)
     with pytest.raises(InvalidInputError, match="per-step gates over 23 steps"):
         plan(x, lengths)
+
+
+def test_a_named_encoder_layer_ffn_takes_the_gated_slow_path() -> None:
+    torch.manual_seed(0)
+    net = attach_gates(
+        Stock(), config(), ffns=[("enc.layers.0.linear1", "enc.layers.0.linear2")]
+    ).eval()
+    assert [layer.name for layer in net.gated()] == ["enc.layers.0"]
+    x, lengths = batch(3, with_lengths=False)
+    settings = GateSettings("dynamic", keep_ratio=0.25, bucket=2)
+    with torch.inference_mode():
+        gated = net(x, lengths, settings)
+        dense = net(x, lengths, GateSettings("dense"))
+    assert (gated.logits - dense.logits).abs().max() > 1e-4  # the gates act, no fast path
+    assert float(gated.kept["enc.layers.0"][0]) == 16.0
