@@ -30,7 +30,7 @@ from models.contract import ModelContract
 from models.errors import ArchitectureError, ConfigError, InvalidInputError
 from models.flops import MacModel
 from models.gate_config import GateSettings
-from models.gates import DynamicStructuredGate, StaticGate, make_static_gate
+from models.gates import DynamicStructuredGate, StaticGate, bucketed_k, make_static_gate
 from models.layers import (
     Forward,
     GatedConv1d,
@@ -164,8 +164,6 @@ class GatedNetwork(nn.Module):
             return ("dense",)
         counts: list[object] = []
         uses_weight = False
-        from models.gates import bucketed_k
-
         for layer, static in self._static_values():
             n_open = int((static > 0).sum())
             dynamic = s.mode == "dynamic" and layer.gate.predictor is not None
