@@ -1,10 +1,14 @@
-"""The HTTP application: ``create_app(settings)`` factory, lifespan, error mapping, ``serve``.
+"""The application: ``create_app(settings)`` factory, lifespan, ``serve``.
+
+One data plane (``service.dataplane``) serves two front ends: the REST app built here and the
+gRPC server (``service.grpc``) the lifespan starts beside it on ``grpc_port``.
 
 Lifecycle. The lifespan loads every model of the repository and warms it up before uvicorn
-accepts connections, so readiness is never claimed early. On SIGTERM (or Ctrl-C) the server
-first drains: readiness and new inference requests answer 503 at once, queued and in-flight
-requests finish, and only then does uvicorn's own graceful shutdown close the connections. The
-process then exits 0; a second signal forces the exit.
+accepts connections, so readiness is never claimed early; the gRPC port opens once the models
+serve. On SIGTERM (or Ctrl-C) the server first drains: readiness (REST and gRPC health) and new
+inference requests answer 503 / UNAVAILABLE at once, queued and in-flight requests of both
+protocols finish, and only then do uvicorn's graceful shutdown and the gRPC server's stop close
+the connections. The process then exits 0; a second signal forces the exit.
 """
 
 from __future__ import annotations
@@ -23,16 +27,17 @@ from types import FrameType
 import orjson
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry, disable_created_metrics
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.dataplane import DataPlane
 from service.engine import GATE_MODES, Engine, EngineError
-from service.errors import InvalidInput, ServiceError, Unauthorized, Unavailable
+from service.grpc.server import GrpcServer
 from service.metrics import CONTENT_TYPE_LATEST, Metrics, render
-from service.routes import admin, v2
+from service.rest import admin, openapi, v2
+from service.rest.errors import register_exception_handlers
 from service.settings import Settings
 from service.state import ServiceState
+from service.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +54,15 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
     engine: Engine | None = None,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
     """A new app serving ``settings.model_repository``; models load when the lifespan starts,
     unless ``engine`` is given already loaded and warmed up (as ``serve`` does, so that a
     model that cannot load stops the process with one line).
 
     Each app owns its metrics registry (a fresh one unless ``registry`` is given), so several
-    apps, as in tests, never share series.
+    apps, as in tests, never share series. ``tracing`` defaults to the exporter of
+    ``settings.otel_endpoint`` (off when unset).
     """
     app = FastAPI(
         title="gated-serve",
@@ -65,7 +72,13 @@ def create_app(
         redoc_url=None,
         openapi_url=None,
     )
-    app.state.service = ServiceState(settings, service_version())
+    state = ServiceState(settings, service_version())
+    if tracing is None:
+        tracing = Tracing.from_endpoint(settings.otel_endpoint, state.version)
+    state.tracing = tracing
+    app.state.service = state
+    app.state.plane = DataPlane(state, tracing)
+    app.state.grpc = None
     app.state.preloaded = engine
     app.state.registry = registry if registry is not None else CollectorRegistry()
     app.include_router(v2.build_router())
@@ -73,6 +86,7 @@ def create_app(
     app.include_router(admin.build_repository_router())
     app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
     register_exception_handlers(app)
+    openapi.install(app)
     return app
 
 
@@ -111,6 +125,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.collect()
         gc.freeze()
         state.loaded = True
+        if settings.grpc_port:
+            grpc_server = GrpcServer(
+                app.state.plane, settings.host, settings.grpc_port, settings.max_request_bytes
+            )
+            try:
+                await grpc_server.start()
+            except OSError as err:
+                logger.error("startup failed: %s", err)
+                raise
+            app.state.grpc = grpc_server
+            state.drain_listeners.append(grpc_server.draining)
         logger.info(
             "ready: %d model(s) [%s] on %s in %.1f s (batching %s, max_batch_size %d, "
             "max_queue_delay_ms %g)",
@@ -122,74 +147,19 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await state.drain(settings.drain_timeout_s)
+        if app.state.grpc is not None:
+            await app.state.grpc.stop(1.0)
         for runtime in state.models.values():
             if runtime.batcher is not None:
                 await runtime.batcher.stop(settings.drain_timeout_s)
         await asyncio.to_thread(engine.close)
+        if state.tracing is not None:
+            state.tracing.shutdown()
         logger.info("stopped")
 
 
 async def _metrics(request: Request) -> Response:
     return Response(render(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-# ---------------------------------------------------------------------- errors
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        orjson.dumps({"error": message}),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
-
-
-async def _service_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ServiceError)
-    headers = None
-    if isinstance(exc, Unavailable):
-        headers = {"Retry-After": str(exc.retry_after_s)}
-    elif isinstance(exc, Unauthorized):
-        headers = {"WWW-Authenticate": 'Bearer realm="gated-admin"'}
-    return _error(exc.status, exc.message, headers)
-
-
-async def _invalid_input(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, InvalidInput)
-    return _error(400, exc.message)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    # Starlette's own 404 (no such route) and 405 (wrong method) keep their status.
-    assert isinstance(exc, StarletteHTTPException)
-    return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}) or None)
-
-
-async def _validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ())) or "request"
-    return _error(400, f"{where}: {first.get('msg', 'invalid request')}")
-
-
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _error(500, "internal error")
-
-
-def register_exception_handlers(app: FastAPI) -> None:
-    """Map every error to ``{"error": "..."}`` with its status, in one place.
-
-    400 InvalidInput (and request validation), 401/403 admin auth, 404 unknown model or route,
-    413 body too large, 503 not ready / draining / queue full with Retry-After, 504 queue
-    timeout, 500 anything unexpected (logged with its traceback, never shown to the client).
-    """
-    app.add_exception_handler(ServiceError, _service_error)
-    app.add_exception_handler(InvalidInput, _invalid_input)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected)
 
 
 # ---------------------------------------------------------------------- logging and serving
@@ -280,7 +250,11 @@ def serve(settings: Settings) -> int:
     logger.info(
         "loaded and warmed up %d model(s) in %.1f s", len(engine.models), time.monotonic() - start
     )
-    app = create_app(settings, engine=engine)
+    try:
+        app = create_app(settings, engine=engine)
+    except RuntimeError as err:  # tracing asked for but the SDK is missing
+        logger.error("%s", err)
+        return 2
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
+from typing import Any
 
 from service.engine import FloatArray, GateConfig, ItemResult
 from service.errors import (
@@ -35,6 +36,7 @@ from service.errors import (
     ServiceError,
 )
 from service.metrics import Metrics
+from service.tracing import BatchTiming, Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,10 @@ Compute = Callable[[GateConfig, Sequence[FloatArray]], list[ItemResult]]
 class Ticket:
     """A queued request: await ``future`` for its result, call ``abandon`` if nobody will."""
 
-    __slots__ = ("_batcher", "array", "enqueued", "future", "gate", "request_id", "taken", "timer")
+    __slots__ = (
+        "_batcher", "array", "batch", "enqueued", "enqueued_ns", "future", "gate", "request_id",
+        "span", "taken", "timer",
+    )
 
     def __init__(
         self,
@@ -53,6 +58,7 @@ class Ticket:
         array: FloatArray,
         future: asyncio.Future[ItemResult],
         request_id: str | None,
+        span: Any = None,
     ) -> None:
         self._batcher = batcher
         self.gate = gate
@@ -62,6 +68,10 @@ class Ticket:
         self.enqueued = time.monotonic()
         self.taken = False  # part of a batch already: too late to drop
         self.timer: asyncio.TimerHandle | None = None
+        # Tracing: the request's span (linked from its batch's), admission and batch times.
+        self.span = span
+        self.enqueued_ns = time.time_ns()
+        self.batch: BatchTiming | None = None
 
     def abandon(self) -> None:
         """The client went away: drop the request if it has not reached the model yet."""
@@ -84,6 +94,7 @@ class DynamicBatcher:
         max_batch_rows: int | None = None,
         inflight: Callable[[], int] | None = None,
         same_length: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError(
@@ -102,6 +113,7 @@ class DynamicBatcher:
         self._last_size = 0  # requests in the previous batch: a cheap load signal
         # Models whose results depend on padding batch only requests of one length.
         self._same_length = same_length
+        self._tracing = tracing if tracing is not None and tracing.enabled else None
         self._queues: dict[Hashable, deque[Ticket]] = {}
         self._depth = 0  # live queued tickets (dropped ones may still sit in a deque)
         self._busy = False
@@ -139,8 +151,12 @@ class DynamicBatcher:
         array: FloatArray,
         timeout_s: float,
         request_id: str | None = None,
+        span: Any = None,
     ) -> Ticket:
-        """Queue one request; raises QueueFull (503) when ``max_queue_size`` are waiting."""
+        """Queue one request; raises QueueFull (503) when ``max_queue_size`` are waiting.
+
+        ``span``: the request's trace span, linked from its batch's span when tracing is on.
+        """
         if self._closing:
             raise ServerNotReady("server is shutting down")
         if self._depth >= self._max_queue:
@@ -148,7 +164,7 @@ class DynamicBatcher:
                 f"queue of model {self.model!r} is full ({self._max_queue} requests); retry later"
             )
         loop = asyncio.get_running_loop()
-        ticket = Ticket(self, gate, array, loop.create_future(), request_id)
+        ticket = Ticket(self, gate, array, loop.create_future(), request_id, span)
         ticket.timer = loop.call_later(timeout_s, self._expire, ticket, timeout_s)
         key = self.key(gate, array)
         queue = self._queues.get(key)
@@ -328,9 +344,11 @@ class DynamicBatcher:
         self, loop: asyncio.AbstractEventLoop, gate: GateConfig, batch: list[Ticket]
     ) -> None:
         start = time.monotonic()
+        arrays = [t.array for t in batch]
+        timing = BatchTiming(time.time_ns(), size=len(batch), rows=sum(a.shape[0] for a in arrays))
         for ticket in batch:
             self._queue_seconds.observe(start - ticket.enqueued)
-        arrays = [t.array for t in batch]
+            ticket.batch = timing
         try:
             results = await loop.run_in_executor(self._executor, self._compute, gate, arrays)
         except InvalidInput as err:
@@ -351,7 +369,10 @@ class DynamicBatcher:
             for ticket in batch:
                 _fail(ticket, ServiceError("internal error while computing the batch"))
             return
+        timing.end_ns = time.time_ns()
         self._compute_seconds[gate.mode].observe(time.monotonic() - start)
+        if self._tracing is not None:
+            self._tracing.record_batch(self.model, gate.mode, timing, [t.span for t in batch])
         self._batch_size.observe(len(batch))
         for ticket, result in zip(batch, results, strict=True):
             if not ticket.future.done():

@@ -48,6 +48,12 @@ class LocalServer:
     process: subprocess.Popen[bytes]
     port: int
     log: Path
+    grpc_port: int = 0  # 0: gRPC off
+
+    @property
+    def grpc_address(self) -> str:
+        """host:port of the gRPC front end, as tritonclient.grpc wants it."""
+        return f"{HOST}:{self.grpc_port}"
 
     @property
     def url(self) -> str:
@@ -95,17 +101,20 @@ def start_server(
     """Start ``gated serve`` on a free port of 127.0.0.1 with ``settings`` as ``GATED_*``
     variables (the caller's own ``GATED_*`` variables are dropped), its output in ``log``.
 
-    Waits for readiness unless ``ready_timeout_s`` is None.
+    The gRPC front end gets a free port of its own unless ``settings`` name ``grpc_port``
+    (0: off). Waits for readiness unless ``ready_timeout_s`` is None.
     """
     port = free_port()
+    chosen = dict(settings or {})
+    grpc_port = int(str(chosen.setdefault("grpc_port", free_port())))
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATED_")}
-    env.update({f"GATED_{k.upper()}": str(v) for k, v in (settings or {}).items()})
+    env.update({f"GATED_{k.upper()}": str(v) for k, v in chosen.items()})
     command = [sys.executable, "-m", "service.cli", "serve", "--host", HOST, "--port", str(port)]
     if repository is not None:
         command += ["--model-repository", str(repository)]
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-    server = LocalServer(process, port, log)
+    server = LocalServer(process, port, log, grpc_port)
     if ready_timeout_s is not None:
         server.wait_ready(ready_timeout_s)
     return server

@@ -16,7 +16,10 @@ from collections.abc import Callable, Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-__all__ = ["CONTENT_TYPE_LATEST", "OUTCOMES", "REJECT_REASONS", "Metrics", "render"]
+__all__ = ["CONTENT_TYPE_LATEST", "OUTCOMES", "PROTOCOLS", "REJECT_REASONS", "Metrics", "render"]
+
+# The front ends a request can arrive through.
+PROTOCOLS: tuple[str, ...] = ("rest", "grpc")
 
 # How a request ended. success: 200; invalid: 400/404/413; rejected: 503 (queue full, not
 # ready, draining); timeout: 504; cancelled: the client left before compute; error: 500.
@@ -56,8 +59,8 @@ class Metrics:
         self.gate_modes = tuple(gate_modes)
         r = registry
         self.requests = Counter(
-            "gated_requests", "Inference requests by final outcome.", ["model", "outcome"],
-            registry=r,
+            "gated_requests", "Inference requests by final outcome and protocol.",
+            ["model", "outcome", "protocol"], registry=r,
         )
         self.request_seconds = Histogram(
             "gated_request_duration_seconds",
@@ -128,7 +131,8 @@ class Metrics:
         # Pre-create every series (Prometheus practice: missing series break rate() queries).
         for model, layers in models.items():
             for outcome in OUTCOMES:
-                self.requests.labels(model, outcome)
+                for protocol in PROTOCOLS:
+                    self.requests.labels(model, outcome, protocol)
             for metric in (self.request_seconds, self.queue_seconds, self.batch_size):
                 metric.labels(model)
             for mode in self.gate_modes:

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", min_length=1, description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one")
+    # The same V2 protocol over gRPC (inference.GRPCInferenceService), as Triton: 8001.
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port; 0 turns gRPC off")
     model_repository: Path = Field(
         DEFAULT_REPOSITORY, description="directory whose <model-name>/ sub-folders are served"
     )
@@ -82,6 +84,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # One log line per request costs more than the request itself on a small model: off by default.
     access_log: bool = False
+    # OTLP/HTTP collector (e.g. http://otel-collector:4318) to export request spans to; unset:
+    # tracing off. Needs the OpenTelemetry SDK: pip install 'gated-serve[otel]'.
+    otel_endpoint: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _request_fits_a_batch(self) -> Settings:
@@ -89,6 +94,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_request_rows ({self.max_request_rows}) must not exceed max_batch_rows "
                 f"({self.max_batch_rows}): a request is never split across forwards"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Settings:
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(
+                f"grpc_port ({self.grpc_port}) must differ from port: REST and gRPC each need "
+                "their own (0 turns gRPC off)"
             )
         return self
 

@@ -18,6 +18,7 @@ from service.engine import Engine, EngineError, GateConfig, ModelInfo, ModelNotI
 from service.errors import ModelLoadFailed, ModelNotFound, ModelNotReady, ServerNotReady
 from service.metrics import Metrics
 from service.settings import Settings
+from service.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +40,15 @@ class ServiceState:
         self.settings = settings
         self.version = version
         self.engine: Engine | None = None
+        self.tracing: Tracing | None = None  # set by the app; batches link their requests' spans
         self.metrics: Metrics | None = None
         self.models: dict[str, ModelRuntime] = {}
         self.loaded = False
         self.draining = False
         # Serialises repository load/unload calls; inference never takes it.
         self.repository_lock = asyncio.Lock()
+        # Called once when draining starts (the gRPC health service turns NOT_SERVING).
+        self.drain_listeners: list[Callable[[], None]] = []
 
     @property
     def ready(self) -> bool:
@@ -89,6 +93,7 @@ class ServiceState:
                 max_batch_rows=settings.max_batch_rows,
                 inflight=_inflight_of(runtime),
                 same_length=not info.mixed_lengths,
+                tracing=self.tracing,
             )
             runtime.batcher.start()
         self.models[name] = runtime
@@ -148,6 +153,8 @@ class ServiceState:
             if self.metrics is not None:
                 for name in self.models:
                     self.metrics.model_ready.labels(name).set(0)
+            for listener in self.drain_listeners:
+                listener()
             logger.info("draining: readiness is off, waiting for %d requests", self.inflight())
         deadline = time.monotonic() + timeout_s
         while self.inflight() and time.monotonic() < deadline:

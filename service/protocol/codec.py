@@ -270,14 +270,10 @@ def _decode_input(
             raise InvalidInput(f"{where} is missing required field {key!r}")
 
     datatype = raw["datatype"]
-    if not isinstance(datatype, str) or datatype not in WIRE_DTYPES:
+    if not isinstance(datatype, str):
         raise InvalidInput(f"{where} has unknown datatype {datatype!r}; supported: {_SUPPORTED}")
-    shape = _shape(raw["shape"], where)
-    count = math.prod(shape)
-    if max_elements is not None and count > max_elements:
-        raise InvalidInput(
-            f"{where} has shape {shape} with {count} elements; the limit is {max_elements}"
-        )
+    check_datatype(datatype, where)
+    shape, count = check_shape(_shape(raw["shape"], where), where, max_elements)
 
     parameters = _parameters(raw.get("parameters"), where)
     if "shared_memory_region" in parameters:
@@ -316,8 +312,6 @@ def _shape(raw: Any, where: str) -> list[int]:
     for dim in raw:
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise InvalidInput(f"{where} 'shape' must contain only integers, got {raw!r}")
-        if dim < 0:
-            raise InvalidInput(f"{where} 'shape' {raw} has a negative dimension")
     return raw
 
 
@@ -553,3 +547,56 @@ def _element_bytes(item: Any) -> bytes:
     if isinstance(item, str):
         return item.encode("utf-8")
     raise TypeError(f"BYTES tensors must hold bytes or str, got {type(item).__name__}")
+
+
+# --------------------------------------------------------------------------- raw tensors
+
+
+def tensor_from_bytes(
+    raw: bytes | memoryview, datatype: str, shape: list[int], where: str
+) -> npt.NDArray[Any]:
+    """An owned, native-endian array of ``datatype`` and ``shape`` from its little-endian
+    bytes (BYTES: each element with a 4-byte length prefix), as the binary extension and gRPC's
+    raw contents carry tensors. Raises InvalidInput when the size does not match."""
+    count = math.prod(shape)
+    size = len(raw)
+    if datatype == "BYTES":
+        if size < 4 * count:
+            raise InvalidInput(
+                f"{where} has {size} bytes, too small for {count} BYTES elements "
+                "with their 4-byte length prefixes"
+            )
+    elif size != count * WIRE_DTYPES[datatype].itemsize:
+        raise InvalidInput(
+            f"{where} has {size} bytes but {datatype} shape {shape} "
+            f"needs {count * WIRE_DTYPES[datatype].itemsize}"
+        )
+    view = raw if isinstance(raw, memoryview) else memoryview(raw)
+    return _from_binary(view, _BinaryLayout(datatype, shape, count, size), where)
+
+
+def tensor_to_bytes(array: npt.NDArray[Any], datatype: str) -> bytes:
+    """The little-endian bytes of ``array`` (BYTES: length-prefixed elements)."""
+    return _to_binary(array, datatype)
+
+
+def check_shape(raw: Sequence[int], where: str, max_elements: int | None) -> tuple[list[int], int]:
+    """A shape from a decoded message: rank, signs and element count bounded. Returns the
+    shape as a list and its element count."""
+    if len(raw) > MAX_DEPTH:
+        raise InvalidInput(f"{where} has {len(raw)} dimensions; at most {MAX_DEPTH} are supported")
+    shape = [int(d) for d in raw]
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"{where} 'shape' {shape} has a negative dimension")
+    count = math.prod(shape)
+    if max_elements is not None and count > max_elements:
+        raise InvalidInput(
+            f"{where} has shape {shape} with {count} elements; the limit is {max_elements}"
+        )
+    return shape, count
+
+
+def check_datatype(datatype: str, where: str) -> str:
+    if datatype not in WIRE_DTYPES:
+        raise InvalidInput(f"{where} has unknown datatype {datatype!r}; supported: {_SUPPORTED}")
+    return datatype

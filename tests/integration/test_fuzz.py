@@ -26,7 +26,7 @@ from tests.utils.service import ADMIN_TOKEN
 
 
 def _operations() -> list[Any]:
-    app = create_app(Settings(model_repository=Path(__file__).resolve().parent))
+    app = create_app(Settings(model_repository=Path(__file__).resolve().parent, grpc_port=0))
     schema = schemathesis.openapi.from_dict(app.openapi())
     return [result.ok() for result in schema.get_all_operations()]
 

@@ -43,6 +43,7 @@ def service_client(tiny_repository: Path, monkeypatch: pytest.MonkeyPatch) -> Cl
             "admin_token": ADMIN_TOKEN,
             "max_batch_size": 4,
             "max_queue_delay_ms": 1.0,
+            "grpc_port": 0,  # REST only, in-process; gRPC is tested against real servers
             **overrides,
         }
         settings = load_settings(**values)

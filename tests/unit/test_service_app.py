@@ -299,8 +299,8 @@ def test_metrics_after_traffic(service_client: ClientFactory) -> None:
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for f in families.values() for s in f.samples
     }
-    assert samples[("gated_requests_total", (("model", "tiny"), ("outcome", "success")))] == 3
-    assert samples[("gated_requests_total", (("model", "tiny"), ("outcome", "invalid")))] == 1
+    assert samples[("gated_requests_total", (("model", "tiny"), ("outcome", "success"), ("protocol", "rest")))] == 3
+    assert samples[("gated_requests_total", (("model", "tiny"), ("outcome", "invalid"), ("protocol", "rest")))] == 1
     assert samples[("gated_rejected_requests_total", (("reason", "invalid_input"),))] == 1
     assert samples[("gated_rejected_requests_total", (("reason", "unknown_model"),))] == 1
     assert samples[("gated_batch_size_count", (("model", "tiny"),))] == 3

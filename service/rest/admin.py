@@ -8,20 +8,19 @@ and nothing is dropped. Every call needs ``Authorization: Bearer <GATED_ADMIN_TO
 
 from __future__ import annotations
 
-import hmac
-import logging
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from models.gate_config import RANGES, DynamicWeight, GateMode, KeepRatio, Threshold
+from service.dataplane import DataPlane
 from service.engine import GateConfig
-from service.errors import AdminDisabled, Forbidden, InvalidInput, Unauthorized
-from service.routes.v2 import read_body
-from service.state import ServiceState
-
-logger = logging.getLogger(__name__)
+from service.errors import InvalidInput
+from service.protocol.types import ErrorResponse
+from service.rest.v2 import plane_of, read_body
 
 
 class GateUpdate(BaseModel):
@@ -45,38 +44,48 @@ class GateUpdate(BaseModel):
     dynamic_weight: DynamicWeight | None = None
 
 
+# The OpenAPI document declares the scheme; the data plane checks the token (the same check as
+# gRPC metadata), from the raw header so that its messages can say what exactly is wrong.
+_bearer = HTTPBearer(auto_error=False, description="GATED_ADMIN_TOKEN")
+
+
+def admin(
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+) -> DataPlane:
+    """Security dependency of every admin route: the data plane, once the token checks out."""
+    plane = plane_of(request)
+    plane.authorize(request.headers.get("authorization"))
+    return plane
+
+
+Admin = Annotated[DataPlane, Depends(admin)]
+_DENIED: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (401, "no Bearer token"), (403, "wrong token, or the admin API is disabled"),
+        (404, "unknown model"), (503, "loading or draining; retry after Retry-After seconds"),
+    )
+}
+
+
 def build_router() -> APIRouter:
-    router = APIRouter(prefix="/admin", tags=["admin"])
+    router = APIRouter(prefix="/admin", tags=["admin"], responses=_DENIED)
     router.add_api_route("/models/{model_name}/gate", get_gate, methods=["GET"])
-    router.add_api_route("/models/{model_name}/gate", put_gate, methods=["PUT"])
+    router.add_api_route(
+        "/models/{model_name}/gate", put_gate, methods=["PUT"],
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/GateUpdate"}}}}},
+        responses={400: {"model": ErrorResponse, "description": "invalid gate update"}},
+    )
     return router
 
 
 def build_repository_router() -> APIRouter:
     """Model repository extension, load and unload: admin calls, same token as ``/admin``."""
-    router = APIRouter(prefix="/v2/repository", tags=["admin"])
+    router = APIRouter(prefix="/v2/repository", tags=["admin"], responses=_DENIED)
     router.add_api_route("/models/{model_name}/load", load_model, methods=["POST"])
     router.add_api_route("/models/{model_name}/unload", unload_model, methods=["POST"])
     return router
-
-
-def _authorize(request: Request) -> ServiceState:
-    state: ServiceState = request.app.state.service
-    token = state.settings.admin_token
-    if token is None:
-        raise AdminDisabled("admin API is disabled: set GATED_ADMIN_TOKEN to enable it")
-    header = request.headers.get("authorization")
-    if header is None:
-        raise Unauthorized("missing Authorization: Bearer <token> header")
-    scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():
-        raise Unauthorized("Authorization header must be 'Bearer <token>'")
-    # Constant time: response timing must not reveal how much of a guess was right.
-    if not hmac.compare_digest(
-        presented.strip().encode(), token.get_secret_value().encode()
-    ):
-        raise Forbidden("invalid admin token")
-    return state
 
 
 def _gate_body(model: str, gate: GateConfig, **extra: object) -> Response:
@@ -91,48 +100,29 @@ def _gate_body(model: str, gate: GateConfig, **extra: object) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-async def get_gate(request: Request, model_name: str) -> Response:
+async def get_gate(plane: Admin, model_name: str) -> Response:
     """The configuration requests without gate parameters currently run under."""
-    state = _authorize(request)
-    runtime = state.model(model_name)
-    return _gate_body(model_name, runtime.gate)
+    return _gate_body(model_name, plane.state.model(model_name).gate)
 
 
-async def put_gate(request: Request, model_name: str) -> Response:
+async def put_gate(request: Request, plane: Admin, model_name: str) -> Response:
     """Switch the runtime gate configuration; answers the new and the previous one."""
-    state = _authorize(request)
-    runtime = state.model(model_name)
-    state.check_ready()
+    plane.state.model(model_name)
+    plane.check_ready()
     try:
         update = GateUpdate.model_validate_json(
-            await read_body(request, state.settings.max_request_bytes)
+            await read_body(request, plane.state.settings.max_request_bytes)
         )
     except ValidationError as err:
         raise InvalidInput(_describe(err)) from None
-    engine = state.engine
-    assert engine is not None  # check_ready passed
-    gate = engine.resolve_gate(
+    gate, previous = plane.set_gate(
         model_name, update.mode, update.keep_ratio, update.threshold, update.dynamic_weight
-    )
-    previous, runtime.gate = runtime.gate, gate
-    if state.metrics is not None:
-        state.metrics.gate_switches.labels(model_name, gate.mode).inc()
-        state.metrics.set_gate(model_name, gate.mode, gate.keep_ratio)
-    logger.info(
-        "model %s: gate switched from %s to %s", model_name, _show(previous), _show(gate)
     )
     return _gate_body(
         model_name,
         gate,
         previous={"mode": previous.mode, "keep_ratio": previous.keep_ratio,
                   "threshold": previous.threshold, "dynamic_weight": previous.dynamic_weight},
-    )
-
-
-def _show(gate: GateConfig) -> str:
-    return (
-        f"{gate.mode}(keep_ratio={gate.keep_ratio}, threshold={gate.threshold}, "
-        f"dynamic_weight={gate.dynamic_weight})"
     )
 
 
@@ -145,30 +135,22 @@ def _describe(err: ValidationError) -> str:
     return "invalid gate update: " + "; ".join(parts) + f" (fields: {fields})"
 
 
-async def load_model(request: Request, model_name: str) -> Response:
+async def load_model(plane: Admin, model_name: str) -> Response:
     """Load ``model_name``'s checkpoint from the repository again and swap it in under load.
 
     Requests already queued or computing finish on the weights they started with; the previous
     weights are released once the last batch using them is done. Loads an unloaded model too.
     """
-    state = _authorize(request)
-    state.check_ready()
-    async with state.repository_lock:
-        runtime = await state.reload(model_name)
-    logger.info("model %s: loaded from the repository", model_name)
+    info = await plane.load(model_name)
     return Response(
-        orjson.dumps({"name": model_name, "version": runtime.info.version, "state": "READY"}),
+        orjson.dumps({"name": model_name, "version": info.version, "state": "READY"}),
         media_type="application/json",
     )
 
 
-async def unload_model(request: Request, model_name: str) -> Response:
+async def unload_model(plane: Admin, model_name: str) -> Response:
     """Stop serving ``model_name`` (then 404); queued requests are still answered first."""
-    state = _authorize(request)
-    state.check_ready()
-    async with state.repository_lock:
-        await state.unload(model_name)
-    logger.info("model %s: unloaded", model_name)
+    await plane.unload(model_name)
     return Response(
         orjson.dumps({"name": model_name, "state": "UNAVAILABLE"}), media_type="application/json"
     )

@@ -1,0 +1,530 @@
+"""The data plane: what a request means, whichever protocol carried it.
+
+REST (``service.rest``) and gRPC (``service.grpc``) are thin front ends: each turns its wire
+format into the objects of ``service.protocol`` (a ``DecodedRequest``: named inputs of any V2
+datatype, requested outputs, parameters), calls one method here, and turns the answer or the
+typed error (``service.errors``, mapped to each protocol's codes in one table) back into its
+wire format. Everything else lives here once: readiness, metadata, the model repository, admin
+authorisation, request limits, validation against the model's contract, gate parameters, the
+batcher and its deadline, cancellation before compute, outcome metrics and tracing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.gate_config import GATE_PARAMETERS
+from service.batcher import Ticket
+from service.engine import OUTPUT_NAME, FloatArray, GateConfig, ItemResult, ModelInfo
+from service.errors import (
+    AdminDisabled,
+    ClientDisconnected,
+    Forbidden,
+    InvalidInput,
+    ModelNotFound,
+    PayloadTooLarge,
+    QueueFull,
+    RequestTimeout,
+    ServerNotReady,
+    ServiceError,
+    Unauthorized,
+    Unavailable,
+)
+from service.protocol.types import (
+    DecodedRequest,
+    ModelMetadata,
+    ParameterValue,
+    RepositoryModel,
+    ServerMetadata,
+    Tensor,
+    TensorMetadata,
+)
+from service.state import ModelRuntime, ServiceState
+from service.tracing import Tracing
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME = "gated-serve"
+EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
+# A bound on the inputs of one request, far above what a model declares, so that a hostile
+# request cannot make the decoder walk thousands of tensors.
+MAX_INPUTS = 16
+# Longest queue timeout a request may ask for with the ``timeout`` parameter.
+MAX_TIMEOUT_S = 3600.0
+
+# Outcome and rejection reason of each error a request can end with (see service.metrics).
+_ACCOUNTING: dict[type[Exception], tuple[str, str | None]] = {
+    InvalidInput: ("invalid", "invalid_input"),
+    PayloadTooLarge: ("invalid", "body_too_large"),
+    ModelNotFound: ("invalid", "unknown_model"),
+    QueueFull: ("rejected", "queue_full"),
+    ServerNotReady: ("rejected", "not_ready"),
+    Unavailable: ("rejected", "not_ready"),
+    RequestTimeout: ("timeout", "timeout"),
+    ClientDisconnected: ("cancelled", "client_disconnected"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request to a model may carry; front ends check these while decoding, before
+    any tensor is allocated."""
+
+    max_inputs: int
+    max_tensor_elements: int
+    max_request_bytes: int
+
+
+@dataclass(slots=True)
+class InferResponse:
+    """A computed answer, before any wire format."""
+
+    model_name: str
+    model_version: str
+    id: str | None
+    outputs: list[Tensor]  # the ones the request asked for (all when it named none)
+    parameters: dict[str, ParameterValue]
+    request: DecodedRequest  # what was asked, for transport options (binary outputs)
+
+
+# A front end's decoder: the wire request -> DecodedRequest, within the limits it is given.
+Decode = Callable[[Limits], Awaitable[DecodedRequest]]
+
+
+class DataPlane:
+    """Every operation of the V2 protocol, over one ``ServiceState``."""
+
+    def __init__(self, state: ServiceState, tracing: Tracing | None = None) -> None:
+        self.state = state
+        self.tracing = tracing if tracing is not None else Tracing()
+
+    # ------------------------------------------------------------------ health and metadata
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        """Every model loaded and warmed up, and not draining."""
+        return self.state.ready
+
+    def check_ready(self) -> None:
+        """Raise ServerNotReady (503 / UNAVAILABLE) while loading or draining."""
+        self.state.check_ready()
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        """Whether ``name`` serves now; raises ModelNotFound for a model that does not exist."""
+        self.state.model(name, version or None)
+        return self.state.ready
+
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata(name=SERVER_NAME, version=self.state.version, extensions=EXTENSIONS)
+
+    def model_info(self, name: str, version: str | None = None) -> ModelInfo:
+        return self.state.model(name, version or None).info
+
+    def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
+        info = self.model_info(name, version)
+        return ModelMetadata(
+            name=info.name,
+            versions=[info.version],
+            platform=info.platform,
+            inputs=[
+                TensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
+                for t in info.contract.inputs
+            ],
+            outputs=[
+                TensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
+                for t in info.contract.outputs
+            ],
+        )
+
+    def repository_index(self, ready_only: bool = False) -> list[RepositoryModel]:
+        """Every model with its state; ``ready_only`` keeps the ones that serve now."""
+        serving = self.state.ready
+        if ready_only and not serving:
+            return []
+        return [
+            RepositoryModel(
+                name=runtime.info.name,
+                version=runtime.info.version,
+                state="READY" if serving else "UNAVAILABLE",
+                reason="" if serving else "server is loading or shutting down",
+            )
+            for runtime in self.state.models.values()
+        ]
+
+    # ------------------------------------------------------------------ admin
+
+    def authorize(self, credentials: str | None) -> None:
+        """Check an admin call's bearer token (the value of an ``authorization`` header or
+        gRPC metadata entry); raises AdminDisabled, Unauthorized or Forbidden."""
+        try:
+            self._check_token(credentials)
+        except Unauthorized:
+            self._account(None, "invalid", "unauthorized", "")
+            raise
+        except Forbidden:
+            self._account(None, "invalid", "forbidden", "")
+            raise
+
+    def _check_token(self, credentials: str | None) -> None:
+        token = self.state.settings.admin_token
+        if token is None:
+            raise AdminDisabled("admin API is disabled: set GATED_ADMIN_TOKEN to enable it")
+        if credentials is None:
+            raise Unauthorized("missing Authorization: Bearer <token> header")
+        scheme, _, presented = credentials.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            raise Unauthorized("Authorization header must be 'Bearer <token>'")
+        # Constant time: response timing must not reveal how much of a guess was right.
+        if not hmac.compare_digest(
+            presented.strip().encode(), token.get_secret_value().encode()
+        ):
+            raise Forbidden("invalid admin token")
+
+    async def load(self, name: str) -> ModelInfo:
+        """Load ``name`` from the repository again (or for the first time) and serve it."""
+        state = self.state
+        state.check_ready()
+        async with state.repository_lock:
+            runtime = await state.reload(name)
+        logger.info("model %s: loaded from the repository", name)
+        return runtime.info
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name`` (then 404); queued requests are still answered first."""
+        state = self.state
+        state.check_ready()
+        async with state.repository_lock:
+            await state.unload(name)
+        logger.info("model %s: unloaded", name)
+
+    def set_gate(
+        self,
+        name: str,
+        mode: str,
+        keep_ratio: float | None,
+        threshold: float | None,
+        dynamic_weight: float | None,
+    ) -> tuple[GateConfig, GateConfig]:
+        """Switch ``name``'s runtime gate configuration; returns (new, previous)."""
+        state = self.state
+        runtime = state.model(name)
+        state.check_ready()
+        engine = state.engine
+        assert engine is not None  # check_ready passed
+        gate = engine.resolve_gate(name, mode, keep_ratio, threshold, dynamic_weight)
+        previous, runtime.gate = runtime.gate, gate
+        if state.metrics is not None:
+            state.metrics.gate_switches.labels(name, gate.mode).inc()
+            state.metrics.set_gate(name, gate.mode, gate.keep_ratio)
+        logger.info("model %s: gate switched from %s to %s", name, _show(previous), _show(gate))
+        return gate, previous
+
+    # ------------------------------------------------------------------ inference
+
+    def limits(self, runtime: ModelRuntime) -> Limits:
+        settings = self.state.settings
+        info = runtime.info
+        return Limits(
+            max_inputs=MAX_INPUTS,
+            max_tensor_elements=settings.max_request_rows * info.max_length * info.in_channels,
+            max_request_bytes=settings.max_request_bytes,
+        )
+
+    async def infer(
+        self,
+        model: str,
+        version: str | None,
+        decode: Decode,
+        *,
+        protocol: str,
+        trace_carrier: Mapping[str, str] | None = None,
+        deadline_s: float | None = None,
+        disconnected: Callable[[], Awaitable[None]] | None = None,
+    ) -> InferResponse:
+        """Run one inference request.
+
+        ``decode`` reads the request within the model's limits. ``deadline_s``: seconds the
+        transport still allows (a gRPC deadline), on top of the ``timeout`` parameter.
+        ``disconnected`` resolves when the client goes away (REST); a cancelled call (gRPC)
+        is dropped alike: before compute, it never reaches the model.
+        """
+        state = self.state
+        start = time.monotonic()
+        runtime: ModelRuntime | None = None
+        request_id: str | None = None
+        tracing = self.tracing
+        span = (
+            tracing.start_request(trace_carrier, model, protocol) if tracing.enabled else None
+        )
+        ticket_gate: GateConfig | None = None
+        timing = None
+        enqueued_ns: int | None = None
+        result: ItemResult | None = None
+        try:
+            runtime = state.model(model, version or None)
+            runtime.inflight += 1
+            try:
+                state.check_ready()
+                decoded = await decode(self.limits(runtime))
+                request_id = decoded.id
+                settings = state.settings
+                array = _model_input(
+                    decoded, runtime.info, settings.max_request_rows, settings.allow_non_finite
+                )
+                ticket_gate, timeout_s = self._request_options(runtime, decoded.parameters)
+                if deadline_s is not None:
+                    timeout_s = min(timeout_s, max(deadline_s, 0.0))
+                batcher = runtime.batcher
+                if batcher is None:
+                    result = await self._compute_now(runtime, ticket_gate, array)
+                else:
+                    ticket = batcher.submit(ticket_gate, array, timeout_s, request_id, span)
+                    enqueued_ns = ticket.enqueued_ns
+                    try:
+                        result = await _await_ticket(ticket, disconnected)
+                    finally:
+                        timing = ticket.batch
+                response = _response(runtime.info, decoded, ticket_gate, result,
+                                     settings.allow_non_finite)
+            finally:
+                runtime.inflight -= 1
+        except BaseException as err:
+            if span is not None:
+                tracing.finish_request(
+                    span, model=model, gate_mode=ticket_gate.mode if ticket_gate else None,
+                    enqueued_ns=enqueued_ns, batch=timing, flops_ratio=None, error=err,
+                )
+            if isinstance(err, asyncio.CancelledError):
+                self._account(runtime, "cancelled", "client_disconnected", protocol)
+                raise
+            if not isinstance(err, Exception):
+                raise
+            self._account_failure(runtime, err, request_id, protocol)
+            if isinstance(err, (ServiceError, InvalidInput)):
+                raise
+            logger.exception("request %s to model %s failed", request_id, model)
+            raise ServiceError("internal error") from None
+        if span is not None:
+            tracing.finish_request(
+                span, model=model, gate_mode=ticket_gate.mode, enqueued_ns=enqueued_ns,
+                batch=timing, flops_ratio=result.flops_ratio, error=None,
+            )
+        metrics = state.metrics
+        if metrics is not None:
+            name = runtime.info.name
+            metrics.requests.labels(name, "success", protocol).inc()
+            metrics.request_seconds.labels(name).observe(time.monotonic() - start)
+            mode = ticket_gate.mode
+            metrics.active_channel_ratio.labels(name, mode).observe(result.active_channel_ratio)
+            metrics.flops_ratio.labels(name, mode).observe(result.flops_ratio)
+            for layer, ratio in zip(runtime.info.layers, result.layer_active_ratios, strict=True):
+                metrics.layer_active_ratio.labels(name, layer).observe(ratio)
+        return response
+
+    async def _compute_now(
+        self, runtime: ModelRuntime, gate: GateConfig, array: FloatArray
+    ) -> ItemResult:
+        """Batching off: one forward per request on the compute thread."""
+        engine = self.state.engine
+        assert engine is not None  # check_ready passed
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(
+            engine.executor, engine.infer, runtime.info.name, gate, [array]
+        )
+        return results[0]
+
+    def _request_options(
+        self, runtime: ModelRuntime, params: dict[str, ParameterValue]
+    ) -> tuple[GateConfig, float]:
+        """Gate configuration and queue timeout of one request (V2 ``parameters``).
+
+        No gate parameter: the model's runtime configuration. ``gate_mode`` equal to the
+        runtime mode keeps the runtime knobs; another mode starts from the model's defaults for
+        that mode. ``keep_ratio`` or ``threshold`` then replace the keep policy. ``timeout`` is
+        in microseconds, as Triton and its clients define it.
+        """
+        timeout_s = self.state.settings.request_timeout_s
+        raw_timeout = params.get("timeout")
+        if raw_timeout is not None:
+            if isinstance(raw_timeout, bool) or not isinstance(raw_timeout, (int, float)) or not (
+                raw_timeout > 0
+            ):
+                raise InvalidInput(
+                    "parameter 'timeout' must be a positive number of microseconds, "
+                    f"got {raw_timeout!r}"
+                )
+            timeout_s = min(float(raw_timeout) / 1e6, MAX_TIMEOUT_S)
+        if not any(p in params for p in GATE_PARAMETERS):
+            return runtime.gate, timeout_s
+
+        # The engine validates every knob against models.GateSettings, the one place the bounds
+        # live: its errors name the parameter, the value and the allowed range.
+        base = runtime.gate
+        mode = params.get("gate_mode", base.mode)
+        if mode != base.mode:
+            base = GateConfig(str(mode))
+        keep_ratio = params.get("keep_ratio")
+        threshold = params.get("threshold")
+        weight = params.get("dynamic_weight")
+        if keep_ratio is None and threshold is None:
+            keep_ratio, threshold = base.keep_ratio, base.threshold
+        if weight is None:
+            weight = base.dynamic_weight
+        engine = self.state.engine
+        assert engine is not None  # check_ready passed
+        gate = engine.resolve_gate(runtime.info.name, str(mode), keep_ratio, threshold, weight)
+        return gate, timeout_s
+
+    # ------------------------------------------------------------------ accounting
+
+    def _account(
+        self, runtime: ModelRuntime | None, outcome: str, reason: str | None, protocol: str
+    ) -> None:
+        metrics = self.state.metrics
+        if metrics is None:
+            return
+        if reason is not None:
+            metrics.rejected.labels(reason).inc()
+        if runtime is not None:
+            metrics.requests.labels(runtime.info.name, outcome, protocol).inc()
+
+    def _account_failure(
+        self,
+        runtime: ModelRuntime | None,
+        err: Exception,
+        request_id: str | None,
+        protocol: str,
+    ) -> None:
+        outcome, reason = "error", None
+        for kind in type(err).__mro__:
+            if kind in _ACCOUNTING:
+                outcome, reason = _ACCOUNTING[kind]
+                break
+        self._account(runtime, outcome, reason, protocol)
+        if outcome in ("timeout", "error") and isinstance(err, ServiceError):
+            logger.warning("request %s: %s", request_id, err.message)
+
+
+
+async def _await_ticket(
+    ticket: Ticket, disconnected: Callable[[], Awaitable[None]] | None
+) -> ItemResult:
+    if disconnected is None:
+        try:
+            return await ticket.future
+        except asyncio.CancelledError:
+            ticket.abandon()  # the caller gave up (a cancelled gRPC call): skip compute
+            raise
+    # While queued, watch the connection: a client that gives up should not cost a forward.
+    watcher = asyncio.ensure_future(disconnected())
+    watcher.add_done_callback(lambda task: None if task.cancelled() else ticket.abandon())
+    try:
+        return await ticket.future
+    except asyncio.CancelledError:
+        ticket.abandon()  # the server gave up on this request (forced shutdown): skip compute
+        raise
+    finally:
+        watcher.cancel()
+
+
+def _model_input(
+    decoded: DecodedRequest, info: ModelInfo, max_rows: int, allow_non_finite: bool
+) -> FloatArray:
+    """The request's tensor as (rows, T, C) float32, validated against the model's contract."""
+    contract = info.contract
+    expected = contract.inputs[0]
+    name = expected.name
+    given = {t.name: t for t in decoded.inputs}
+    unknown = [t.name for t in decoded.inputs if t.name not in {s.name for s in contract.inputs}]
+    if unknown or name not in given:
+        names = ", ".join(repr(t.name) for t in decoded.inputs) or "none"
+        raise InvalidInput(
+            f"model {info.name!r} takes exactly one input named {name!r}; got {names}"
+        )
+    produced = {s.name for s in contract.outputs}
+    for out in decoded.outputs:
+        if out.name not in produced:
+            raise InvalidInput(
+                f"unknown output {out.name!r}; model {info.name!r} produces "
+                + ", ".join(repr(n) for n in sorted(produced))
+            )
+    tensor = given[name]
+    array = tensor.array
+    if tensor.datatype != expected.datatype:
+        raise InvalidInput(f"input {name!r} must be {expected.datatype}, got {tensor.datatype}")
+    channels = info.in_channels
+    if array.ndim == 2 and channels == 1:
+        array = array.reshape(array.shape[0], array.shape[1], 1)
+    if array.ndim != 3 or array.shape[2] != channels:
+        allowed = f"[batch, T, {channels}]" + (" or [batch, T]" if channels == 1 else "")
+        raise InvalidInput(
+            f"input {name!r} must have shape {allowed}, got {list(tensor.array.shape)}"
+        )
+    rows, length = array.shape[0], array.shape[1]
+    if rows < 1 or length < 1:
+        raise InvalidInput(f"input {name!r} is empty: shape {list(tensor.array.shape)}")
+    if rows > max_rows:
+        raise InvalidInput(
+            f"input {name!r} has batch size {rows}; the limit per request is {max_rows}"
+        )
+    if length > info.max_length:
+        raise InvalidInput(
+            f"input {name!r} has sequence length {length}; model {info.name!r} accepts "
+            f"at most {info.max_length}"
+        )
+    # Any NaN or Inf makes the float64 sum non-finite: one pass, no temporary mask.
+    if not allow_non_finite and not math.isfinite(float(np.sum(array, dtype=np.float64))):
+        raise InvalidInput(f"input {name!r} contains NaN or infinite values")
+    result: FloatArray = array
+    return result
+
+
+def _response(
+    info: ModelInfo,
+    decoded: DecodedRequest,
+    gate: GateConfig,
+    result: ItemResult,
+    allow_non_finite: bool,
+) -> InferResponse:
+    parameters: dict[str, ParameterValue] = {"gate_mode": gate.mode}
+    if gate.keep_ratio is not None:
+        parameters["keep_ratio"] = gate.keep_ratio
+    elif gate.threshold is not None:
+        parameters["threshold"] = gate.threshold
+    else:
+        parameters["keep_ratio"] = 1.0  # no keep policy: every open channel runs
+    if gate.dynamic_weight is not None:
+        parameters["dynamic_weight"] = gate.dynamic_weight
+    if not allow_non_finite and not np.isfinite(result.logits).all():
+        # Finite but huge inputs can overflow float32 inside the network; JSON would carry the
+        # result as nulls. The client has to scale its input.
+        raise InvalidInput("input values too large: the model's outputs are not finite")
+    parameters["active_channel_ratio"] = result.active_channel_ratio
+    parameters["flops_ratio"] = result.flops_ratio
+    outputs = [Tensor(OUTPUT_NAME, result.logits)]
+    wanted = {o.name for o in decoded.outputs}
+    return InferResponse(
+        model_name=info.name,
+        model_version=info.version,
+        id=decoded.id,
+        outputs=[t for t in outputs if not wanted or t.name in wanted],
+        parameters=parameters,
+        request=decoded,
+    )
+
+
+def _show(gate: GateConfig) -> str:
+    return (
+        f"{gate.mode}(keep_ratio={gate.keep_ratio}, threshold={gate.threshold}, "
+        f"dynamic_weight={gate.dynamic_weight})"
+    )

@@ -1,0 +1,228 @@
+"""Open Inference Protocol (V2, KServe / Triton) over REST: a thin front end of the data plane.
+
+Handlers translate between HTTP and ``service.dataplane``: the wire format is
+``service.protocol``'s, everything a request means is the data plane's. Handlers raise the typed
+errors of ``service.errors``; ``service.rest.errors`` turns them into responses.
+
+The inference route is a FastAPI route, so the OpenAPI document declares its request and
+response schemas (the pydantic types of ``service.protocol.types``), but its handler reads the
+raw body itself (``FastBodyRoute``): no pydantic on tensors and no dependency solving per
+request, because on a small model the HTTP handling costs more than the forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
+
+from service.dataplane import DataPlane, InferResponse, Limits
+from service.errors import InvalidInput, PayloadTooLarge
+from service.protocol.codec import decode_request, encode_response, parse_header_length
+from service.protocol.types import (
+    DecodedRequest,
+    ErrorResponse,
+    InferenceResponse,
+    ModelMetadata,
+    RepositoryIndex,
+    RepositoryIndexRequest,
+    ServerMetadata,
+)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+JSON = "application/json"
+OCTET_STREAM = "application/octet-stream"
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "invalid request: the message names the field and what was expected"),
+        (404, "unknown model or version"),
+        (413, "body over the size limit"),
+        (503, "loading, draining or queue full; retry after Retry-After seconds"),
+        (504, "the request's deadline passed while it was queued"),
+    )
+}
+# The request body as the protocol defines it; the JSON schema of InferenceRequest is added
+# to the document's components by ``service.rest.openapi``.
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON: {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
+            OCTET_STREAM: {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": (
+                        "binary tensor extension: the JSON header (its length in the "
+                        "Inference-Header-Content-Length header), then the raw tensors"
+                    ),
+                }
+            },
+        },
+    }
+}
+
+
+class FastBodyRoute(APIRoute):
+    """A documented route whose endpoint takes the ``Request`` and returns a ``Response``
+    itself: FastAPI keeps the OpenAPI operation but solves no dependencies per request."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint = self.endpoint
+
+        async def handler(request: Request) -> Response:
+            response: Response = await endpoint(request)
+            return response
+
+        return handler
+
+
+def build_router() -> APIRouter:
+    """The V2 router; mounted by ``create_app``."""
+    router = APIRouter(prefix="/v2", tags=["v2"])
+    for path in ("/models/{model_name}/infer",
+                 "/models/{model_name}/versions/{model_version}/infer"):
+        router.add_api_route(
+            path, infer, methods=["POST"], route_class_override=FastBodyRoute,
+            response_model=InferenceResponse, responses=_ERRORS, openapi_extra=_INFER_BODY,
+            summary="Inference", operation_id=f"infer{'_version' if 'versions' in path else ''}",
+        )
+    router.add_api_route("/health/live", live, methods=["GET"])
+    router.add_api_route("/health/ready", ready, methods=["GET"], responses={503: _ERRORS[503]})
+    router.add_api_route("", server_metadata, methods=["GET"], response_model=ServerMetadata)
+    for suffix in ("", "/versions/{model_version}"):
+        router.add_api_route(
+            f"/models/{{model_name}}{suffix}", model_metadata, methods=["GET"],
+            response_model=ModelMetadata, responses={404: _ERRORS[404]},
+        )
+        router.add_api_route(
+            f"/models/{{model_name}}{suffix}/ready", model_ready, methods=["GET"],
+            responses={404: _ERRORS[404], 503: _ERRORS[503]},
+        )
+    router.add_api_route(
+        "/repository/index", repository_index, methods=["POST"], response_model=RepositoryIndex,
+        responses={400: _ERRORS[400]},
+    )
+    return router
+
+
+def plane_of(request: Request) -> DataPlane:
+    plane: DataPlane = request.app.state.plane
+    return plane
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type=JSON)
+
+
+# ---------------------------------------------------------------------- health and metadata
+
+
+async def live() -> Response:
+    """Liveness: the process answers HTTP."""
+    return _json({"live": True})
+
+
+async def ready(request: Request) -> Response:
+    """Readiness: every model loaded and warmed up, and not shutting down (else 503)."""
+    plane_of(request).check_ready()
+    return _json({"ready": True})
+
+
+async def server_metadata(request: Request) -> Response:
+    return _json(plane_of(request).server_metadata().model_dump())
+
+
+async def model_metadata(
+    request: Request, model_name: str, model_version: str | None = None
+) -> Response:
+    meta = plane_of(request).model_metadata(model_name, model_version)
+    return _json(meta.model_dump(exclude_none=True))
+
+
+async def model_ready(
+    request: Request, model_name: str, model_version: str | None = None
+) -> Response:
+    plane = plane_of(request)
+    plane.model_ready(model_name, model_version)
+    plane.check_ready()
+    return _json({"name": model_name, "ready": True})
+
+
+async def repository_index(request: Request) -> Response:
+    """Model repository extension: every model with its state; ``{"ready": true}`` filters."""
+    plane = plane_of(request)
+    body = await read_body(request, plane.state.settings.max_request_bytes)
+    try:
+        query = RepositoryIndexRequest.model_validate_json(body) if body.strip() else None
+    except ValueError:
+        raise InvalidInput('repository index body must be {} or {"ready": true|false}') from None
+    entries = plane.repository_index(query is not None and query.ready)
+    return _json([entry.model_dump() for entry in entries])
+
+
+# ---------------------------------------------------------------------- inference
+
+
+async def infer(request: Request) -> Response:
+    """V2 inference: JSON or binary tensors in, outputs plus gate and sparsity parameters out."""
+    plane = plane_of(request)
+    params = request.path_params
+
+    async def decode(limits: Limits) -> DecodedRequest:
+        body = await read_body(request, limits.max_request_bytes)
+        return decode_request(
+            body,
+            parse_header_length(request.headers.get(HEADER_LENGTH)),
+            max_inputs=limits.max_inputs,
+            max_tensor_elements=limits.max_tensor_elements,
+        )
+
+    async def disconnected() -> None:
+        # The body has been read, so the next ASGI message can only be the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    tracing = plane.tracing.enabled
+    result = await plane.infer(
+        params["model_name"], params.get("model_version"), decode, protocol="rest",
+        trace_carrier=request.headers if tracing else None, disconnected=disconnected,
+    )
+    return _encode(result)
+
+
+def _encode(result: InferResponse) -> Response:
+    body, header_length = encode_response(
+        model_name=result.model_name,
+        model_version=result.model_version,
+        request_id=result.id,
+        outputs=result.outputs,
+        parameters=result.parameters,
+        binary=result.request.binary_output_names(t.name for t in result.outputs),
+    )
+    if header_length is None:
+        return Response(body, media_type=JSON)
+    return Response(body, media_type=OCTET_STREAM, headers={HEADER_LENGTH: str(header_length)})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes before and while reading (413)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdecimal():
+            raise InvalidInput(f"Content-Length must be a non-negative integer, got {declared!r}")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit} limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the {limit} bytes limit")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
