@@ -32,6 +32,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     GATED_HOST=0.0.0.0 \
     GATED_PORT=8000 \
+    GATED_GRPC_PORT=8001 \
     GATED_MODEL_REPOSITORY=/models
 # A fixed numeric uid so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gated
@@ -41,7 +42,8 @@ COPY --from=build /opt/venv /opt/venv
 COPY models/pretrained/ /models/
 USER 10001
 WORKDIR /tmp
-EXPOSE 8000
+# REST (V2 HTTP/JSON) on 8000, gRPC (inference.GRPCInferenceService) on 8001.
+EXPOSE 8000 8001
 # slim has no curl; the readiness endpoint answers 503 while loading and while draining.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('GATED_PORT', '8000'), timeout=2).status == 200 else 1)"]

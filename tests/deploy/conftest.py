@@ -8,6 +8,8 @@ one of them, so a missing tool there is a broken pipeline, not a reason to skip.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import sys
 from collections.abc import Iterator
@@ -20,6 +22,47 @@ from tests.integration.conftest import Server, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs of the Dockerfile, continuation lines joined, comments
+    dropped."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    pairs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            pairs.append((keyword.upper(), rest.strip()))
+    return pairs
+
+
+def dockerfile_stage(name: str) -> list[tuple[str, str]]:
+    """The instructions of the stage ``FROM ... AS name``."""
+    stage: list[tuple[str, str]] = []
+    current = None
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "FROM":
+            current = rest.split()[-1]
+        elif current == name:
+            stage.append((keyword, rest))
+    return stage
+
+
+def image_env() -> dict[str, str]:
+    """The environment the image's runtime stage sets with ENV (key=value form)."""
+    env: dict[str, str] = {}
+    for keyword, rest in dockerfile_stage("runtime"):
+        if keyword == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(rest))
+    return env
+
+
+def image_exposed_ports() -> set[int]:
+    """The ports the image's runtime stage declares with EXPOSE."""
+    return {int(port.split("/")[0]) for keyword, rest in dockerfile_stage("runtime")
+            if keyword == "EXPOSE" for port in rest.split()}
 
 
 def require_tool(name: str) -> str:

@@ -1,4 +1,4 @@
-"""The Dockerfile: hadolint, the promises of the issue, and its install commands run for real.
+"""The Dockerfile: hadolint, what the image promises, and its install commands run for real.
 
 No container engine can run the image on the test machines, so the install test repeats the
 build stage's commands (same venv and pip commands, same copied files) in a fresh venv, then
@@ -9,41 +9,25 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.deploy.conftest import ROOT, infer_once, require_tool
+from tests.deploy.conftest import (
+    DOCKERFILE,
+    ROOT,
+    dockerfile_instructions,
+    dockerfile_stage,
+    image_env,
+    image_exposed_ports,
+    infer_once,
+    require_tool,
+)
 from tests.integration.conftest import Server, free_port, wait_until_ready
 
-DOCKERFILE = ROOT / "Dockerfile"
 INSTALL_TIMEOUT_S = 300
-
-
-def _instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
-    pairs = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            keyword, _, rest = line.partition(" ")
-            pairs.append((keyword.upper(), rest.strip()))
-    return pairs
-
-
-def _stage(name: str) -> list[tuple[str, str]]:
-    stage: list[tuple[str, str]] = []
-    current = None
-    for keyword, rest in _instructions():
-        if keyword == "FROM":
-            current = rest.split()[-1]
-        elif current == name:
-            stage.append((keyword, rest))
-    return stage
 
 
 def test_hadolint_clean() -> None:
@@ -55,28 +39,32 @@ def test_hadolint_clean() -> None:
 
 
 def test_image_promises() -> None:
-    instructions = _instructions()
+    instructions = dockerfile_instructions()
     args = dict(rest.split("=", 1) for k, rest in instructions if k == "ARG" and "=" in rest)
     assert args["BASE_IMAGE"] == "python:3.11-slim"
     assert [rest for k, rest in instructions if k == "FROM"] == [
         "${BASE_IMAGE} AS build", "${BASE_IMAGE} AS runtime"]
-    runtime = _stage("runtime")
+    runtime = dockerfile_stage("runtime")
     env = " ".join(rest for k, rest in runtime if k == "ENV")
     assert "GATED_HOST=0.0.0.0" in env and "GATED_MODEL_REPOSITORY=/models" in env
     (user,) = [rest for k, rest in runtime if k == "USER"]
     assert user not in ("root", "0")
-    assert ("EXPOSE", "8000") in runtime
+    # REST and gRPC, each on the port the image's own environment gives the server.
+    assert image_exposed_ports() == {8000, 8001}
+    assert image_env()["GATED_PORT"] == "8000"
+    assert image_env()["GATED_GRPC_PORT"] == "8001"
     (entrypoint,) = [rest for k, rest in runtime if k == "ENTRYPOINT"]
     assert json.loads(entrypoint) == ["gated", "serve"]
     assert any(k == "COPY" and rest.endswith("models/pretrained/ /models/") for k, rest in runtime)
     (healthcheck,) = [rest for k, rest in runtime if k == "HEALTHCHECK"]
     assert "/v2/health/ready" in healthcheck
-    installs = [rest for k, rest in _stage("build") if k == "RUN" and "pip install" in rest]
+    build = dockerfile_stage("build")
+    installs = [rest for k, rest in build if k == "RUN" and "pip install" in rest]
     assert installs[0].endswith("pip install torch==2.13.0")
 
 
 def test_build_stage_installs_and_serves(tmp_path: Path) -> None:
-    build = _stage("build")
+    build = dockerfile_stage("build")
     # The build context as COPY lays it out under WORKDIR, minus .dockerignore's exclusions.
     source = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "runs")
@@ -109,6 +97,8 @@ def test_build_stage_installs_and_serves(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "models" / "pretrained", models, ignore=ignore)
     port = free_port()
     env.update(GATED_HOST="127.0.0.1", GATED_PORT=str(port), GATED_MODEL_REPOSITORY=str(models))
+    # A free port for gRPC too: the image's 8001 may be taken on a test machine.
+    env["GATED_GRPC_PORT"] = str(free_port())
     log = tmp_path / "server.log"
     # Started from a directory outside the repository, so only the installed package is used.
     with log.open("wb") as sink:
@@ -120,7 +110,8 @@ def test_build_stage_installs_and_serves(tmp_path: Path) -> None:
     try:
         wait_until_ready(server)
         infer_once(server)
-        (healthcheck,) = [rest for k, rest in _stage("runtime") if k == "HEALTHCHECK"]
+        runtime = dockerfile_stage("runtime")
+        (healthcheck,) = [rest for k, rest in runtime if k == "HEALTHCHECK"]
         probe = json.loads(healthcheck.split(" CMD ", 1)[1])
         assert probe[0] == "python"
         checked = subprocess.run(

@@ -1,5 +1,5 @@
 """deploy/grafana and deploy/compose.yaml: the dashboard queries only metrics the server exposes,
-and the local stack mounts files that exist."""
+and the local stack mounts files that exist and publishes the server's REST and gRPC ports."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tests.deploy.conftest import DEPLOY, metric_samples
+from tests.deploy.conftest import DEPLOY, image_env, image_exposed_ports, metric_samples
 from tests.deploy.kustomize import render
 from tests.integration.conftest import Server
 
@@ -41,7 +41,7 @@ def test_dashboard_is_well_formed() -> None:
         assert {t["datasource"]["uid"] for t in panel["targets"]} <= uids
 
 
-def test_dashboard_covers_the_issue_panels() -> None:
+def test_dashboard_covers_the_required_panels() -> None:
     used = {m for q in _queries(_dashboard()) for m in METRIC.findall(q)}
     for family in ("gated_requests_total", "gated_request_duration_seconds_bucket",
                    "gated_compute_duration_seconds_bucket", "gated_queue_depth",
@@ -75,3 +75,13 @@ def test_compose_mounts_existing_files() -> None:
             assert (DEPLOY / volume.split(":")[0]).exists(), volume
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["gated-serve:8000"]
+
+
+def test_compose_publishes_rest_and_grpc() -> None:
+    server = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["gated-serve"]
+    assert server["ports"] == ["8000:8000", "8001:8001"]
+    # The container side of each mapping is a port the image exposes and the server binds.
+    published = {int(mapping.rsplit(":", 1)[1]) for mapping in server["ports"]}
+    assert published == image_exposed_ports()
+    env = image_env() | {k: str(v) for k, v in server.get("environment", {}).items()}
+    assert {int(env["GATED_PORT"]), int(env["GATED_GRPC_PORT"])} == published

@@ -4,6 +4,7 @@ built-in kinds and by the trimmed CRD schemas in deploy/schemas for custom resou
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,8 +14,8 @@ import jsonschema
 import pytest
 import yaml
 
-from service.settings import ENV_PREFIX, Settings
-from tests.deploy.conftest import DEPLOY, require_tool
+from service.settings import ENV_PREFIX, Settings, load_settings
+from tests.deploy.conftest import DEPLOY, image_env, require_tool
 from tests.deploy.kustomize import KustomizeError, apply_operation, render
 
 OVERLAYS = ("cpu", "gpu")
@@ -26,6 +27,12 @@ SCHEMAS = {
     ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservice.schema.json",
 }
 SETTINGS_ENV = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+GRPC_PORT_ENV = f"{ENV_PREFIX}GRPC_PORT"
+# The manifests may name the gRPC port setting before service/settings.py has it (the server
+# ignores unknown GATED_* variables); test_grpc_port_is_a_server_setting checks it against
+# Settings as soon as Settings has a gRPC field.
+MANIFEST_ENV = SETTINGS_ENV | {GRPC_PORT_ENV}
+REST_RUNTIME, GRPC_RUNTIME = "gated-serve", "gated-serve-grpc"
 
 
 def _overlay(name: str) -> list[dict[str, Any]]:
@@ -39,6 +46,22 @@ def _kserve() -> list[dict[str, Any]]:
 def _by_kind(documents: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     (found,) = [d for d in documents if d["kind"] == kind]
     return found
+
+
+def _named(documents: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for d in documents if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    """The container's literal ``env`` values (secret references left out)."""
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def _target(port: dict[str, Any], container_ports: dict[str, int]) -> int:
+    """The container port number a Service port's targetPort (a name or a number) selects."""
+    target = port["targetPort"]
+    return container_ports[target] if isinstance(target, str) else int(target)
 
 
 def _is_custom(document: dict[str, Any]) -> bool:
@@ -116,11 +139,24 @@ def test_every_kind_is_validated() -> None:
 
 
 def test_crd_schemas_reject_a_misspelt_field() -> None:
-    document = _by_kind(_kserve(), "InferenceService")
+    document = _named(_kserve(), "InferenceService", "mnist1d-conv")
     document["spec"]["predictor"]["model"]["storageURI"] = "s3://typo"
     schema = json.loads((DEPLOY / "schemas" / "inferenceservice.schema.json").read_text())
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(document, schema)
+
+
+def test_crd_schemas_reject_an_unknown_protocol() -> None:
+    runtime = _named(_kserve(), "ServingRuntime", GRPC_RUNTIME)
+    runtime["spec"]["protocolVersions"] = ["grpc"]
+    schema = json.loads((DEPLOY / "schemas" / "servingruntime.schema.json").read_text())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(runtime, schema)
+    service = _named(_kserve(), "InferenceService", "mnist1d-conv-grpc")
+    service["spec"]["predictor"]["model"]["protocolVersion"] = "grpc-v3"
+    schema = json.loads((DEPLOY / "schemas" / "inferenceservice.schema.json").read_text())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(service, schema)
 
 
 # --- what the manifests promise about the service -------------------------------------------
@@ -131,7 +167,7 @@ def test_deployment_drains_and_is_locked_down(overlay: str) -> None:
     config = _by_kind(documents, "ConfigMap")["data"]
     pod = _by_kind(documents, "Deployment")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert set(config) <= SETTINGS_ENV
+    assert set(config) <= MANIFEST_ENV
     drain_s = float(config.get("GATED_DRAIN_TIMEOUT_S", Settings.model_fields[
         "drain_timeout_s"].default))
     pre_stop_s = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
@@ -175,19 +211,112 @@ def test_service_monitor_and_hpa_point_at_the_deployment() -> None:
         "metadata"]["name"]
 
 
-def test_kserve_runtime_serves_v2_from_mnt_models() -> None:
-    documents = _kserve()
-    runtime = _by_kind(documents, "ServingRuntime")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_deployment_and_service_expose_rest_and_grpc(overlay: str) -> None:
+    documents = _overlay(overlay)
+    (container,) = _by_kind(documents, "Deployment")["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001}
+    assert {p["protocol"] for p in container["ports"]} == {"TCP"}
+    # The server listens where the container says: the image's ENV, overridden by the
+    # ConfigMap (envFrom), overridden by the container's own env.
+    env = image_env() | _by_kind(documents, "ConfigMap")["data"] | _env(container)
+    assert int(env["GATED_PORT"]) == ports["http"]
+    assert int(env[GRPC_PORT_ENV]) == ports["grpc"]
+    service = {p["name"]: p for p in _by_kind(documents, "Service")["spec"]["ports"]}
+    assert set(service) == {"http", "grpc"}
+    assert service["http"]["port"] == _target(service["http"], ports) == 8000
+    grpc = service["grpc"]
+    assert grpc["port"] == _target(grpc, ports) == 8001
+    assert grpc["protocol"] == "TCP"
+    # Istio picks the protocol from appProtocol or from a `<protocol>[-<suffix>]` port name.
+    assert grpc["appProtocol"] == "grpc"
+    assert re.fullmatch(r"grpc(-[a-z0-9-]+)?", grpc["name"])
+    # Health stays on REST, the source of truth; gRPC Health reports the same state.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "http"
+
+
+def test_grpc_port_is_a_server_setting() -> None:
+    grpc_fields = [name for name in Settings.model_fields if "grpc" in name]
+    if not grpc_fields:
+        pytest.skip("service/settings.py has no gRPC setting yet")
+    assert GRPC_PORT_ENV in SETTINGS_ENV, grpc_fields
+    assert Settings.model_fields["grpc_port"].default == int(image_env()[GRPC_PORT_ENV]) == 8001
+    assert load_settings(grpc_port=0).grpc_port == 0  # the REST-only KServe runtime's value
+
+
+def test_kserve_has_a_rest_and_a_grpc_variant() -> None:
+    assert {(d["kind"], d["metadata"]["name"]) for d in _kserve()} == {
+        ("ServingRuntime", REST_RUNTIME), ("ServingRuntime", GRPC_RUNTIME),
+        ("InferenceService", "mnist1d-conv"), ("InferenceService", "mnist1d-conv-grpc")}
+
+
+@pytest.mark.parametrize("name", [REST_RUNTIME, GRPC_RUNTIME])
+def test_kserve_runtimes_serve_from_mnt_models_on_one_port(name: str) -> None:
+    runtime = _named(_kserve(), "ServingRuntime", name)
     (container,) = runtime["spec"]["containers"]
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert set(env) <= SETTINGS_ENV
+    env = _env(container)
+    assert set(env) <= MANIFEST_ENV
     assert env["GATED_MODEL_REPOSITORY"] == "/mnt/models"
-    assert int(env["GATED_PORT"]) == container["ports"][0]["containerPort"] == 8080
+    # Knative (serverless mode) routes exactly one port per container.
+    assert len(container["ports"]) == 1
+    # Both variants probe REST readiness, which answers 503 while loading and draining.
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/v2/health/ready"
+    assert probe["port"] == int(env["GATED_PORT"]) == 8080
+
+
+def test_kserve_rest_runtime_serves_v2_on_8080_without_grpc() -> None:
+    runtime = _named(_kserve(), "ServingRuntime", REST_RUNTIME)
+    (container,) = runtime["spec"]["containers"]
+    env = _env(container)
     assert runtime["spec"]["protocolVersions"] == ["v2"]
-    model = _by_kind(documents, "InferenceService")["spec"]["predictor"]["model"]
-    assert model["runtime"] == runtime["metadata"]["name"]
-    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"][
-        "supportedModelFormats"]}
+    (port,) = container["ports"]
+    assert port["containerPort"] == int(env["GATED_PORT"]) == 8080
+    assert port.get("name", "http1") == "http1"
+    assert env[GRPC_PORT_ENV] == "0"  # unreachable through Knative, so off
+
+
+def test_kserve_grpc_runtime_serves_grpc_v2_on_an_h2c_port() -> None:
+    runtime = _named(_kserve(), "ServingRuntime", GRPC_RUNTIME)
+    (container,) = runtime["spec"]["containers"]
+    env = _env(container)
+    assert runtime["spec"]["protocolVersions"] == ["grpc-v2"]
+    (port,) = container["ports"]
+    # Knative proxies HTTP/2 end to end only to a port named h2c; 8081 is KServe's gRPC port.
+    assert port == {"name": "h2c", "containerPort": 8081, "protocol": "TCP"}
+    assert int(env[GRPC_PORT_ENV]) == port["containerPort"]
+    assert int(env["GATED_PORT"]) != port["containerPort"]
+    rest = _named(_kserve(), "ServingRuntime", REST_RUNTIME)["spec"]["containers"][0]
+    assert container["image"] == rest["image"]
+
+
+def test_kserve_inference_services_use_a_runtime_of_their_protocol() -> None:
+    documents = _kserve()
+    runtimes = {d["metadata"]["name"]: d["spec"] for d in documents
+                if d["kind"] == "ServingRuntime"}
+    models = {d["metadata"]["name"]: d["spec"]["predictor"]["model"] for d in documents
+              if d["kind"] == "InferenceService"}
+    assert {m["protocolVersion"]: m["runtime"] for m in models.values()} == {
+        "v2": REST_RUNTIME, "grpc-v2": GRPC_RUNTIME}
+    for model in models.values():
+        runtime = runtimes[model["runtime"]]
+        assert model["protocolVersion"] in runtime["protocolVersions"]
+        assert model["modelFormat"]["name"] in {f["name"] for f in runtime[
+            "supportedModelFormats"]}
+    # The same repository behind both, so a model has the same name on either protocol.
+    assert len({m["storageUri"] for m in models.values()}) == 1
+
+
+def test_kserve_auto_selection_is_unambiguous() -> None:
+    # An InferenceService that names no runtime gets the one auto-selectable runtime of its
+    # format and protocolVersion: each pair must have exactly one.
+    pairs = [(f["name"], protocol)
+             for d in _kserve() if d["kind"] == "ServingRuntime"
+             for f in d["spec"]["supportedModelFormats"] if f.get("autoSelect")
+             for protocol in d["spec"]["protocolVersions"]]
+    assert sorted(pairs) == [("gated", "grpc-v2"), ("gated", "v2")]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
