@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint train-shipped clean
+.PHONY: install serve test lint proto train-shipped clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check models service tests benchmarks
 	$(BIN)/mypy service models
+
+# Recompiles the gRPC protocol's descriptor set after an edit of service/grpc/grpc_service.proto.
+proto: $(STAMP)
+	cd service/grpc && ../../$(BIN)/python -m grpc_tools.protoc -I. \
+		--descriptor_set_out=grpc_service.binpb grpc_service.proto
 
 # Rebuilds the shipped checkpoint exactly as committed (about 4 minutes on 2 CPU cores).
 train-shipped: $(STAMP)

@@ -47,8 +47,8 @@ class Ticket:
     """A queued request: await ``future`` for its result, call ``abandon`` if nobody will."""
 
     __slots__ = (
-        "_batcher", "array", "batch", "enqueued", "enqueued_ns", "future", "gate", "request_id",
-        "span", "taken", "timer",
+        "_batcher", "array", "batch", "dropped", "enqueued", "enqueued_ns", "future", "gate",
+        "request_id", "span", "taken", "timer",
     )
 
     def __init__(
@@ -67,6 +67,7 @@ class Ticket:
         self.request_id = request_id
         self.enqueued = time.monotonic()
         self.taken = False  # part of a batch already: too late to drop
+        self.dropped = False  # expired or abandoned: no longer counted in the queue
         self.timer: asyncio.TimerHandle | None = None
         # Tracing: the request's span (linked from its batch's), admission and batch times.
         self.span = span
@@ -217,14 +218,18 @@ class DynamicBatcher:
             waiter.set_result(None)
 
     def _drop(self, ticket: Ticket, error: ServiceError) -> None:
-        if ticket.taken or ticket.future.done():
+        # The future may be cancelled already (its awaiting task was): it still leaves the
+        # queue's count exactly once.
+        if ticket.taken or ticket.dropped:
             return
+        ticket.dropped = True
         if ticket.timer is not None:
             ticket.timer.cancel()
         self._depth -= 1
-        ticket.future.set_exception(error)
-        # Nobody may await the future (the client is gone): mark the exception as retrieved.
-        ticket.future.exception()
+        if not ticket.future.done():
+            ticket.future.set_exception(error)
+            # Nobody may await the future (the client is gone): mark the exception as retrieved.
+            ticket.future.exception()
 
     def _expire(self, ticket: Ticket, timeout_s: float) -> None:
         self._drop(

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -61,12 +62,20 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
     return None
 
 
-def _mapped(handler: Handler) -> Handler:
-    """Turn the typed errors of a handler into gRPC statuses (service.errors.CODES)."""
+def _mapped(handler: Handler, parse: Callable[[bytes], Any]) -> Handler:
+    """Parse the request (bytes that are not the message: INVALID_ARGUMENT, not grpcio's
+    INTERNAL) and turn the typed errors of ``handler`` into gRPC statuses
+    (``service.errors.CODES``)."""
 
     @functools.wraps(handler)
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
+            try:
+                request = parse(raw)
+            except DecodeError:
+                raise InvalidInput(
+                    f"{handler.__name__}: the request is not a valid protobuf message"
+                ) from None
             return await handler(request, context)
         except (ServiceError, InvalidInput) as err:
             _, name = codes(err)
@@ -187,9 +196,9 @@ class InferenceService:
             if name in _UNIMPLEMENTED:
                 handlers[name] = _unimplemented(name, method.client_streaming, decode, encode)
                 continue
-            fn = _mapped(getattr(self, name))
+            # Requests arrive as bytes and are parsed inside, where errors are mapped.
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                fn, request_deserializer=decode, response_serializer=encode
+                _mapped(getattr(self, name), decode), response_serializer=encode
             )
         return grpc.method_handlers_generic_handler(messages.SERVICE, handlers)
 

@@ -1,19 +1,24 @@
-"""Hostile input against a real server: every case is a 4xx naming the problem, never a crash.
+"""Hostile input against a real server: every case is a 4xx (over gRPC, the matching status)
+naming the problem, never a crash.
 
 After the whole battery the server must still be ready and answer a valid request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import orjson
 import pytest
+from tritonclient.grpc import service_pb2
 
 from tests.integration.conftest import Server, serving
+from tests.utils.clients import SERVICE, GrpcClient, Reply, grpc_error, grpc_request
 from tests.utils.service import binary_request, json_request
 
 MAX_BYTES = 1024 * 1024
@@ -133,6 +138,105 @@ def test_hostile_inputs_get_4xx_and_server_keeps_serving(hostile_server: Server)
         assert client.get("health/ready").status_code == 200
         valid = client.post("models/tiny/infer", content=orjson.dumps(_valid()))
         assert valid.status_code == 200, valid.text
+    assert not failures, "\n".join(failures)
+    assert hostile_server.process.poll() is None
+    assert "Traceback" not in hostile_server.output()
+
+
+# ---------------------------------------------------------------------- the same over gRPC
+
+
+def _grpc(x: np.ndarray = X, model: str = "tiny", **parameters: object) -> Any:
+    return grpc_request(x, model, parameters)
+
+
+def _grpc_edit(edit: Callable[[Any], None], x: np.ndarray = X) -> Any:
+    request = _grpc(x)
+    edit(request)
+    return request
+
+
+def _typed(values: list[float], shape: list[int]) -> Any:
+    request = service_pb2.ModelInferRequest(model_name="tiny")
+    tensor = request.inputs.add(name="input", datatype="FP32")
+    tensor.shape.extend(shape)
+    tensor.contents.fp32_contents.extend(values)
+    return request
+
+
+def _set(path: str, value: object) -> Callable[[Any], None]:
+    def edit(request: Any) -> None:
+        target = request.inputs[0]
+        if path == "shape":
+            del target.shape[:]
+            target.shape.extend(value)  # type: ignore[arg-type]
+        else:
+            setattr(target, path, value)
+
+    return edit
+
+
+# (case id, request message or raw bytes, expected outcome, word the message must contain)
+GRPC_CASES: list[tuple[str, Any, str, str]] = [
+    ("not_protobuf", b"\xff\xff\xff\xff garbage", "invalid", "protobuf"),
+    ("wrong_datatype", _grpc_edit(_set("datatype", "INT64")), "invalid", "bytes"),
+    ("unknown_datatype", _grpc_edit(_set("datatype", "FP99")), "invalid", "datatype"),
+    ("shape_bytes_mismatch", _grpc_edit(_set("shape", [1, 9])), "invalid", "bytes"),
+    ("negative_shape", _grpc_edit(_set("shape", [-1, 8])), "invalid", "negative"),
+    ("huge_shape", _grpc_edit(_set("shape", [1 << 20, 1 << 20])), "invalid", "limit"),
+    ("wrong_input_name", _grpc_edit(_set("name", "nope")), "invalid", "input"),
+    ("no_input_name", _grpc_edit(_set("name", "")), "invalid", "name"),
+    ("raw_count_mismatch", _grpc_edit(lambda r: r.raw_input_contents.append(b"1234")),
+     "invalid", "raw_input_contents"),
+    ("raw_and_typed", _grpc_edit(lambda r: r.inputs[0].contents.fp32_contents.extend([0.0] * 8)),
+     "invalid", "contents"),
+    ("typed_count_mismatch", _typed([0.0] * 7, [1, 8]), "invalid", "contents"),
+    ("fp16_typed", _grpc_edit(lambda r: (_set("datatype", "FP16")(r),
+                                         r.ClearField("raw_input_contents"))),
+     "invalid", "raw_input_contents"),
+    ("nan_raw", _grpc(np.full((1, 8), np.nan, np.float32)), "invalid", "NaN"),
+    ("inf_typed", _typed([float("inf")] * 8, [1, 8]), "invalid", "infinite"),
+    ("too_many_rows", _grpc(np.zeros((MAX_ROWS + 1, 8), np.float32)), "invalid", str(MAX_ROWS)),
+    ("too_long", _grpc(np.zeros((1, 65), np.float32)), "invalid", "64"),
+    ("unknown_model", _grpc(model="nope"), "not_found", "nope"),
+    ("unknown_version", _grpc_edit(lambda r: setattr(r, "model_version", "7")), "not_found", "7"),
+    ("unknown_gate_mode", _grpc(gate_mode="sparse"), "invalid", "gate_mode"),
+    ("keep_ratio_zero", _grpc(keep_ratio=0.0), "invalid", "keep_ratio"),
+    ("keep_ratio_above_one", _grpc(keep_ratio=1.5), "invalid", "keep_ratio"),
+    ("keep_ratio_string", _grpc(keep_ratio="half"), "invalid", "keep_ratio"),
+    ("gate_mode_number", _grpc(gate_mode=3), "invalid", "gate_mode"),
+    ("timeout_string", _grpc(timeout="soon"), "invalid", "timeout"),
+    ("empty_parameter", _grpc_edit(lambda r: r.parameters["keep_ratio"].Clear()),
+     "invalid", "keep_ratio"),
+    ("unknown_output", _grpc_edit(lambda r: r.outputs.add(name="probs")), "invalid", "probs"),
+    ("message_over_limit", _grpc(np.zeros((1, MAX_BYTES // 4 + 8), np.float32)), "too_large", ""),
+]
+
+
+def test_hostile_grpc_requests_get_the_matching_codes(hostile_server: Server) -> None:
+    """The REST battery's defects over gRPC: INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED
+    naming the problem, never INTERNAL or UNKNOWN; the server keeps serving."""
+    channel = grpc.insecure_channel(hostile_server.grpc_address)
+    raw_call = channel.unary_unary(
+        SERVICE + "ModelInfer", response_deserializer=service_pb2.ModelInferResponse.FromString
+    )
+    failures = []
+    try:
+        for case, request, outcome, word in GRPC_CASES:
+            payload = request if isinstance(request, bytes) else request.SerializeToString()
+            try:
+                raw_call(payload, timeout=20)
+                got = Reply("ok")
+            except grpc.RpcError as err:
+                got = grpc_error(err)
+            if got.outcome != outcome or word.lower() not in got.message.lower():
+                failures.append(f"{case}: {got.outcome} {got.message[:200]!r}")
+        caller = GrpcClient(hostile_server.grpc_address)
+        assert caller.ready()
+        assert caller.infer(X).outcome == "ok"
+        caller.close()
+    finally:
+        channel.close()
     assert not failures, "\n".join(failures)
     assert hostile_server.process.poll() is None
     assert "Traceback" not in hostile_server.output()

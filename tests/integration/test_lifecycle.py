@@ -1,4 +1,5 @@
-"""Process lifecycle on a real server: SIGTERM drains, and the shipped checkpoint serves."""
+"""Process lifecycle on a real server: SIGTERM drains (REST and gRPC), deadlines, full queues and
+cancelled calls, and the shipped checkpoint serves."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ import numpy as np
 import orjson
 import pytest
 import tritonclient.http as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2
 
-from tests.integration.conftest import ROOT, start_server
+from tests.integration.conftest import ROOT, Server, start_server
+from tests.utils.clients import GrpcClient, grpc_reply, grpc_request
 from tests.utils.service import json_request, metric, reference_logits, tiny_network
 
 SHIPPED = ROOT / "models" / "pretrained" / "mnist1d-conv"
@@ -198,4 +202,117 @@ def test_queue_timeout_full_queue_and_disconnect(
         assert metric(server.url, rejected, reason="queue_full") == 2
         assert server.stop() == 0
     finally:
+        server.stop()
+
+
+def _holder(server: Server, body: bytes) -> socket.socket:
+    """A REST request whose body is half sent: in flight, so the batcher waits for mates."""
+    holder = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    holder.sendall(
+        b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: test\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10]
+    )
+    _wait_for(lambda: _inflight(server.url) == 1)
+    return holder
+
+
+def test_grpc_deadline_cancel_and_full_queue(integration_repository: Path, tmp_path: Path) -> None:
+    """The REST outcomes of the test above, over gRPC: DEADLINE_EXCEEDED for the ``timeout``
+    parameter and for the client's own deadline, UNAVAILABLE + retry-after for a full queue, and
+    a call cancelled while queued is dropped before compute."""
+    server = start_server(
+        integration_repository, tmp_path, max_batch_size=64, max_queue_delay_ms=1500,
+        max_queue_size=2,
+    )
+    caller = GrpcClient(server.grpc_address)
+    try:
+        x = np.random.default_rng(0).standard_normal((1, 40)).astype(np.float32)
+        body = orjson.dumps(json_request(x))
+        holder = _holder(server, body)
+        rejected = "gated_rejected_requests_total"
+
+        timed = caller.infer(x, timeout=200_000)
+        assert timed.outcome == "deadline" and "timed out" in timed.message, timed
+        # The client's deadline bounds the queue wait too: the call fails in time and the
+        # server drops the request (it never computes).
+        start = time.monotonic()
+        late = caller.send(grpc_request(x), timeout_s=0.3)
+        assert late.outcome == "deadline" and time.monotonic() - start < 1.2, late
+        _wait_for(lambda: _queued(server.url) == 0)
+
+        stub = caller.channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+        leaver = stub.future(grpc_request(x), timeout=30)
+        _wait_for(lambda: _queued(server.url) == 1)
+        before = metric(server.url, rejected, reason="client_disconnected")
+        assert leaver.cancel()
+        _wait_for(lambda: metric(server.url, rejected, reason="client_disconnected") == before + 1)
+        assert _queued(server.url) == 0
+
+        waiting = [stub.future(grpc_request(x), timeout=30) for _ in range(2)]
+        _wait_for(lambda: _queued(server.url) == 2)
+        full = caller.infer(x)
+        assert full.outcome == "unavailable" and "full" in full.message, full
+        assert full.retry_after == "1"
+        holder.sendall(body[10:])
+        assert holder.recv(65536).startswith(b"HTTP/1.1 503")
+        replies = [grpc_reply(f.result(timeout=30)) for f in waiting]
+        assert [r.outcome for r in replies] == ["ok", "ok"]
+        holder.close()
+        computed = metric(server.url, "gated_batch_size_sum", model="tiny")
+        assert computed == 2  # the two callers; never the timed-out, late or cancelled ones
+        assert metric(server.url, rejected, reason="timeout") == 2
+        grpc_requests = metric(server.url, "gated_requests_total", protocol="grpc")
+        assert grpc_requests == 6
+        caller.close()
+        assert server.stop() == 0
+    finally:
+        caller.close()
+        server.stop()
+
+
+GRPC_DRAIN_REQUESTS = 40
+
+
+def test_sigterm_drains_grpc_requests_too(integration_repository: Path, tmp_path: Path) -> None:
+    """SIGTERM with gRPC calls queued: the health service turns NOT_SERVING and ServerReady
+    false at once, a new call gets UNAVAILABLE, every queued call gets its own logits, exit 0."""
+    server = start_server(
+        integration_repository, tmp_path, max_batch_size=64, max_batch_rows=64,
+        max_queue_delay_ms=10_000, drain_timeout_s=DRAIN_TIMEOUT_S,
+    )
+    caller = GrpcClient(server.grpc_address)
+    try:
+        health = health_pb2_grpc.HealthStub(caller.channel)
+        serving = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert serving.status == health_pb2.HealthCheckResponse.SERVING
+        rng = np.random.default_rng(1)
+        xs = [rng.standard_normal((1, 40)).astype(np.float32) for _ in range(GRPC_DRAIN_REQUESTS)]
+        holder = _holder(server, orjson.dumps(json_request(xs[0])))
+        stub = caller.channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+        futures = [stub.future(grpc_request(x), timeout=30) for x in xs]
+        _wait_for(lambda: _queued(server.url) == GRPC_DRAIN_REQUESTS, timeout_s=20)
+        os.kill(server.process.pid, signal.SIGTERM)
+        _wait_for(lambda: not caller.ready())
+        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        late = caller.infer(xs[0])
+        assert late.outcome == "unavailable" and late.retry_after == "1", late
+        holder.close()  # the half-sent REST request gives up: the batch goes
+        replies = [grpc_reply(f.result(timeout=30)) for f in futures]
+        expected = reference_logits(tiny_network(seed=0), np.concatenate(xs))
+        np.testing.assert_allclose(
+            np.concatenate([r.logits for r in replies]), expected, atol=1e-5
+        )
+        caller.close()
+        assert server.process.wait(DRAIN_TIMEOUT_S) == 0, server.output()
+    finally:
+        caller.close()
         server.stop()

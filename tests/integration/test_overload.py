@@ -1,9 +1,10 @@
 """Overload on a real server: a bounded queue sheds load with 503 + Retry-After, never hangs.
 
 300 requests arrive at once at a server whose queue holds 16 and whose batcher waits for batch
-mates, so the queue fills. Every answer must be 200 or 503 with ``Retry-After``, each within its
-client timeout; the server stays ready, and ``gated_rejected_requests_total{reason="queue_full"}``
-counts exactly the 503s the clients saw.
+mates, so the queue fills. Every answer must be 200 or 503 with ``Retry-After`` (over gRPC: OK,
+or UNAVAILABLE with a ``retry-after`` trailer), each within its client timeout; the server stays
+ready, and ``gated_rejected_requests_total{reason="queue_full"}`` counts exactly the rejections
+the clients saw.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import orjson
 import pytest
 
 from tests.integration.conftest import Server, serving
-from tests.utils.service import json_request, metric
+from tests.utils.clients import PROTOCOLS, Reply, async_client, client
+from tests.utils.service import metric
 
 REQUESTS = 300
 QUEUE_SIZE = 16
@@ -36,33 +37,38 @@ def small_queue_server(
         yield srv
 
 
-async def _storm(url: str) -> list[httpx.Response]:
-    body = orjson.dumps(json_request(np.zeros((1, 32), dtype=np.float32)))
-    limits = httpx.Limits(max_connections=REQUESTS, max_keepalive_connections=REQUESTS)
-    async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S, limits=limits) as client:
-        return await asyncio.gather(
-            *(client.post(f"{url}/v2/models/tiny/infer", content=body) for _ in range(REQUESTS))
-        )
+async def _storm(protocol: str, server: Server) -> list[Reply]:
+    x = np.zeros((1, 32), dtype=np.float32)
+    caller = async_client(protocol, server, CLIENT_TIMEOUT_S, connections=REQUESTS)
+    try:
+        # A hang would surface as a client timeout ("deadline" or an httpx error) and fail.
+        return await asyncio.gather(*(caller.infer(x) for _ in range(REQUESTS)))
+    finally:
+        await caller.close()
 
 
-def test_overload_sheds_with_503_and_counts_every_rejection(small_queue_server: Server) -> None:
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_overload_sheds_with_503_and_counts_every_rejection(
+    small_queue_server: Server, protocol: str
+) -> None:
     url = small_queue_server.url
     before = metric(url, "gated_rejected_requests_total", reason="queue_full")
-    # A hang would surface as httpx.ReadTimeout out of gather and fail the test.
-    responses = asyncio.run(_storm(small_queue_server.url))
-    statuses = [r.status_code for r in responses]
-    assert set(statuses) <= {200, 503}, sorted(set(statuses))
-    shed = [r for r in responses if r.status_code == 503]
+    replies = asyncio.run(_storm(protocol, small_queue_server))
+    outcomes = [r.outcome for r in replies]
+    assert set(outcomes) <= {"ok", "unavailable"}, sorted(set(outcomes))
+    shed = [r for r in replies if r.outcome == "unavailable"]
     assert shed, "the queue never filled: the test did not overload the server"
-    assert statuses.count(200) >= QUEUE_SIZE
-    for response in shed:
-        assert response.headers.get("retry-after", "").isdecimal(), response.headers
-        assert "queue" in response.json()["error"]
+    assert outcomes.count("ok") >= QUEUE_SIZE
+    for reply in shed:
+        assert (reply.retry_after or "").isdecimal(), reply
+        assert "queue" in reply.message
     rejected = metric(url, "gated_rejected_requests_total", reason="queue_full") - before
     assert rejected == len(shed)
-    assert httpx.get(f"{small_queue_server.url}/v2/health/ready", timeout=5.0).status_code == 200
-    ok = httpx.post(
-        f"{small_queue_server.url}/v2/models/tiny/infer",
-        content=orjson.dumps(json_request(np.zeros((1, 32), dtype=np.float32))), timeout=5.0,
-    )
-    assert ok.status_code == 200, ok.text
+    assert httpx.get(f"{url}/v2/health/ready", timeout=5.0).status_code == 200
+    caller = client(protocol, small_queue_server, 5.0)
+    try:
+        assert caller.ready()
+        ok = caller.infer(np.zeros((1, 32), dtype=np.float32))
+        assert ok.outcome == "ok", ok
+    finally:
+        caller.close()

@@ -1,8 +1,9 @@
 """Hot reload through the model repository API on a real server, under load.
 
-``POST /v2/repository/models/{m}/load`` swaps in the checkpoint now in the repository while
-requests flow: none may fail, and answers after the swap must equal the new checkpoint's own
-forward. Unload makes the model 404; load/unload cycles must not leak memory.
+``POST /v2/repository/models/{m}/load`` (gRPC: ``RepositoryModelLoad``) swaps in the checkpoint
+now in the repository while requests flow: none may fail, and answers after the swap must equal
+the new checkpoint's own forward. Unload makes the model 404 (NOT_FOUND); load/unload cycles
+must not leak memory. The token is the same on both protocols.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
 
-from models import save_checkpoint
+from models import load_checkpoint, save_checkpoint
 from tests.integration.conftest import Server, serving
+from tests.utils.clients import client
 from tests.utils.service import (
     ADMIN_TOKEN,
     json_request,
@@ -66,12 +70,49 @@ def test_repository_calls_need_the_admin_token(reload_server: Server) -> None:
     assert missing.status_code == 404 and "nope" in missing.json()["error"]
 
 
+def test_grpc_repository_calls_need_the_admin_token(reload_server: Server) -> None:
+    triton = triton_grpc.InferenceServerClient(reload_server.grpc_address)
+    try:
+        for headers, code in (
+            (None, "StatusCode.UNAUTHENTICATED"),
+            ({"authorization": "Bearer wrong"}, "StatusCode.PERMISSION_DENIED"),
+        ):
+            with pytest.raises(InferenceServerException) as refused:
+                triton.load_model("tiny", headers=headers)
+            assert refused.value.status() == code
+        with pytest.raises(InferenceServerException) as missing:
+            triton.unload_model("nope", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert missing.value.status() == "StatusCode.NOT_FOUND" and "nope" in str(missing.value)
+    finally:
+        triton.close()
+
+
+def _load(protocol: str, server: Server) -> str:
+    """Reload tiny over ``protocol``; "ok" or the failure."""
+    if protocol == "rest":
+        reply = httpx.post(
+            f"{server.url}/v2/repository/models/tiny/load", headers=AUTH, timeout=15.0
+        )
+        return "ok" if reply.status_code == 200 else reply.text
+    triton = triton_grpc.InferenceServerClient(server.grpc_address)
+    try:
+        triton.load_model(
+            "tiny", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, client_timeout=15.0
+        )
+    except InferenceServerException as err:
+        return str(err)
+    finally:
+        triton.close()
+    return "ok"
+
+
+@pytest.mark.parametrize(("protocol", "seed"), [("rest", 7), ("grpc", 8)])
 def test_hot_reload_under_load_swaps_weights_without_failures(
-    reload_server: Server, repository: Path
+    reload_server: Server, repository: Path, protocol: str, seed: int
 ) -> None:
-    infer_url = f"{reload_server.url}/v2/models/tiny/infer"
-    old = reference_logits(tiny_network(seed=0), X)
-    new_net = tiny_network(seed=7)
+    """Traffic and the reload both over ``protocol``."""
+    old = reference_logits(load_checkpoint(repository / "tiny"), X)
+    new_net = tiny_network(seed=seed)
     new = reference_logits(new_net, X)
     assert not np.allclose(old, new, atol=1e-3)
     save_checkpoint(new_net, repository / "tiny")
@@ -80,24 +121,26 @@ def test_hot_reload_under_load_swaps_weights_without_failures(
     answers: list[np.ndarray] = []
     stop = threading.Event()
 
-    def client() -> None:
-        with httpx.Client(timeout=15.0) as c:
+    def flow() -> None:
+        caller = client(protocol, reload_server, 15.0)
+        try:
             while not stop.is_set():
-                r = c.post(infer_url, content=BODY)
-                if r.status_code != 200:
-                    failures.append(f"{r.status_code} {r.text[:200]}")
+                reply = caller.infer(X)
+                if reply.outcome != "ok":
+                    failures.append(f"{reply.outcome} {reply.message[:200]}")
                 else:
-                    answers.append(_logits(r))
+                    assert reply.logits is not None
+                    answers.append(reply.logits)
+        finally:
+            caller.close()
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
+    threads = [threading.Thread(target=flow) for _ in range(4)]
     for t in threads:
         t.start()
     try:
         while len(answers) < 20 and not failures:  # clients are flowing before the swap
             time.sleep(0.01)
-        loaded = httpx.post(
-            f"{reload_server.url}/v2/repository/models/tiny/load", headers=AUTH, timeout=15.0
-        )
+        loaded = _load(protocol, reload_server)
         # Then let some requests run on the new weights before stopping the clients.
         wanted, deadline = len(answers) + 20, time.monotonic() + 10.0
         while len(answers) < wanted and time.monotonic() < deadline:
@@ -106,12 +149,12 @@ def test_hot_reload_under_load_swaps_weights_without_failures(
         stop.set()
         for t in threads:
             t.join(20.0)
-    assert loaded.status_code == 200, loaded.text
+    assert loaded == "ok", loaded
     assert not failures, failures[:5]
     assert any(np.allclose(a, old, atol=1e-4) for a in answers)  # the swap happened under load
     for logits in answers:  # every answer comes from one set of weights or the other
         assert np.allclose(logits, old, atol=1e-4) or np.allclose(logits, new, atol=1e-4)
-    after = httpx.post(infer_url, content=BODY, timeout=15.0)
+    after = httpx.post(f"{reload_server.url}/v2/models/tiny/infer", content=BODY, timeout=15.0)
     np.testing.assert_allclose(_logits(after), new, atol=1e-5)
     np.testing.assert_allclose(answers[-1], new, atol=1e-5)
 
@@ -131,3 +174,22 @@ def test_unload_then_load_cycles_do_not_leak(reload_server: Server) -> None:
         end = _rss_kib(reload_server.process.pid)
         assert c.get(f"{base}/v2/health/ready").status_code == 200
     assert end < start * 1.10, (start, end)
+
+
+def test_grpc_unload_then_load(reload_server: Server) -> None:
+    """Over gRPC: unload makes the model NOT_FOUND on both protocols, load brings it back."""
+    auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    triton = triton_grpc.InferenceServerClient(reload_server.grpc_address)
+    caller = client("grpc", reload_server)
+    try:
+        triton.unload_model("tiny", headers=auth)
+        assert caller.infer(X).outcome == "not_found"
+        gone = httpx.post(f"{reload_server.url}/v2/models/tiny/infer", content=BODY)
+        assert gone.status_code == 404
+        assert [m.name for m in triton.get_model_repository_index().models] == []
+        triton.load_model("tiny", headers=auth)
+        assert triton.is_model_ready("tiny")
+        assert caller.infer(X).outcome == "ok"
+    finally:
+        caller.close()
+        triton.close()

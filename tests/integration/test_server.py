@@ -40,6 +40,9 @@ METRICS = (
     "gated_build_info",
 )
 
+REQUESTS = "gated_requests_total"
+REST = ("protocol", "rest")
+
 
 @pytest.fixture(scope="module")
 def network(integration_repository: Path) -> GatedNetwork:
@@ -229,8 +232,8 @@ def test_metrics_exposed_with_plausible_values(
     assert not missing, missing
     s = _samples(server)
     tiny = (("model", "tiny"),)
-    assert s[("gated_requests_total", (("model", "tiny"), ("outcome", "success"), ("protocol", "rest")))] >= 3
-    assert s[("gated_requests_total", (("model", "tiny"), ("outcome", "invalid"), ("protocol", "rest")))] >= 1
+    assert s[(REQUESTS, (("model", "tiny"), ("outcome", "success"), REST))] >= 3
+    assert s[(REQUESTS, (("model", "tiny"), ("outcome", "invalid"), REST))] >= 1
     assert s[("gated_rejected_requests_total", (("reason", "invalid_input"),))] >= 1
     count, total = (
         s[("gated_request_duration_seconds_count", tiny)],

@@ -1,19 +1,23 @@
-"""Switch storm on a real server: 50 runtime gate switches while 2,000 requests flow.
+"""Switch storm on a real server: 50 runtime gate switches while 2,000 requests flow, over REST
+(tritonclient.http) and over gRPC (tritonclient.grpc).
 
 No request fails, and every response is the solo reference forward of the gate configuration
-its own parameters name: a switch lands between batches, never inside one.
+its own parameters name: a switch lands between batches, never inside one, whichever protocol
+carried the request.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
 
 from models import load_checkpoint
@@ -47,8 +51,43 @@ def storm_server(
         yield srv
 
 
+Call = Callable[[np.ndarray, int], tuple[str, float, np.ndarray]]
+
+
+def _rest_call(server: Server) -> tuple[Call, Any]:
+    client = triton.InferenceServerClient(server.address, network_timeout=30)
+
+    def infer(x: np.ndarray, n: int) -> tuple[str, float, np.ndarray]:
+        inp = triton.InferInput("input", [1, 40], "FP32")
+        inp.set_data_from_numpy(x, binary_data=n % 2 == 0)
+        out = triton.InferRequestedOutput("logits", binary_data=n % 3 != 0)
+        reply = client.infer("tiny", [inp], outputs=[out])  # raises on any non-200
+        params = reply.get_response()["parameters"]
+        return str(params["gate_mode"]), float(params["keep_ratio"]), reply.as_numpy("logits")[0]
+
+    return infer, client
+
+
+def _grpc_call(server: Server) -> tuple[Call, Any]:
+    client = triton_grpc.InferenceServerClient(server.grpc_address)
+
+    def infer(x: np.ndarray, n: int) -> tuple[str, float, np.ndarray]:
+        inp = triton_grpc.InferInput("input", [1, 40], "FP32")
+        inp.set_data_from_numpy(x)
+        reply = client.infer(  # raises on any status but OK
+            "tiny", [inp], outputs=[triton_grpc.InferRequestedOutput("logits")],
+            client_timeout=30,
+        )
+        params = reply.get_response().parameters
+        return (params["gate_mode"].string_param, params["keep_ratio"].double_param,
+                reply.as_numpy("logits")[0])
+
+    return infer, client
+
+
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
 def test_switch_storm_loses_nothing_and_mixes_nothing(
-    storm_server: Server, integration_repository: Path
+    storm_server: Server, integration_repository: Path, protocol: str
 ) -> None:
     url = storm_server.url
     rng = np.random.default_rng(7)
@@ -61,8 +100,10 @@ def test_switch_storm_loses_nothing_and_mixes_nothing(
     cursor = iter(range(REQUESTS))
     results: list[tuple[int, str, float, np.ndarray]] = []
 
+    connect = _rest_call if protocol == "rest" else _grpc_call
+
     def worker() -> None:
-        client = triton.InferenceServerClient(storm_server.address, network_timeout=30)
+        infer, client = connect(storm_server)
         try:
             while True:
                 with lock:
@@ -70,13 +111,7 @@ def test_switch_storm_loses_nothing_and_mixes_nothing(
                 if n is None:
                     return
                 i = int(picks[n])
-                inp = triton.InferInput("input", [1, 40], "FP32")
-                inp.set_data_from_numpy(xs[i], binary_data=n % 2 == 0)
-                out = triton.InferRequestedOutput("logits", binary_data=n % 3 != 0)
-                reply = client.infer("tiny", [inp], outputs=[out])  # raises on any non-200
-                params = reply.get_response()["parameters"]
-                record = (i, str(params["gate_mode"]), float(params["keep_ratio"]),
-                          reply.as_numpy("logits")[0])
+                record = (i, *infer(xs[i], n))
                 with lock:
                     results.append(record)
                 completed.release()

@@ -22,6 +22,9 @@ from tests.utils.service import (
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 RNG = np.random.default_rng(0)
 
+REQUESTS = "gated_requests_total"
+REST = ("protocol", "rest")
+
 
 def _x(rows: int = 2, length: int = 16) -> np.ndarray:
     return RNG.standard_normal((rows, length)).astype(np.float32)
@@ -299,8 +302,8 @@ def test_metrics_after_traffic(service_client: ClientFactory) -> None:
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for f in families.values() for s in f.samples
     }
-    assert samples[("gated_requests_total", (("model", "tiny"), ("outcome", "success"), ("protocol", "rest")))] == 3
-    assert samples[("gated_requests_total", (("model", "tiny"), ("outcome", "invalid"), ("protocol", "rest")))] == 1
+    assert samples[(REQUESTS, (("model", "tiny"), ("outcome", "success"), REST))] == 3
+    assert samples[(REQUESTS, (("model", "tiny"), ("outcome", "invalid"), REST))] == 1
     assert samples[("gated_rejected_requests_total", (("reason", "invalid_input"),))] == 1
     assert samples[("gated_rejected_requests_total", (("reason", "unknown_model"),))] == 1
     assert samples[("gated_batch_size_count", (("model", "tiny"),))] == 3

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from service.batcher import DynamicBatcher
 from service.engine import GATE_MODES, FloatArray, GateConfig, ItemResult
-from service.errors import ClientDisconnected, QueueFull, RequestTimeout, ServerNotReady
+from service.errors import ClientDisconnected, QueueFull, RequestTimeout, ServerNotReady, codes
 from service.metrics import Metrics
 
 DYNAMIC = GateConfig("dynamic", 0.5, key=("dynamic", (8,), 0.5))
@@ -235,6 +235,31 @@ def test_abandoned_request_is_dropped_before_compute() -> None:
     assert engine.batches == [(DYNAMIC, [2.0])]
 
 
+def test_a_cancelled_waiter_leaves_the_queue_count_once() -> None:
+    """A caller whose task is cancelled (a gRPC client that cancels) cancels the ticket's
+    future with it; abandoning the ticket must still free its place in the queue, once."""
+    engine = FakeEngine()
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        b = _batcher(engine, pool, max_queue_size=2)  # not started: nothing drains
+        ticket = b.submit(DYNAMIC, _x(1), 0.05)
+        waiter = asyncio.ensure_future(ticket.future)
+        await asyncio.sleep(0)
+        waiter.cancel()
+        await asyncio.sleep(0)
+        assert ticket.future.cancelled()
+        ticket.abandon()
+        assert b.depth == 0
+        await asyncio.sleep(0.1)  # its queue timeout fires too: no second decrement
+        assert b.depth == 0
+        b.submit(DYNAMIC, _x(2), 5.0)
+        b.submit(DYNAMIC, _x(3), 5.0)
+        with pytest.raises(QueueFull):
+            b.submit(DYNAMIC, _x(4), 5.0)
+
+    _run(scenario)
+
+
 def test_stop_finishes_queued_requests_without_waiting_the_delay() -> None:
     engine = FakeEngine(delay_s=0.01)
 
@@ -283,7 +308,7 @@ def test_compute_failure_fails_the_batch_with_500() -> None:
         ticket = b.submit(DYNAMIC, _x(0), 5.0)
         with pytest.raises(Exception, match="internal error") as info:
             await ticket.future
-        assert getattr(info.value, "status", None) == 500
+        assert codes(info.value) == (500, "INTERNAL")
         await b.stop(1.0)
 
     _run(scenario)
