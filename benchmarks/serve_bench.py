@@ -1,9 +1,12 @@
-"""Closed-loop load test of ``gated serve``: dynamic batching against a naive baseline.
+"""Closed-loop load test of ``gated serve``: dynamic batching against a naive baseline, and
+REST against gRPC.
 
 Usage::
 
-    .venv/bin/python benchmarks/serve_bench.py            # full run, about 2 minutes
+    .venv/bin/python benchmarks/serve_bench.py            # full run, about 4 minutes
     .venv/bin/python benchmarks/serve_bench.py --quick    # smoke run, a few seconds per point
+    .venv/bin/python benchmarks/serve_bench.py --section protocols --baseline /tmp/old
+        # REST and gRPC only, beside the server of an older checkout (a source tree)
 
 Two real servers run as subprocesses on 127.0.0.1: ``batched`` (the dynamic batcher) and
 ``naive`` (``GATED_BATCHING=false``: the same model and process doing one forward per request).
@@ -17,12 +20,19 @@ histogram.
 The client speaks HTTP/1.1 over keep-alive sockets with pre-encoded request bodies, so that the
 load generator, which shares the machine with the server, costs as little CPU as possible.
 Results go to ``benchmarks/results/serve_<device>.json`` and ``.md``.
+
+Protocols (``serve_protocols_<device>``): one batched server, the same [1, 40] FP32 request as
+REST binary tensors driven by ``wrk`` and as gRPC raw contents driven by ``h2load`` (both C,
+one thread: see ``native_load.py``), at concurrency 1, 8 and 32; gRPC both as C connections
+with one call each and as one connection multiplexing C calls (what one tritonclient channel
+does). With ``--baseline``, the REST rows of an older checkout's server run interleaved too.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -31,9 +41,11 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import native_load
 import numpy as np
 import orjson
 from common import MODEL, RESULTS, ROOT, shipped_repository
@@ -151,7 +163,9 @@ def _batch_stats(port: int) -> tuple[float, float]:
     return total, count
 
 
-def _start(repository: Path, mode: str, args: argparse.Namespace, log: Path) -> LocalServer:
+def _start(
+    repository: Path, mode: str, args: argparse.Namespace, log: Path, tree: Path = ROOT
+) -> LocalServer:
     settings: dict[str, object] = {
         "batching": "true" if mode == "batched" else "false",
         "max_batch_size": args.max_batch_size,
@@ -160,7 +174,9 @@ def _start(repository: Path, mode: str, args: argparse.Namespace, log: Path) -> 
     }
     if args.max_queue_delay_ms is not None:
         settings["max_queue_delay_ms"] = args.max_queue_delay_ms
-    return start_server(repository, log, settings, cwd=ROOT, ready_timeout_s=120)
+    if tree != ROOT:
+        settings["grpc_port"] = None  # an older server may not know the setting
+    return start_server(repository, log, settings, cwd=tree, ready_timeout_s=120)
 
 
 # ---------------------------------------------------------------------- run and report
@@ -231,6 +247,154 @@ def _run(args: argparse.Namespace) -> dict[str, object]:
         "points": [asdict(p) for p in points],
         "acceptance_c32": _acceptance(points),
     }
+
+
+@dataclass
+class ProtocolPoint:
+    server: str  # current | baseline
+    protocol: str  # rest | grpc
+    client: str  # the load generator and its connection layout
+    concurrency: int
+    requests: int
+    errors: int
+    throughput_rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+def _grpc_successes(port: int) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    prefix = f'gated_requests_total{{model="{MODEL}",outcome="success",protocol="grpc"}}'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def _protocols(args: argparse.Namespace) -> dict[str, object]:
+    missing = native_load.missing_tools()
+    if missing:
+        raise SystemExit(
+            f"the protocols section needs {' and '.join(missing)}: "
+            "apt-get install wrk nghttp2-client"
+        )
+    x = np.random.default_rng(0).standard_normal((1, 40)).astype(np.float32)
+    rest_body, rest_headers = _bodies(x)["binary"]
+    rest_headers = {**rest_headers, "Content-Type": "application/octet-stream"}
+    frame = native_load.grpc_frame(x, MODEL)
+    points: list[ProtocolPoint] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        repository, source = shipped_repository(Path(tmp))
+        current = _start(repository, "batched", args, Path(tmp) / "current.log")
+        baseline = None
+        if args.baseline is not None:
+            baseline = _start(repository, "batched", args, Path(tmp) / "baseline.log",
+                              tree=args.baseline.resolve())
+        try:
+            rest_url = f"{current.url}/v2/models/{MODEL}/infer"
+            grpc_url = f"http://{current.grpc_address}/inference.GRPCInferenceService/ModelInfer"
+            for concurrency in CONCURRENCIES:
+                c = concurrency
+                runs: dict[tuple[str, str, str], Callable[[float], native_load.Window]] = {
+                    ("current", "rest", "wrk"): functools.partial(
+                        native_load.wrk, rest_url, rest_body, rest_headers, c),
+                    ("current", "grpc", "h2load C conn x 1"): functools.partial(
+                        native_load.h2load, grpc_url, frame, c, 1),
+                    ("current", "grpc", "h2load 1 conn x C"): functools.partial(
+                        native_load.h2load, grpc_url, frame, 1, c),
+                }
+                if baseline is not None:
+                    runs[("baseline", "rest", "wrk")] = functools.partial(
+                        native_load.wrk, f"{baseline.url}/v2/models/{MODEL}/infer", rest_body,
+                        rest_headers, c)
+                for run in runs.values():
+                    run(args.warmup)
+                windows: dict[tuple[str, str, str], list[native_load.Window]] = {
+                    key: [] for key in runs
+                }
+                for _ in range(args.rounds):
+                    for key, run in runs.items():
+                        before = _grpc_successes(current.port)
+                        window = run(args.seconds / args.rounds)
+                        if key[1] == "grpc":
+                            counted = _grpc_successes(current.port) - before
+                            # h2load cannot read gRPC statuses: the server's count is the truth.
+                            window.errors += max(0, int(window.requests - counted))
+                            window.requests = min(window.requests, int(counted))
+                        windows[key].append(window)
+                for (server, protocol, client), got in windows.items():
+                    point = ProtocolPoint(
+                        server=server, protocol=protocol,
+                        client=client.replace("C", str(concurrency)), concurrency=concurrency,
+                        requests=sum(w.requests for w in got),
+                        errors=sum(w.errors for w in got),
+                        throughput_rps=round(
+                            sum(w.requests for w in got) / sum(w.seconds for w in got), 1),
+                        p50_ms=round(float(np.mean([w.p50_ms for w in got])), 3),
+                        p99_ms=round(float(np.mean([w.p99_ms for w in got])), 3),
+                    )
+                    points.append(point)
+                    logger.info("%s", point)
+        finally:
+            current.stop()
+            if baseline is not None:
+                baseline.stop()
+    return {
+        "model": MODEL,
+        "model_source": source,
+        "device": _device_name(args.device),
+        "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg()[0],
+        "baseline": str(args.baseline) if args.baseline is not None else None,
+        "settings": {
+            "max_batch_size": args.max_batch_size,
+            "seconds_per_point": args.seconds,
+            "rounds_per_point": args.rounds,
+            "request": "one sequence [1, 40] FP32 per request (REST binary, gRPC raw)",
+            "p50_p99": "mean over the rounds of each round's percentiles",
+        },
+        "points": [asdict(p) for p in points],
+        "acceptance_c32": _protocol_acceptance(points),
+    }
+
+
+def _protocol_acceptance(points: list[ProtocolPoint]) -> dict[str, object]:
+    at = {(p.server, p.client): p for p in points if p.concurrency == 32}
+    rest = at.get(("current", "wrk"))
+    out: dict[str, object] = {}
+    if rest is None:
+        return out
+    for client in ("h2load 32 conn x 1", "h2load 1 conn x 32"):
+        grpc = at.get(("current", client))
+        if grpc is not None:
+            out[f"grpc ({client}) vs rest"] = {
+                "throughput_ratio": round(grpc.throughput_rps / rest.throughput_rps, 2),
+                "p99_grpc_ms": grpc.p99_ms, "p99_rest_ms": rest.p99_ms,
+                "met": grpc.throughput_rps >= rest.throughput_rps and grpc.p99_ms <= rest.p99_ms,
+            }
+    old = at.get(("baseline", "wrk"))
+    if old is not None:
+        out["rest current vs baseline"] = {
+            "throughput_ratio": round(rest.throughput_rps / old.throughput_rps, 3),
+            "p99_current_ms": rest.p99_ms, "p99_baseline_ms": old.p99_ms,
+        }
+    return out
+
+
+def protocol_markdown(result: dict[str, object]) -> str:
+    rows = [
+        "| server | protocol | load generator | concurrency | throughput (req/s) | p50 (ms) "
+        "| p99 (ms) | errors |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    points = result["points"]
+    assert isinstance(points, list)
+    for p in points:
+        rows.append(
+            f"| {p['server']} | {p['protocol']} | {p['client']} | {p['concurrency']} "
+            f"| {p['throughput_rps']} | {p['p50_ms']} | {p['p99_ms']} | {p['errors']} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def _point(
@@ -309,14 +473,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue-delay-ms", type=float, help="default: the server's")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--section", choices=["batching", "protocols", "all"], default="all")
+    parser.add_argument("--baseline", type=Path,
+                        help="source tree of an older checkout: its REST server runs beside")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.warmup, args.rounds = 1.0, 0.2, 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    if args.section in ("protocols", "all"):
+        protocols = _protocols(args)
+        table = protocol_markdown(protocols)
+        stem = f"serve_protocols_{protocols['device']}{suffix}"
+        (args.out / f"{stem}.json").write_text(json.dumps(protocols, indent=2) + "\n")
+        (args.out / f"{stem}.md").write_text(
+            f"REST and gRPC on {protocols['device']} ({protocols['cpus']} CPUs, load average "
+            f"{protocols['load_average_at_start']:.1f} at start), {protocols['model_source']}."
+            "\n\n" + table + "\nAt concurrency 32: "
+            + json.dumps(protocols["acceptance_c32"]) + "\n"
+        )
+        sys.stdout.write(table + json.dumps(protocols["acceptance_c32"]) + "\n")
+        if args.section == "protocols":
+            return 0
     result = _run(args)
     table = markdown(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"serve_{result['device']}" + ("_quick" if args.quick else "")
+    stem = f"serve_{result['device']}{suffix}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(
         f"Serve benchmark on {result['device']} ({result['cpus']} CPUs, load average "

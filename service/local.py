@@ -102,11 +102,14 @@ def start_server(
     variables (the caller's own ``GATED_*`` variables are dropped), its output in ``log``.
 
     The gRPC front end gets a free port of its own unless ``settings`` name ``grpc_port``
-    (0: off). Waits for readiness unless ``ready_timeout_s`` is None.
+    (0: off; None: not set at all, for a server that predates the setting). Waits for
+    readiness unless ``ready_timeout_s`` is None.
     """
     port = free_port()
     chosen = dict(settings or {})
-    grpc_port = int(str(chosen.setdefault("grpc_port", free_port())))
+    grpc_port = int(str(chosen.setdefault("grpc_port", free_port()) or 0))
+    if chosen["grpc_port"] is None:
+        del chosen["grpc_port"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATED_")}
     env.update({f"GATED_{k.upper()}": str(v) for k, v in chosen.items()})
     command = [sys.executable, "-m", "service.cli", "serve", "--host", HOST, "--port", str(port)]

@@ -68,6 +68,12 @@ _INFER_BODY = {
 }
 
 
+# With binary outputs requested, the answer is the JSON header followed by the raw tensors.
+_BINARY_OK: dict[int | str, dict[str, Any]] = {
+    200: {"content": {OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}},
+}
+
+
 class FastBodyRoute(APIRoute):
     """A documented route whose endpoint takes the ``Request`` and returns a ``Response``
     itself: FastAPI keeps the OpenAPI operation but solves no dependencies per request."""
@@ -89,7 +95,8 @@ def build_router() -> APIRouter:
                  "/models/{model_name}/versions/{model_version}/infer"):
         router.add_api_route(
             path, infer, methods=["POST"], route_class_override=FastBodyRoute,
-            response_model=InferenceResponse, responses=_ERRORS, openapi_extra=_INFER_BODY,
+            response_model=InferenceResponse, responses={**_BINARY_OK, **_ERRORS},
+            openapi_extra=_INFER_BODY,
             summary="Inference", operation_id=f"infer{'_version' if 'versions' in path else ''}",
         )
     router.add_api_route("/health/live", live, methods=["GET"])

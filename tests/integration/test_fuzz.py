@@ -1,8 +1,10 @@
 """schemathesis against the service's OpenAPI schema, on a real server, bounded.
 
 The app serves no ``/openapi.json`` (it is an inference server, not a documented public API), so
-the schema comes from the app factory itself. Every operation gets a few generated requests;
-none may answer 5xx, and every documented response must match its schema.
+the schema comes from the app factory itself. Every operation gets a few generated requests
+(inference more: it is the endpoint that matters, fuzzed through its declared request schema,
+against the real model); none may answer 5xx, and every documented response must match its
+schema.
 """
 
 from __future__ import annotations
@@ -43,15 +45,23 @@ def test_no_server_error_and_responses_match_the_schema(
 ) -> None:
     operations = _operations()
     assert len(operations) >= 5
+    infer = [op for op in operations if op.path.endswith("/infer")]
+    assert len(infer) == 2 and all(op.body for op in infer)  # the schema declares the body
 
     for operation in operations:
+        examples = 60 if operation in infer else 15
 
         @given(case=operation.as_strategy())
         @settings(
-            max_examples=15, deadline=None, derandomize=True, database=None,
+            max_examples=examples, deadline=None, derandomize=True, database=None,
             suppress_health_check=list(HealthCheck),
         )
         def run(case: schemathesis.Case) -> None:
+            # The served model and version, so generated bodies reach its validation.
+            if case.path_parameters and "model_name" in case.path_parameters:
+                case.path_parameters["model_name"] = "tiny"
+                if "model_version" in case.path_parameters:
+                    case.path_parameters["model_version"] = "1"
             case.call_and_validate(
                 base_url=server.url, session=session, timeout=10,
                 checks=[not_a_server_error, response_schema_conformance],

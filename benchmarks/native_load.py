@@ -1,0 +1,121 @@
+"""Light load generators written in C, driven from Python: ``wrk`` for REST, ``h2load`` for gRPC.
+
+The load generator shares the machine's cores with the server, so it must cost as little as
+possible and the same on both sides: ``wrk`` (HTTP/1.1 keep-alive) and ``h2load`` (nghttp2's
+HTTP/2 benchmark: a gRPC call is an HTTP/2 POST of a length-prefixed protobuf message) are both
+single-threaded C clients sending one pre-encoded request over and over. Install them with
+``apt-get install wrk nghttp2-client``.
+
+``h2load`` does not read gRPC trailers, so the server's own ``gated_requests_total`` counter
+(``protocol="grpc", outcome="success"``) is read before and after each window to check that
+every call succeeded.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TOOLS = ("wrk", "h2load")
+
+
+def missing_tools() -> list[str]:
+    return [tool for tool in TOOLS if shutil.which(tool) is None]
+
+
+@dataclass
+class Window:
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float] | None  # every request (h2load), or None
+    p50_ms: float
+    p99_ms: float
+
+
+def grpc_frame(x: np.ndarray, model: str) -> bytes:
+    """One gRPC message frame of a ModelInferRequest for ``x`` with raw contents."""
+    from service.grpc import messages
+
+    request = messages.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="input", datatype="FP32")
+    tensor.shape.extend(x.shape)
+    request.raw_input_contents.append(x.astype("<f4").tobytes())
+    payload = request.SerializeToString()
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
+    return float(value) * _UNITS[unit]
+
+
+def wrk(
+    url: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float
+) -> Window:
+    """``wrk -t1 -cC -dS --latency`` POSTing ``body``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "body.bin"
+        data.write_bytes(body)
+        lines = ['wrk.method = "POST"', f'wrk.body = io.open("{data}", "rb"):read("*all")']
+        lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+        script = Path(tmp) / "post.lua"
+        script.write_text("\n".join(lines) + "\n")
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency",
+             "-s", str(script), url],
+            check=True, capture_output=True, text=True, timeout=seconds + 60,
+        ).stdout
+    total = re.search(r"(\d+) requests in ([\d.]+)(\w+),", out)
+    if total is None:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
+                              r"timeout (\d+)", out)
+    errors = (int(bad.group(1)) if bad else 0) + (
+        sum(int(g) for g in socket_errors.groups()) if socket_errors else 0
+    )
+    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
+    elapsed = _ms(total.group(2) + total.group(3)) / 1e3
+    return Window(
+        requests=int(total.group(1)) - errors, errors=errors, seconds=elapsed,
+        latencies_ms=None, p50_ms=_ms(percentiles["50"]), p99_ms=_ms(percentiles["99"]),
+    )
+
+
+def h2load(
+    url: str, frame: bytes, connections: int, streams: int, seconds: float
+) -> Window:
+    """``h2load`` with ``connections`` × ``streams`` concurrent gRPC calls for ``seconds``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "frame.bin"
+        data.write_bytes(frame)
+        log = Path(tmp) / "requests.log"
+        out = subprocess.run(
+            ["h2load", "-t1", f"-c{connections}", f"-m{streams}", f"-D{seconds:g}",
+             f"--data={data}", "-H", "content-type: application/grpc", "-H", "te: trailers",
+             f"--log-file={log}", url],
+            check=True, capture_output=True, text=True, timeout=seconds + 60,
+        ).stdout
+        rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, "
+                     r"(\d+) failed, (\d+) errored", out)
+    finished = re.search(r"finished in ([\d.]+)(\w+),", out)
+    if done is None or finished is None:
+        raise RuntimeError(f"unexpected h2load output:\n{out}")
+    latencies = [int(row[2]) / 1e3 for row in rows if row[1] == "200"]
+    lat = np.array(latencies) if latencies else np.zeros(1)
+    return Window(
+        requests=int(done.group(2)), errors=int(done.group(3)) + int(done.group(4)),
+        seconds=_ms(finished.group(1) + finished.group(2)) / 1e3, latencies_ms=latencies,
+        p50_ms=float(np.percentile(lat, 50)), p99_ms=float(np.percentile(lat, 99)),
+    )
