@@ -13,16 +13,20 @@ every call succeeded.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 
 TOOLS = ("wrk", "h2load")
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 def missing_tools() -> list[str]:
@@ -37,6 +41,13 @@ class Window:
     latencies_ms: list[float] | None  # every request (h2load), or None
     p50_ms: float
     p99_ms: float
+    server_cpu_ms: float = 0.0  # CPU the server process spent (all threads), set by measure()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (every thread)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def grpc_frame(x: np.ndarray, model: str) -> bytes:
@@ -101,7 +112,8 @@ def h2load(
         data.write_bytes(frame)
         log = Path(tmp) / "requests.log"
         out = subprocess.run(
-            ["h2load", "-t1", f"-c{connections}", f"-m{streams}", f"-D{seconds:g}",
+            ["h2load", "-t1", f"-c{connections}", f"-m{streams}",
+             f"-D{max(1, round(seconds * 1000))}ms",
              f"--data={data}", "-H", "content-type: application/grpc", "-H", "te: trailers",
              f"--log-file={log}", url],
             check=True, capture_output=True, text=True, timeout=seconds + 60,
@@ -119,3 +131,21 @@ def h2load(
         seconds=_ms(finished.group(1) + finished.group(2)) / 1e3, latencies_ms=latencies,
         p50_ms=float(np.percentile(lat, 50)), p99_ms=float(np.percentile(lat, 99)),
     )
+
+
+class _Sink(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 - the handler protocol's name
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def span_sink() -> ThreadingHTTPServer:
+    """An OTLP/HTTP endpoint on 127.0.0.1 that accepts and drops every export."""
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    return sink

@@ -25,7 +25,8 @@ Protocols (``serve_protocols_<device>``): one batched server, the same [1, 40] F
 REST binary tensors driven by ``wrk`` and as gRPC raw contents driven by ``h2load`` (both C,
 one thread: see ``native_load.py``), at concurrency 1, 8 and 32; gRPC both as C connections
 with one call each and as one connection multiplexing C calls (what one tritonclient channel
-does). With ``--baseline``, the REST rows of an older checkout's server run interleaved too.
+does). With ``--baseline``, the REST rows of an older checkout's server run interleaved too;
+with ``--traced``, those of a server exporting every request's spans.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def _batch_stats(port: int) -> tuple[float, float]:
 
 
 def _start(
-    repository: Path, mode: str, args: argparse.Namespace, log: Path, tree: Path = ROOT
+    repository: Path, mode: str, args: argparse.Namespace, log: Path, tree: Path = ROOT,
+    **extra: object,
 ) -> LocalServer:
     settings: dict[str, object] = {
         "batching": "true" if mode == "batched" else "false",
@@ -176,6 +178,7 @@ def _start(
         settings["max_queue_delay_ms"] = args.max_queue_delay_ms
     if tree != ROOT:
         settings["grpc_port"] = None  # an older server may not know the setting
+    settings.update(extra)
     return start_server(repository, log, settings, cwd=tree, ready_timeout_s=120)
 
 
@@ -260,6 +263,9 @@ class ProtocolPoint:
     throughput_rps: float
     p50_ms: float
     p99_ms: float
+    # Server CPU (all its threads) per answered request: steadier than throughput on a shared,
+    # noisy machine, and what the front ends' overhead is.
+    server_cpu_us_per_request: float
 
 
 def _grpc_successes(port: int) -> float:
@@ -286,10 +292,14 @@ def _protocols(args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         repository, source = shipped_repository(Path(tmp))
         current = _start(repository, "batched", args, Path(tmp) / "current.log")
-        baseline = None
+        baseline = traced = collector = None
         if args.baseline is not None:
             baseline = _start(repository, "batched", args, Path(tmp) / "baseline.log",
                               tree=args.baseline.resolve())
+        if args.traced:
+            collector = native_load.span_sink()
+            traced = _start(repository, "batched", args, Path(tmp) / "traced.log",
+                            otel_endpoint=f"http://127.0.0.1:{collector.server_address[1]}")
         try:
             rest_url = f"{current.url}/v2/models/{MODEL}/infer"
             grpc_url = f"http://{current.grpc_address}/inference.GRPCInferenceService/ModelInfer"
@@ -298,24 +308,35 @@ def _protocols(args: argparse.Namespace) -> dict[str, object]:
                 runs: dict[tuple[str, str, str], Callable[[float], native_load.Window]] = {
                     ("current", "rest", "wrk"): functools.partial(
                         native_load.wrk, rest_url, rest_body, rest_headers, c),
-                    ("current", "grpc", "h2load C conn x 1"): functools.partial(
+                    ("current", "grpc", "h2load, C connections"): functools.partial(
                         native_load.h2load, grpc_url, frame, c, 1),
-                    ("current", "grpc", "h2load 1 conn x C"): functools.partial(
+                    ("current", "grpc", "h2load, 1 connection x C streams"): functools.partial(
                         native_load.h2load, grpc_url, frame, 1, c),
                 }
                 if baseline is not None:
                     runs[("baseline", "rest", "wrk")] = functools.partial(
                         native_load.wrk, f"{baseline.url}/v2/models/{MODEL}/infer", rest_body,
                         rest_headers, c)
+                if traced is not None:
+                    runs[("traced", "rest", "wrk")] = functools.partial(
+                        native_load.wrk, f"{traced.url}/v2/models/{MODEL}/infer", rest_body,
+                        {**rest_headers, "traceparent": native_load.TRACEPARENT}, c)
                 for run in runs.values():
                     run(args.warmup)
                 windows: dict[tuple[str, str, str], list[native_load.Window]] = {
                     key: [] for key in runs
                 }
+                pids = {"current": current.process.pid}
+                if baseline is not None:
+                    pids["baseline"] = baseline.process.pid
+                if traced is not None:
+                    pids["traced"] = traced.process.pid
                 for _ in range(args.rounds):
                     for key, run in runs.items():
                         before = _grpc_successes(current.port)
+                        cpu = native_load.cpu_seconds(pids[key[0]])
                         window = run(args.seconds / args.rounds)
+                        window.server_cpu_ms = (native_load.cpu_seconds(pids[key[0]]) - cpu) * 1e3
                         if key[1] == "grpc":
                             counted = _grpc_successes(current.port) - before
                             # h2load cannot read gRPC statuses: the server's count is the truth.
@@ -325,20 +346,25 @@ def _protocols(args: argparse.Namespace) -> dict[str, object]:
                 for (server, protocol, client), got in windows.items():
                     point = ProtocolPoint(
                         server=server, protocol=protocol,
-                        client=client.replace("C", str(concurrency)), concurrency=concurrency,
+                        client=client.replace(" C", f" {concurrency}"), concurrency=concurrency,
                         requests=sum(w.requests for w in got),
                         errors=sum(w.errors for w in got),
                         throughput_rps=round(
                             sum(w.requests for w in got) / sum(w.seconds for w in got), 1),
                         p50_ms=round(float(np.mean([w.p50_ms for w in got])), 3),
                         p99_ms=round(float(np.mean([w.p99_ms for w in got])), 3),
+                        server_cpu_us_per_request=round(
+                            1e3 * sum(w.server_cpu_ms for w in got)
+                            / max(1, sum(w.requests for w in got)), 1),
                     )
                     points.append(point)
                     logger.info("%s", point)
         finally:
-            current.stop()
-            if baseline is not None:
-                baseline.stop()
+            for server in (current, baseline, traced):
+                if server is not None:
+                    server.stop()
+            if collector is not None:
+                collector.shutdown()
     return {
         "model": MODEL,
         "model_source": source,
@@ -346,6 +372,8 @@ def _protocols(args: argparse.Namespace) -> dict[str, object]:
         "cpus": os.cpu_count(),
         "load_average_at_start": os.getloadavg()[0],
         "baseline": str(args.baseline) if args.baseline is not None else None,
+        "traced": "a third server exporting every request's spans over OTLP/HTTP to a local "
+                  "sink (requests carry a traceparent)" if args.traced else None,
         "settings": {
             "max_batch_size": args.max_batch_size,
             "seconds_per_point": args.seconds,
@@ -364,19 +392,29 @@ def _protocol_acceptance(points: list[ProtocolPoint]) -> dict[str, object]:
     out: dict[str, object] = {}
     if rest is None:
         return out
-    for client in ("h2load 32 conn x 1", "h2load 1 conn x 32"):
+    for client in ("h2load, 32 connections", "h2load, 1 connection x 32 streams"):
         grpc = at.get(("current", client))
         if grpc is not None:
             out[f"grpc ({client}) vs rest"] = {
                 "throughput_ratio": round(grpc.throughput_rps / rest.throughput_rps, 2),
+                "cpu_per_request_ratio": round(
+                    grpc.server_cpu_us_per_request / rest.server_cpu_us_per_request, 2),
                 "p99_grpc_ms": grpc.p99_ms, "p99_rest_ms": rest.p99_ms,
                 "met": grpc.throughput_rps >= rest.throughput_rps and grpc.p99_ms <= rest.p99_ms,
             }
+    on = at.get(("traced", "wrk"))
+    if on is not None:
+        out["rest traced vs untraced"] = {
+            "throughput_ratio": round(on.throughput_rps / rest.throughput_rps, 3),
+            "p99_traced_ms": on.p99_ms, "p99_untraced_ms": rest.p99_ms,
+        }
     old = at.get(("baseline", "wrk"))
     if old is not None:
         out["rest current vs baseline"] = {
             "throughput_ratio": round(rest.throughput_rps / old.throughput_rps, 3),
             "p99_current_ms": rest.p99_ms, "p99_baseline_ms": old.p99_ms,
+            "cpu_per_request_ratio": round(
+                rest.server_cpu_us_per_request / old.server_cpu_us_per_request, 3),
         }
     return out
 
@@ -384,15 +422,16 @@ def _protocol_acceptance(points: list[ProtocolPoint]) -> dict[str, object]:
 def protocol_markdown(result: dict[str, object]) -> str:
     rows = [
         "| server | protocol | load generator | concurrency | throughput (req/s) | p50 (ms) "
-        "| p99 (ms) | errors |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| p99 (ms) | server CPU (µs/req) | errors |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     points = result["points"]
     assert isinstance(points, list)
     for p in points:
         rows.append(
             f"| {p['server']} | {p['protocol']} | {p['client']} | {p['concurrency']} "
-            f"| {p['throughput_rps']} | {p['p50_ms']} | {p['p99_ms']} | {p['errors']} |"
+            f"| {p['throughput_rps']} | {p['p50_ms']} | {p['p99_ms']} "
+            f"| {p['server_cpu_us_per_request']} | {p['errors']} |"
         )
     return "\n".join(rows) + "\n"
 
@@ -476,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", choices=["batching", "protocols", "all"], default="all")
     parser.add_argument("--baseline", type=Path,
                         help="source tree of an older checkout: its REST server runs beside")
+    parser.add_argument("--traced", action="store_true",
+                        help="also a REST server with tracing on (needs the [otel] extra)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.warmup, args.rounds = 1.0, 0.2, 2

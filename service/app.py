@@ -17,6 +17,7 @@ import asyncio
 import gc
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -226,6 +227,23 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def _port_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now (checked before the slow model loading)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return True  # let the server report the address itself
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As the server will: a port in TIME_WAIT is free, one with a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError:
+            return False
+    return True
+
+
 def serve(settings: Settings) -> int:
     """Run the service until SIGTERM; returns the process exit code.
 
@@ -239,6 +257,12 @@ def serve(settings: Settings) -> int:
     # a user's factory that fails to import or raises) stops the process with one line and
     # exit code 2, before any port is bound; readiness is the same either way.
     start = time.monotonic()
+    if settings.grpc_port and not _port_free(settings.host, settings.grpc_port):
+        logger.error(
+            "gRPC (GATED_GRPC_PORT): %s:%d is in use; choose another port or 0 to turn gRPC off",
+            settings.host, settings.grpc_port,
+        )
+        return 2
     try:
         Engine.scan(settings.model_repository)
         Engine.check_device(settings.device)

@@ -105,6 +105,7 @@ class DataPlane:
     def __init__(self, state: ServiceState, tracing: Tracing | None = None) -> None:
         self.state = state
         self.tracing = tracing if tracing is not None else Tracing()
+        self._limits: dict[str, tuple[ModelInfo, Limits]] = {}
 
     # ------------------------------------------------------------------ health and metadata
 
@@ -232,13 +233,19 @@ class DataPlane:
     # ------------------------------------------------------------------ inference
 
     def limits(self, runtime: ModelRuntime) -> Limits:
-        settings = self.state.settings
+        """What one request to ``runtime``'s model may carry (cached per loaded model)."""
         info = runtime.info
-        return Limits(
+        cached = self._limits.get(info.name)
+        if cached is not None and cached[0] is info:
+            return cached[1]
+        settings = self.state.settings
+        limits = Limits(
             max_inputs=MAX_INPUTS,
             max_tensor_elements=settings.max_request_rows * info.max_length * info.in_channels,
             max_request_bytes=settings.max_request_bytes,
         )
+        self._limits[info.name] = (info, limits)
+        return limits
 
     async def infer(
         self,
@@ -322,13 +329,14 @@ class DataPlane:
         metrics = state.metrics
         if metrics is not None:
             name = runtime.info.name
-            metrics.requests.labels(name, "success", protocol).inc()
-            metrics.request_seconds.labels(name).observe(time.monotonic() - start)
+            series = metrics.outcomes(name)
+            series.success[protocol].inc()
+            series.request_seconds.observe(time.monotonic() - start)
             mode = ticket_gate.mode
-            metrics.active_channel_ratio.labels(name, mode).observe(result.active_channel_ratio)
-            metrics.flops_ratio.labels(name, mode).observe(result.flops_ratio)
+            series.active[mode].observe(result.active_channel_ratio)
+            series.flops[mode].observe(result.flops_ratio)
             for layer, ratio in zip(runtime.info.layers, result.layer_active_ratios, strict=True):
-                metrics.layer_active_ratio.labels(name, layer).observe(ratio)
+                series.layer(metrics, name, layer).observe(ratio)
         return response
 
     async def _compute_now(
@@ -444,21 +452,22 @@ def _model_input(
     contract = info.contract
     expected = contract.inputs[0]
     name = expected.name
-    given = {t.name: t for t in decoded.inputs}
-    unknown = [t.name for t in decoded.inputs if t.name not in {s.name for s in contract.inputs}]
-    if unknown or name not in given:
-        names = ", ".join(repr(t.name) for t in decoded.inputs) or "none"
+    inputs = decoded.inputs
+    if len(inputs) == 1 and inputs[0].name == name:
+        tensor = inputs[0]
+    else:
+        names = ", ".join(repr(t.name) for t in inputs) or "none"
         raise InvalidInput(
             f"model {info.name!r} takes exactly one input named {name!r}; got {names}"
         )
-    produced = {s.name for s in contract.outputs}
-    for out in decoded.outputs:
-        if out.name not in produced:
-            raise InvalidInput(
-                f"unknown output {out.name!r}; model {info.name!r} produces "
-                + ", ".join(repr(n) for n in sorted(produced))
-            )
-    tensor = given[name]
+    if decoded.outputs:
+        produced = {s.name for s in contract.outputs}
+        for out in decoded.outputs:
+            if out.name not in produced:
+                raise InvalidInput(
+                    f"unknown output {out.name!r}; model {info.name!r} produces "
+                    + ", ".join(repr(n) for n in sorted(produced))
+                )
     array = tensor.array
     if tensor.datatype != expected.datatype:
         raise InvalidInput(f"input {name!r} must be {expected.datatype}, got {tensor.datatype}")
@@ -511,13 +520,13 @@ def _response(
         raise InvalidInput("input values too large: the model's outputs are not finite")
     parameters["active_channel_ratio"] = result.active_channel_ratio
     parameters["flops_ratio"] = result.flops_ratio
-    outputs = [Tensor(OUTPUT_NAME, result.logits)]
-    wanted = {o.name for o in decoded.outputs}
+    # The served contract has one output: every request gets it (asking for an unknown one was
+    # refused with the input).
     return InferResponse(
         model_name=info.name,
         model_version=info.version,
         id=decoded.id,
-        outputs=[t for t in outputs if not wanted or t.name in wanted],
+        outputs=[Tensor(OUTPUT_NAME, result.logits)],
         parameters=parameters,
         request=decoded,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -126,6 +127,7 @@ class Metrics:
             registry=r,
         )
         self.build_info = Info("gated_build", "Service build information.", registry=r)
+        self._series: dict[str, ModelSeries] = {}
         self.build_info.info({"version": version, "python": platform.python_version()})
 
         # Pre-create every series (Prometheus practice: missing series break rate() queries).
@@ -146,6 +148,14 @@ class Metrics:
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
 
+    def outcomes(self, model: str) -> ModelSeries:
+        """The per-request series of ``model``, looked up once (``labels()`` costs
+        microseconds a request should not pay several times over)."""
+        series = self._series.get(model)
+        if series is None:
+            series = self._series[model] = ModelSeries(self, model)
+        return series
+
     def watch(
         self, model: str, queue_depth: Callable[[], int], inflight: Callable[[], int]
     ) -> None:
@@ -157,6 +167,25 @@ class Metrics:
         for m in self.gate_modes:
             self.gate_mode.labels(model, m).set(1.0 if m == mode else 0.0)
         self.gate_keep_ratio.labels(model).set(keep_ratio if keep_ratio is not None else 0.0)
+
+
+class ModelSeries:
+    """The children of one model's per-request metrics, resolved once."""
+
+    __slots__ = ("active", "flops", "layers", "request_seconds", "success")
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.success = {p: metrics.requests.labels(model, "success", p) for p in PROTOCOLS}
+        self.request_seconds = metrics.request_seconds.labels(model)
+        self.active = {m: metrics.active_channel_ratio.labels(model, m) for m in metrics.gate_modes}
+        self.flops = {m: metrics.flops_ratio.labels(model, m) for m in metrics.gate_modes}
+        self.layers: dict[str, Any] = {}
+
+    def layer(self, metrics: Metrics, model: str, layer: str) -> Any:
+        child = self.layers.get(layer)
+        if child is None:
+            child = self.layers[layer] = metrics.layer_active_ratio.labels(model, layer)
+        return child
 
 
 def render(registry: CollectorRegistry) -> bytes:

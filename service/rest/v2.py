@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
+from starlette.routing import request_response
 
 from service.dataplane import DataPlane, InferResponse, Limits
 from service.errors import InvalidInput, PayloadTooLarge
@@ -76,15 +77,15 @@ _BINARY_OK: dict[int | str, dict[str, Any]] = {
 
 class FastBodyRoute(APIRoute):
     """A documented route whose endpoint takes the ``Request`` and returns a ``Response``
-    itself: FastAPI keeps the OpenAPI operation but solves no dependencies per request."""
+    itself: FastAPI keeps the OpenAPI operation, but the route runs the endpoint as a plain
+    Starlette one (no dependency solving, no per-request exit stacks)."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        self.app = request_response(endpoint)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        endpoint = self.endpoint
-
-        async def handler(request: Request) -> Response:
-            response: Response = await endpoint(request)
-            return response
-
+        handler: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
         return handler
 
 

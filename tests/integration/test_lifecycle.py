@@ -316,3 +316,20 @@ def test_sigterm_drains_grpc_requests_too(integration_repository: Path, tmp_path
     finally:
         caller.close()
         server.stop()
+
+
+def test_a_grpc_port_in_use_stops_startup_with_one_line(
+    integration_repository: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = start_server(integration_repository, tmp_path, wait_ready=False, grpc_port=port)
+        try:
+            assert server.process.wait(60) == 2
+        finally:
+            server.stop()
+    output = server.output()
+    assert f"GATED_GRPC_PORT): 127.0.0.1:{port} is in use" in output
+    assert "Traceback" not in output
