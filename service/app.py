@@ -82,6 +82,7 @@ def create_app(
     app.state.grpc = None
     app.state.preloaded = engine
     app.state.registry = registry if registry is not None else CollectorRegistry()
+    v2.add_inference_routes(app)
     app.include_router(v2.build_router())
     app.include_router(admin.build_router())
     app.include_router(admin.build_repository_router())
@@ -128,7 +129,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.loaded = True
         if settings.grpc_port:
             grpc_server = GrpcServer(
-                app.state.plane, settings.host, settings.grpc_port, settings.max_request_bytes
+                app.state.plane, settings.host, settings.grpc_port, settings.max_request_bytes,
+                max_calls=2 * settings.max_queue_size * max(1, len(state.models)) + 64,
             )
             try:
                 await grpc_server.start()
@@ -148,11 +150,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await state.drain(settings.drain_timeout_s)
-        if app.state.grpc is not None:
-            await app.state.grpc.stop(1.0)
+        # Batchers first: what is still queued after the drain's timeout is answered (or fails
+        # with 503 / UNAVAILABLE) while the gRPC server can still deliver it.
         for runtime in state.models.values():
             if runtime.batcher is not None:
                 await runtime.batcher.stop(settings.drain_timeout_s)
+        if app.state.grpc is not None:
+            await app.state.grpc.stop(1.0)
         await asyncio.to_thread(engine.close)
         if state.tracing is not None:
             state.tracing.shutdown()

@@ -16,7 +16,7 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,18 +26,13 @@ from service.batcher import Ticket
 from service.engine import OUTPUT_NAME, FloatArray, GateConfig, ItemResult, ModelInfo
 from service.errors import (
     AdminDisabled,
-    ClientDisconnected,
     Forbidden,
     InvalidInput,
-    ModelNotFound,
-    PayloadTooLarge,
-    QueueFull,
-    RequestTimeout,
-    ServerNotReady,
     ServiceError,
     Unauthorized,
-    Unavailable,
+    mapping,
 )
+from service.protocol.errors import shown
 from service.protocol.types import (
     DecodedRequest,
     ModelMetadata,
@@ -60,25 +55,13 @@ MAX_INPUTS = 16
 # Longest queue timeout a request may ask for with the ``timeout`` parameter.
 MAX_TIMEOUT_S = 3600.0
 
-# Outcome and rejection reason of each error a request can end with (see service.metrics).
-_ACCOUNTING: dict[type[Exception], tuple[str, str | None]] = {
-    InvalidInput: ("invalid", "invalid_input"),
-    PayloadTooLarge: ("invalid", "body_too_large"),
-    ModelNotFound: ("invalid", "unknown_model"),
-    QueueFull: ("rejected", "queue_full"),
-    ServerNotReady: ("rejected", "not_ready"),
-    Unavailable: ("rejected", "not_ready"),
-    RequestTimeout: ("timeout", "timeout"),
-    ClientDisconnected: ("cancelled", "client_disconnected"),
-}
-
-
 @dataclass(frozen=True, slots=True)
 class Limits:
     """What one request to a model may carry; front ends check these while decoding, before
     any tensor is allocated."""
 
     max_inputs: int
+    max_outputs: int
     max_tensor_elements: int
     max_request_bytes: int
 
@@ -92,7 +75,7 @@ class InferResponse:
     id: str | None
     outputs: list[Tensor]  # the ones the request asked for (all when it named none)
     parameters: dict[str, ParameterValue]
-    request: DecodedRequest  # what was asked, for transport options (binary outputs)
+    binary_outputs: set[str]  # outputs the request wants as raw bytes (REST's binary extension)
 
 
 # A front end's decoder: the wire request -> DecodedRequest, within the limits it is given.
@@ -169,11 +152,9 @@ class DataPlane:
         gRPC metadata entry); raises AdminDisabled, Unauthorized or Forbidden."""
         try:
             self._check_token(credentials)
-        except Unauthorized:
-            self._account(None, "invalid", "unauthorized", "")
-            raise
-        except Forbidden:
-            self._account(None, "invalid", "forbidden", "")
+        except (Unauthorized, Forbidden) as err:
+            row = mapping(err)
+            self._account(None, row.outcome, row.reason, "")
             raise
 
     def _check_token(self, credentials: str | None) -> None:
@@ -191,8 +172,21 @@ class DataPlane:
         ):
             raise Forbidden("invalid admin token")
 
-    async def load(self, name: str) -> ModelInfo:
-        """Load ``name`` from the repository again (or for the first time) and serve it."""
+    def gate(self, name: str) -> GateConfig:
+        """The configuration ``name``'s requests without gate parameters run under."""
+        return self.state.model(name).gate
+
+    async def load(self, name: str, parameters: Collection[str] = ()) -> ModelInfo:
+        """Load ``name`` from the repository again (or for the first time) and serve it.
+
+        ``parameters``: the names of the protocol's load parameters the request carried
+        (Triton's config or file overrides); none is supported, so any is refused.
+        """
+        if parameters:
+            raise InvalidInput(
+                f"repository load parameters ({', '.join(shown(p) for p in list(parameters)[:4])})"
+                " are not supported: the model loads from its folder in the repository"
+            )
         state = self.state
         state.check_ready()
         async with state.repository_lock:
@@ -241,6 +235,7 @@ class DataPlane:
         settings = self.state.settings
         limits = Limits(
             max_inputs=MAX_INPUTS,
+            max_outputs=MAX_INPUTS,
             max_tensor_elements=settings.max_request_rows * info.max_length * info.in_channels,
             max_request_bytes=settings.max_request_bytes,
         )
@@ -261,24 +256,26 @@ class DataPlane:
         """Run one inference request.
 
         ``decode`` reads the request within the model's limits. ``deadline_s``: seconds the
-        transport still allows (a gRPC deadline), on top of the ``timeout`` parameter.
-        ``disconnected`` resolves when the client goes away (REST); a cancelled call (gRPC)
-        is dropped alike: before compute, it never reaches the model.
+        transport still allows from now (a gRPC deadline), on top of the ``timeout``
+        parameter. ``disconnected`` resolves when the client goes away (REST); a cancelled call
+        (gRPC) is dropped alike: before compute, it never reaches the model. With batching off
+        (the naive baseline) a request goes to the compute thread at once and runs whatever
+        happens to its client.
         """
         state = self.state
         start = time.monotonic()
         runtime: ModelRuntime | None = None
         request_id: str | None = None
         tracing = self.tracing
-        span = (
-            tracing.start_request(trace_carrier, model, protocol) if tracing.enabled else None
-        )
+        span = None
         ticket_gate: GateConfig | None = None
         timing = None
         enqueued_ns: int | None = None
         result: ItemResult | None = None
         try:
             runtime = state.model(model, version or None)
+            if tracing.enabled:  # named after the served model, never the client's string
+                span = tracing.start_request(trace_carrier, runtime.info.name, protocol)
             runtime.inflight += 1
             try:
                 state.check_ready()
@@ -289,8 +286,9 @@ class DataPlane:
                     decoded, runtime.info, settings.max_request_rows, settings.allow_non_finite
                 )
                 ticket_gate, timeout_s = self._request_options(runtime, decoded.parameters)
-                if deadline_s is not None:
-                    timeout_s = min(timeout_s, max(deadline_s, 0.0))
+                if deadline_s is not None:  # what is left of it after reading the request
+                    remaining = deadline_s - (time.monotonic() - start)
+                    timeout_s = min(timeout_s, max(remaining, 0.0))
                 batcher = runtime.batcher
                 if batcher is None:
                     result = await self._compute_now(runtime, ticket_gate, array)
@@ -306,9 +304,10 @@ class DataPlane:
             finally:
                 runtime.inflight -= 1
         except BaseException as err:
-            if span is not None:
+            if span is not None and runtime is not None:
                 tracing.finish_request(
-                    span, model=model, gate_mode=ticket_gate.mode if ticket_gate else None,
+                    span, model=runtime.info.name,
+                    gate_mode=ticket_gate.mode if ticket_gate else None,
                     enqueued_ns=enqueued_ns, batch=timing, flops_ratio=None, error=err,
                 )
             if isinstance(err, asyncio.CancelledError):
@@ -323,7 +322,8 @@ class DataPlane:
             raise ServiceError("internal error") from None
         if span is not None:
             tracing.finish_request(
-                span, model=model, gate_mode=ticket_gate.mode, enqueued_ns=enqueued_ns,
+                span, model=runtime.info.name, gate_mode=ticket_gate.mode,
+                enqueued_ns=enqueued_ns,
                 batch=timing, flops_ratio=result.flops_ratio, error=None,
             )
         metrics = state.metrics
@@ -413,15 +413,10 @@ class DataPlane:
         request_id: str | None,
         protocol: str,
     ) -> None:
-        outcome, reason = "error", None
-        for kind in type(err).__mro__:
-            if kind in _ACCOUNTING:
-                outcome, reason = _ACCOUNTING[kind]
-                break
-        self._account(runtime, outcome, reason, protocol)
-        if outcome in ("timeout", "error") and isinstance(err, ServiceError):
+        row = mapping(err)
+        self._account(runtime, row.outcome, row.reason, protocol)
+        if row.outcome in ("timeout", "error") and isinstance(err, ServiceError):
             logger.warning("request %s: %s", request_id, err.message)
-
 
 
 async def _await_ticket(
@@ -456,7 +451,7 @@ def _model_input(
     if len(inputs) == 1 and inputs[0].name == name:
         tensor = inputs[0]
     else:
-        names = ", ".join(repr(t.name) for t in inputs) or "none"
+        names = ", ".join(shown(t.name) for t in inputs[:4]) or "none"
         raise InvalidInput(
             f"model {info.name!r} takes exactly one input named {name!r}; got {names}"
         )
@@ -465,7 +460,7 @@ def _model_input(
         for out in decoded.outputs:
             if out.name not in produced:
                 raise InvalidInput(
-                    f"unknown output {out.name!r}; model {info.name!r} produces "
+                    f"unknown output {shown(out.name)}; model {info.name!r} produces "
                     + ", ".join(repr(n) for n in sorted(produced))
                 )
     array = tensor.array
@@ -528,7 +523,7 @@ def _response(
         id=decoded.id,
         outputs=[Tensor(OUTPUT_NAME, result.logits)],
         parameters=parameters,
-        request=decoded,
+        binary_outputs=decoded.binary_output_names((OUTPUT_NAME,)),
     )
 
 

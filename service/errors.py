@@ -9,6 +9,8 @@ or secrets.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from service.protocol.errors import InvalidInput
 
 __all__ = [
@@ -16,6 +18,8 @@ __all__ = [
     "ClientDisconnected",
     "Forbidden",
     "InvalidInput",
+    "ErrorCodes",
+    "ModelLoadFailed",
     "ModelNotFound",
     "ModelNotReady",
     "PayloadTooLarge",
@@ -27,6 +31,7 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "codes",
+    "mapping",
 ]
 
 
@@ -101,27 +106,44 @@ class Unimplemented(ServiceError):
     message names it."""
 
 
-# What each error becomes: (HTTP status, gRPC status code name). Looked up along the class
-# hierarchy, so a subclass maps like its base unless listed itself.
-CODES: dict[type[Exception], tuple[int, str]] = {
-    InvalidInput: (400, "INVALID_ARGUMENT"),
-    ModelLoadFailed: (400, "INVALID_ARGUMENT"),
-    ModelNotFound: (404, "NOT_FOUND"),
-    PayloadTooLarge: (413, "RESOURCE_EXHAUSTED"),
-    Unauthorized: (401, "UNAUTHENTICATED"),
-    Forbidden: (403, "PERMISSION_DENIED"),
-    Unavailable: (503, "UNAVAILABLE"),
-    RequestTimeout: (504, "DEADLINE_EXCEEDED"),
-    ClientDisconnected: (499, "CANCELLED"),
-    Unimplemented: (501, "UNIMPLEMENTED"),
-    ServiceError: (500, "INTERNAL"),
+class ErrorCodes(NamedTuple):
+    """What an error becomes: its HTTP status, its gRPC status code, and how the request is
+    counted (``gated_requests_total{outcome}``, ``gated_rejected_requests_total{reason}``)."""
+
+    http: int
+    grpc: str
+    outcome: str
+    reason: str | None
+
+
+# The one table. Looked up along the class hierarchy: a subclass maps like its base unless
+# listed itself.
+CODES: dict[type[Exception], ErrorCodes] = {
+    InvalidInput: ErrorCodes(400, "INVALID_ARGUMENT", "invalid", "invalid_input"),
+    ModelLoadFailed: ErrorCodes(400, "INVALID_ARGUMENT", "invalid", None),
+    ModelNotFound: ErrorCodes(404, "NOT_FOUND", "invalid", "unknown_model"),
+    PayloadTooLarge: ErrorCodes(413, "RESOURCE_EXHAUSTED", "invalid", "body_too_large"),
+    Unauthorized: ErrorCodes(401, "UNAUTHENTICATED", "invalid", "unauthorized"),
+    Forbidden: ErrorCodes(403, "PERMISSION_DENIED", "invalid", "forbidden"),
+    QueueFull: ErrorCodes(503, "UNAVAILABLE", "rejected", "queue_full"),
+    Unavailable: ErrorCodes(503, "UNAVAILABLE", "rejected", "not_ready"),
+    RequestTimeout: ErrorCodes(504, "DEADLINE_EXCEEDED", "timeout", "timeout"),
+    ClientDisconnected: ErrorCodes(499, "CANCELLED", "cancelled", "client_disconnected"),
+    Unimplemented: ErrorCodes(501, "UNIMPLEMENTED", "invalid", None),
+    ServiceError: ErrorCodes(500, "INTERNAL", "error", None),
 }
 
 
-def codes(err: Exception) -> tuple[int, str]:
-    """(HTTP status, gRPC status code name) of ``err``; anything unknown is an internal error."""
+def mapping(err: BaseException) -> ErrorCodes:
+    """The table's row of ``err``; anything unknown is an internal error."""
     for kind in type(err).__mro__:
         found = CODES.get(kind)
         if found is not None:
             return found
     return CODES[ServiceError]
+
+
+def codes(err: BaseException) -> tuple[int, str]:
+    """(HTTP status, gRPC status code name) of ``err``."""
+    row = mapping(err)
+    return row.http, row.grpc

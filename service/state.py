@@ -17,6 +17,7 @@ from service.batcher import DynamicBatcher
 from service.engine import Engine, EngineError, GateConfig, ModelInfo, ModelNotInRepository
 from service.errors import ModelLoadFailed, ModelNotFound, ModelNotReady, ServerNotReady
 from service.metrics import Metrics
+from service.protocol.errors import shown
 from service.settings import Settings
 from service.tracing import Tracing
 
@@ -66,11 +67,12 @@ class ServiceState:
         runtime = self.models.get(name)
         if runtime is None:
             if not self.loaded:
-                raise ModelNotReady(f"model {name!r} is not loaded yet")
-            raise ModelNotFound(f"unknown model {name!r}")
+                raise ModelNotReady(f"model {shown(name)} is not loaded yet")
+            raise ModelNotFound(f"unknown model {shown(name)}")
         if version is not None and version != runtime.info.version:
             raise ModelNotFound(
-                f"model {name!r} has no version {version!r}; available: {runtime.info.version}"
+                f"model {shown(name)} has no version {shown(version)}; available: "
+                f"{runtime.info.version}"
             )
         return runtime
 

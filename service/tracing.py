@@ -122,8 +122,14 @@ class Tracing:
         if gate_mode is not None:
             common["gated.gate_mode"] = gate_mode
             span.set_attribute("gated.gate_mode", gate_mode)
+        parent = self._trace.set_span_in_context(span)
+        if enqueued_ns is not None and (batch is None or not batch.end_ns):
+            # Timed out, cancelled or shed while queued: its queue time is the story.
+            queue = self._tracer.start_span(
+                "queue", context=parent, start_time=enqueued_ns, attributes=common
+            )
+            queue.end(end_time=batch.start_ns if batch is not None else None)
         if batch is not None and batch.end_ns:
-            parent = self._trace.set_span_in_context(span)
             detail = {**common, "gated.batch_size": batch.size, "gated.batch_rows": batch.rows}
             if flops_ratio is not None:
                 detail["gated.flops_ratio"] = flops_ratio

@@ -17,7 +17,7 @@ import numpy.typing as npt
 from service.dataplane import InferResponse, Limits
 from service.grpc import messages
 from service.protocol.codec import check_datatype, check_shape, tensor_from_bytes, tensor_to_bytes
-from service.protocol.errors import InvalidInput
+from service.protocol.errors import InvalidInput, shown
 from service.protocol.types import (
     WIRE_DTYPES,
     DecodedRequest,
@@ -26,6 +26,8 @@ from service.protocol.types import (
     Tensor,
 )
 
+# Parameters of one request, input or output: V2 defines a handful; more is not a client.
+MAX_PARAMETERS = 64
 # Which typed-contents field carries each datatype, and the narrower range it must fit.
 _CONTENTS: dict[str, str] = {
     "BOOL": "bool_contents",
@@ -45,11 +47,13 @@ _CONTENTS: dict[str, str] = {
 
 def parameters_from(entries: Mapping[str, Any], where: str) -> dict[str, ParameterValue]:
     """An ``InferParameter`` map as plain values."""
+    if len(entries) > MAX_PARAMETERS:
+        raise InvalidInput(f"{where} has {len(entries)} parameters; the limit is {MAX_PARAMETERS}")
     out: dict[str, ParameterValue] = {}
     for key, param in entries.items():
         choice = param.WhichOneof("parameter_choice")
         if choice is None:
-            raise InvalidInput(f"{where} parameter {key!r} has no value")
+            raise InvalidInput(f"{where} parameter {shown(key)} has no value")
         out[key] = getattr(param, choice)
     return out
 
@@ -80,13 +84,15 @@ def decode_infer_request(request: Any, limits: Limits) -> DecodedRequest:
             "send one per input, in input order, or use typed contents for all"
         )
     tensors: list[Tensor] = []
+    names: set[str] = set()
     for index, item in enumerate(inputs):
         name = item.name
         if not name:
             raise InvalidInput(f"inputs[{index}] has no name")
-        where = f"input {name!r}"
-        if any(t.name == name for t in tensors):
+        where = f"input {shown(name)}"
+        if name in names:
             raise InvalidInput(f"{where} appears more than once")
+        names.add(name)
         datatype = check_datatype(item.datatype, where)
         shape, count = check_shape(item.shape, where, limits.max_tensor_elements)
         parameters = parameters_from(item.parameters, where)
@@ -102,13 +108,19 @@ def decode_infer_request(request: Any, limits: Limits) -> DecodedRequest:
             array = _from_contents(item, datatype, shape, count, where)
         tensors.append(Tensor(name, array, parameters))
 
+    if len(request.outputs) > limits.max_outputs:
+        raise InvalidInput(
+            f"request asks for {len(request.outputs)} outputs; the limit is {limits.max_outputs}"
+        )
     outputs: list[RequestedOutput] = []
+    wanted: set[str] = set()
     for index, out in enumerate(request.outputs):
         if not out.name:
             raise InvalidInput(f"outputs[{index}] has no name")
-        if any(o.name == out.name for o in outputs):
-            raise InvalidInput(f"output {out.name!r} is requested more than once")
-        params = parameters_from(out.parameters, f"output {out.name!r}")
+        if out.name in wanted:
+            raise InvalidInput(f"output {shown(out.name)} is requested more than once")
+        wanted.add(out.name)
+        params = parameters_from(out.parameters, f"output {shown(out.name)}")
         outputs.append(RequestedOutput(out.name, True, params))
 
     parameters = parameters_from(request.parameters, "request")

@@ -169,12 +169,7 @@ class InferenceService:
 
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self.plane.authorize(_metadata(context, "authorization"))
-        if request.parameters:
-            raise InvalidInput(
-                "repository load parameters (config or file overrides) are not supported: "
-                "the model loads from its folder in the repository"
-            )
-        await self.plane.load(request.model_name)
+        await self.plane.load(request.model_name, list(request.parameters))
         return messages.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
@@ -228,13 +223,17 @@ class GrpcServer:
     """The gRPC server of one app: started after the models are ready, stopped after the
     drain."""
 
-    def __init__(self, plane: DataPlane, host: str, port: int, max_message_bytes: int) -> None:
+    def __init__(
+        self, plane: DataPlane, host: str, port: int, max_message_bytes: int, max_calls: int
+    ) -> None:
         self.plane = plane
         self.host = host
         self.port = port
         self.max_message_bytes = max_message_bytes
+        self.max_calls = max_calls
         self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> int:
         """Bind and serve; returns the bound port. Raises OSError when the port is taken."""
@@ -242,13 +241,20 @@ class GrpcServer:
             options=[
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),
+                # Calls in progress per connection: what one tritonclient channel needs, not
+                # thousands of parsed messages held at once.
+                ("grpc.max_concurrent_streams", 256),
                 # One server per port: a port in use is an error, never a silent share.
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
+            # Calls in progress in all: past it grpcio answers RESOURCE_EXHAUSTED before
+            # reading the message (the queues behind hold far fewer anyway).
+            maximum_concurrent_rpcs=self.max_calls,
         )
         server.add_generic_rpc_handlers((InferenceService(self.plane).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        address = f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
+        address = f"{host}:{self.port}"
         try:
             port = server.add_insecure_port(address)
         except RuntimeError:
@@ -276,7 +282,9 @@ class GrpcServer:
     def draining(self) -> None:
         """Drain started: health turns NOT_SERVING (the data plane already refuses requests)."""
         if self._server is not None:
-            asyncio.get_running_loop().create_task(self.set_serving(False))
+            task = asyncio.get_running_loop().create_task(self.set_serving(False))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def stop(self, grace_s: float) -> None:
         server, self._server = self._server, None

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from service.protocol.errors import InvalidInput
+from service.protocol.errors import InvalidInput, shown
 from service.protocol.types import (
     WIRE_DTYPES,
     DecodedRequest,
@@ -55,6 +55,7 @@ _TYPE_NAMES = {
     type(None): "nulls",
 }
 _LENGTH_PREFIX = struct.Struct("<I")
+_MAX_DIMENSION = 2**62  # any larger cannot be a numpy dimension
 _SUPPORTED = ", ".join(WIRE_DTYPES)
 
 
@@ -76,6 +77,7 @@ def decode_request(
     *,
     max_inputs: int | None = None,
     max_tensor_elements: int | None = None,
+    max_outputs: int | None = None,
 ) -> DecodedRequest:
     """Parse an inference request body into numpy tensors.
 
@@ -118,11 +120,13 @@ def decode_request(
         raise InvalidInput(f"request has {len(raw_inputs)} inputs; the limit is {max_inputs}")
 
     inputs: list[Tensor] = []
+    names: set[str] = set()
     pending: list[tuple[Tensor, _BinaryLayout]] = []
     for index, raw in enumerate(raw_inputs):
         tensor, layout = _decode_input(raw, index, max_tensor_elements)
-        if any(t.name == tensor.name for t in inputs):
-            raise InvalidInput(f"input {tensor.name!r} appears more than once")
+        if tensor.name in names:
+            raise InvalidInput(f"input {shown(tensor.name)} appears more than once")
+        names.add(tensor.name)
         inputs.append(tensor)
         if layout is not None:
             pending.append((tensor, layout))
@@ -154,7 +158,7 @@ def decode_request(
         id=request_id,
         parameters=parameters,
         inputs=inputs,
-        outputs=_decode_outputs(doc.get("outputs")),
+        outputs=_decode_outputs(doc.get("outputs"), max_outputs),
         binary_output=binary_output,
     )
 
@@ -263,7 +267,7 @@ def _decode_input(
 ) -> tuple[Tensor, _BinaryLayout | None]:
     """Build the tensor for one input; binary inputs come back with their array unset."""
     name = _object_name(raw, "inputs", index)
-    where = f"input {name!r}"
+    where = f"input {shown(name)}"
     _check_unknown_keys(raw, {"name", "shape", "datatype", "parameters", "data"}, where, 3)
     for key in ("shape", "datatype"):
         if key not in raw:
@@ -329,18 +333,22 @@ def _parameters(raw: Any, where: str) -> dict[str, ParameterValue]:
     return dict(raw)
 
 
-def _decode_outputs(raw: Any) -> list[RequestedOutput]:
+def _decode_outputs(raw: Any, max_outputs: int | None) -> list[RequestedOutput]:
     if raw is None:
         return []
     if not isinstance(raw, list):
         raise InvalidInput(f"'outputs' must be an array, got {_json_type(raw)}")
+    if max_outputs is not None and len(raw) > max_outputs:
+        raise InvalidInput(f"request asks for {len(raw)} outputs; the limit is {max_outputs}")
     outputs: list[RequestedOutput] = []
+    names: set[str] = set()
     for index, item in enumerate(raw):
         name = _object_name(item, "outputs", index)
-        where = f"output {name!r}"
+        where = f"output {shown(name)}"
         _check_unknown_keys(item, {"name", "parameters"}, where, 3)
-        if any(o.name == name for o in outputs):
+        if name in names:
             raise InvalidInput(f"{where} is requested more than once")
+        names.add(name)
         parameters = _parameters(item.get("parameters"), where)
         binary = parameters.pop("binary_data", False)
         if not isinstance(binary, bool):
@@ -592,6 +600,12 @@ def check_shape(raw: Sequence[int], where: str, max_elements: int | None) -> tup
     if max_elements is not None and count > max_elements:
         raise InvalidInput(
             f"{where} has shape {shape} with {count} elements; the limit is {max_elements}"
+        )
+    # Each dimension on its own too: [0, 2**62] holds no element but no array has that shape.
+    largest = max_elements if max_elements is not None else _MAX_DIMENSION
+    if any(d > largest for d in shape):
+        raise InvalidInput(
+            f"{where} 'shape' {shape} has a dimension over the limit of {largest} elements"
         )
     return shape, count
 

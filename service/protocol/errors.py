@@ -5,6 +5,14 @@ layer maps them to status codes in one place.
 """
 
 
+def shown(text: str, limit: int = 64) -> str:
+    """``text`` as an error message may quote it: repr'd, and cut at ``limit`` characters (a
+    client's names can be megabytes long, and gRPC carries messages in a header)."""
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 class InvalidInput(Exception):
     """The request (or the output format it asked for) cannot be honoured; maps to HTTP 400.
 

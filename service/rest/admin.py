@@ -102,7 +102,7 @@ def _gate_body(model: str, gate: GateConfig, **extra: object) -> Response:
 
 async def get_gate(plane: Admin, model_name: str) -> Response:
     """The configuration requests without gate parameters currently run under."""
-    return _gate_body(model_name, plane.state.model(model_name).gate)
+    return _gate_body(model_name, plane.gate(model_name))
 
 
 async def put_gate(request: Request, plane: Admin, model_name: str) -> Response:
@@ -135,13 +135,24 @@ def _describe(err: ValidationError) -> str:
     return "invalid gate update: " + "; ".join(parts) + f" (fields: {fields})"
 
 
-async def load_model(plane: Admin, model_name: str) -> Response:
+class LoadRequest(BaseModel):
+    """Body of ``POST /v2/repository/models/{m}/load`` (optional): ``{"parameters": {...}}``."""
+
+    parameters: dict[str, Any] = {}
+
+
+async def load_model(request: Request, plane: Admin, model_name: str) -> Response:
     """Load ``model_name``'s checkpoint from the repository again and swap it in under load.
 
     Requests already queued or computing finish on the weights they started with; the previous
     weights are released once the last batch using them is done. Loads an unloaded model too.
     """
-    info = await plane.load(model_name)
+    body = await read_body(request, plane.state.settings.max_request_bytes)
+    try:
+        query = LoadRequest.model_validate_json(body) if body.strip() else LoadRequest()
+    except ValidationError:
+        raise InvalidInput('repository load body must be {} or {"parameters": {...}}') from None
+    info = await plane.load(model_name, list(query.parameters))
     return Response(
         orjson.dumps({"name": model_name, "version": info.version, "state": "READY"}),
         media_type="application/json",

@@ -12,16 +12,17 @@ request, because on a small model the HTTP handling costs more than the forward 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.routing import APIRoute
+from starlette.requests import ClientDisconnect
 from starlette.routing import request_response
 
 from service.dataplane import DataPlane, InferResponse, Limits
-from service.errors import InvalidInput, PayloadTooLarge
+from service.errors import ClientDisconnected, InvalidInput, PayloadTooLarge
 from service.protocol.codec import decode_request, encode_response, parse_header_length
 from service.protocol.types import (
     DecodedRequest,
@@ -78,28 +79,31 @@ _BINARY_OK: dict[int | str, dict[str, Any]] = {
 class FastBodyRoute(APIRoute):
     """A documented route whose endpoint takes the ``Request`` and returns a ``Response``
     itself: FastAPI keeps the OpenAPI operation, but the route runs the endpoint as a plain
-    Starlette one (no dependency solving, no per-request exit stacks)."""
+    Starlette one (no dependency solving, no per-request exit stacks). Added to the app itself,
+    not through an included router, whose per-route wrapping would put them back."""
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, endpoint, **kwargs)
         self.app = request_response(endpoint)
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
-        return handler
+
+def add_inference_routes(app: FastAPI) -> None:
+    """The two inference routes, first among the app's routes: matched before any other."""
+    for path in ("/v2/models/{model_name}/infer",
+                 "/v2/models/{model_name}/versions/{model_version}/infer"):
+        app.router.routes.append(
+            FastBodyRoute(
+                path, infer, methods=["POST"], response_model=InferenceResponse,
+                responses={**_BINARY_OK, **_ERRORS}, openapi_extra=_INFER_BODY,
+                summary="Inference", tags=["v2"],
+                operation_id=f"infer{'_version' if 'versions' in path else ''}",
+            )
+        )
 
 
 def build_router() -> APIRouter:
-    """The V2 router; mounted by ``create_app``."""
+    """The rest of the V2 API; mounted by ``create_app`` after the inference routes."""
     router = APIRouter(prefix="/v2", tags=["v2"])
-    for path in ("/models/{model_name}/infer",
-                 "/models/{model_name}/versions/{model_version}/infer"):
-        router.add_api_route(
-            path, infer, methods=["POST"], route_class_override=FastBodyRoute,
-            response_model=InferenceResponse, responses={**_BINARY_OK, **_ERRORS},
-            openapi_extra=_INFER_BODY,
-            summary="Inference", operation_id=f"infer{'_version' if 'versions' in path else ''}",
-        )
     router.add_api_route("/health/live", live, methods=["GET"])
     router.add_api_route("/health/ready", ready, methods=["GET"], responses={503: _ERRORS[503]})
     router.add_api_route("", server_metadata, methods=["GET"], response_model=ServerMetadata)
@@ -188,6 +192,7 @@ async def infer(request: Request) -> Response:
             body,
             parse_header_length(request.headers.get(HEADER_LENGTH)),
             max_inputs=limits.max_inputs,
+            max_outputs=limits.max_outputs,
             max_tensor_elements=limits.max_tensor_elements,
         )
 
@@ -211,7 +216,7 @@ def _encode(result: InferResponse) -> Response:
         request_id=result.id,
         outputs=result.outputs,
         parameters=result.parameters,
-        binary=result.request.binary_output_names(t.name for t in result.outputs),
+        binary=result.binary_outputs,
     )
     if header_length is None:
         return Response(body, media_type=JSON)
@@ -228,9 +233,12 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit} limit")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the {limit} bytes limit")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the {limit} bytes limit")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnected("client disconnected while sending the body") from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -6,6 +6,8 @@ After the whole battery the server must still be ready and answer a valid reques
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from tritonclient.grpc import service_pb2
 
 from tests.integration.conftest import Server, serving
 from tests.utils.clients import SERVICE, GrpcClient, Reply, grpc_error, grpc_request
-from tests.utils.service import binary_request, json_request
+from tests.utils.service import binary_request, json_request, metric
 
 MAX_BYTES = 1024 * 1024
 MAX_ROWS = 4
@@ -106,6 +108,16 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
      orjson.dumps({**_valid(), "id": "x" * 10_000_000}), {}, 413, "limit"),
     ("id_not_string", "models/tiny/infer", orjson.dumps({**_valid(), "id": {"a": 1}}), {}, 400,
      "id"),
+    ("empty_but_huge_shape", "models/tiny/infer", _with_input(shape=[0, 2**62], data=[]), {},
+     400, "limit"),
+    ("shape_beyond_int64", "models/tiny/infer",
+     b'{"inputs":[{"name":"input","shape":[1,1180591620717411303424],"datatype":"FP32",'
+     b'"data":[]}]}', {}, 400, "integers"),
+    ("too_many_outputs", "models/tiny/infer",
+     orjson.dumps({**_valid(), "outputs": [{"name": f"o{i}"} for i in range(10_000)]}), {}, 400,
+     "limit"),
+    ("long_model_name", f"models/{'m' * 10_000}/infer", orjson.dumps(_valid()), {}, 404,
+     "10000 characters"),
 ]
 
 
@@ -210,6 +222,14 @@ GRPC_CASES: list[tuple[str, Any, str, str]] = [
      "invalid", "keep_ratio"),
     ("unknown_output", _grpc_edit(lambda r: r.outputs.add(name="probs")), "invalid", "probs"),
     ("message_over_limit", _grpc(np.zeros((1, MAX_BYTES // 4 + 8), np.float32)), "too_large", ""),
+    ("empty_but_huge_shape", _grpc_edit(_set("shape", [0, 1 << 62])), "invalid", "limit"),
+    ("too_many_outputs",
+     _grpc_edit(lambda r: [r.outputs.add(name=f"o{i}") for i in range(10_000)]), "invalid",
+     "limit"),
+    ("too_many_parameters",
+     _grpc_edit(lambda r: [r.parameters[f"p{i}"].CopyFrom(r.parameters["x"]) for i in range(100)]),
+     "invalid", "limit"),
+    ("long_model_name", _grpc(model="m" * 100_000), "not_found", "100000 characters"),
 ]
 
 
@@ -239,4 +259,25 @@ def test_hostile_grpc_requests_get_the_matching_codes(hostile_server: Server) ->
         channel.close()
     assert not failures, "\n".join(failures)
     assert hostile_server.process.poll() is None
+    assert "Traceback" not in hostile_server.output()
+
+
+def test_a_client_leaving_mid_upload_is_counted_as_cancelled(hostile_server: Server) -> None:
+    """Not a server error: no traceback, outcome ``cancelled``."""
+    errors = metric(hostile_server.url, "gated_requests_total", outcome="error")
+    left = metric(hostile_server.url, "gated_rejected_requests_total",
+                  reason="client_disconnected")
+    body = orjson.dumps(_valid())
+    with socket.create_connection(("127.0.0.1", hostile_server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: test\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10]
+        )
+        time.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while metric(hostile_server.url, "gated_rejected_requests_total",
+                 reason="client_disconnected") == left:
+        assert time.monotonic() < deadline, "the disconnect was not counted"
+        time.sleep(0.05)
+    assert metric(hostile_server.url, "gated_requests_total", outcome="error") == errors
     assert "Traceback" not in hostile_server.output()

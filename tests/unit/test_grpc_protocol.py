@@ -35,9 +35,11 @@ from service.errors import (
 )
 from service.grpc import messages
 from service.grpc.codec import decode_infer_request, encode_infer_response
-from service.protocol.types import DecodedRequest, Tensor
+from service.protocol.types import Tensor
 
-LIMITS = Limits(max_inputs=4, max_tensor_elements=1000, max_request_bytes=1 << 20)
+LIMITS = Limits(
+    max_inputs=4, max_outputs=4, max_tensor_elements=1000, max_request_bytes=1 << 20
+)
 
 
 def _walk(descriptor: Any) -> Any:
@@ -166,7 +168,7 @@ def test_response_carries_raw_outputs_and_parameters() -> None:
     result = InferResponse(
         model_name="m", model_version="1", id="r", outputs=[Tensor("logits", logits)],
         parameters={"gate_mode": "dynamic", "keep_ratio": 0.5, "steps": 3, "exact": False},
-        request=DecodedRequest(None, {}, [], [], True),
+        binary_outputs={"logits"},
     )
     theirs = service_pb2.ModelInferResponse.FromString(
         encode_infer_response(result).SerializeToString()

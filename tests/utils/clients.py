@@ -117,7 +117,11 @@ def grpc_request(
 
 
 def _parameters(entries: Any) -> dict[str, Any]:
-    return {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in entries.items()}
+    out = {}
+    for key, value in entries.items():
+        choice = value.WhichOneof("parameter_choice")
+        out[key] = None if choice is None else getattr(value, choice)
+    return out
 
 
 def grpc_reply(response: service_pb2.ModelInferResponse) -> Reply:
@@ -155,8 +159,10 @@ class GrpcClient:
     def send(self, request: Any, timeout_s: float | None = None,
              metadata: tuple[tuple[str, str], ...] = ()) -> Reply:
         try:
-            response = self._infer(request, timeout=timeout_s or self.timeout_s,
-                                   metadata=metadata)
+            response = self._infer(
+                request, timeout=self.timeout_s if timeout_s is None else timeout_s,
+                metadata=metadata,
+            )
         except grpc.RpcError as err:
             return grpc_error(err)
         return grpc_reply(response)
