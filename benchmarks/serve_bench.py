@@ -420,19 +420,25 @@ def _protocol_acceptance(points: list[ProtocolPoint]) -> dict[str, object]:
 
 
 def protocol_markdown(result: dict[str, object]) -> str:
-    rows = [
-        "| server | protocol | load generator | concurrency | throughput (req/s) | p50 (ms) "
-        "| p99 (ms) | server CPU (µs/req) | errors |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    """The protocol results as a markdown table (one row per point)."""
+    return _table(result, [
+        ("server", "server"), ("protocol", "protocol"), ("load generator", "client"),
+        ("concurrency", "concurrency"), ("throughput (req/s)", "throughput_rps"),
+        ("p50 (ms)", "p50_ms"), ("p99 (ms)", "p99_ms"),
+        ("server CPU (µs/req)", "server_cpu_us_per_request"), ("errors", "errors"),
+    ])
+
+
+def _table(result: dict[str, object], columns: list[tuple[str, str]]) -> str:
+    """``result["points"]`` as a markdown table: (heading, key) per column; numbers right."""
     points = result["points"]
     assert isinstance(points, list)
-    for p in points:
-        rows.append(
-            f"| {p['server']} | {p['protocol']} | {p['client']} | {p['concurrency']} "
-            f"| {p['throughput_rps']} | {p['p50_ms']} | {p['p99_ms']} "
-            f"| {p['server_cpu_us_per_request']} | {p['errors']} |"
-        )
+    numeric = [isinstance(points[0][key], int | float) if points else False for _, key in columns]
+    rows = [
+        "| " + " | ".join(heading for heading, _ in columns) + " |",
+        "|" + "|".join("---:" if n else "---" for n in numeric) + "|",
+    ]
+    rows += ["| " + " | ".join(str(p[key]) for _, key in columns) + " |" for p in points]
     return "\n".join(rows) + "\n"
 
 
@@ -486,20 +492,12 @@ def _device_name(device: str) -> str:
 
 
 def markdown(result: dict[str, object]) -> str:
-    """The results as a markdown table (one row per point)."""
-    rows = [
-        "| server | encoding | concurrency | throughput (req/s) | p50 (ms) | p99 (ms) "
-        "| mean batch | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    points = result["points"]
-    assert isinstance(points, list)
-    for p in points:
-        rows.append(
-            f"| {p['server']} | {p['encoding']} | {p['concurrency']} | {p['throughput_rps']} "
-            f"| {p['p50_ms']} | {p['p99_ms']} | {p['mean_batch_size']} | {p['errors']} |"
-        )
-    return "\n".join(rows) + "\n"
+    """The batching results as a markdown table (one row per point)."""
+    return _table(result, [
+        ("server", "server"), ("encoding", "encoding"), ("concurrency", "concurrency"),
+        ("throughput (req/s)", "throughput_rps"), ("p50 (ms)", "p50_ms"), ("p99 (ms)", "p99_ms"),
+        ("mean batch", "mean_batch_size"), ("errors", "errors"),
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:

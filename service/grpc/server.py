@@ -241,9 +241,6 @@ class GrpcServer:
             options=[
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),
-                # Calls in progress per connection: what one tritonclient channel needs, not
-                # thousands of parsed messages held at once.
-                ("grpc.max_concurrent_streams", 256),
                 # One server per port: a port in use is an error, never a silent share.
                 ("grpc.so_reuseport", 0),
             ],
