@@ -91,6 +91,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             model_repository=args.model_repository,
             host=args.host,
             port=args.port,
+            grpc_port=args.grpc_port,
             device=args.device,
         )
     except SettingsError as err:
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repository", type=Path, help="default: the shipped checkpoints")
     p.add_argument("--host", help="default 127.0.0.1")
     p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--grpc-port", type=int, help="default 8001; 0 turns gRPC off")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
     p.add_argument("--config", type=Path, help="settings YAML file (keys as in Settings)")
     p.set_defaults(func=_cmd_serve)

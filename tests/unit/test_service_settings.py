@@ -103,8 +103,18 @@ def test_cli_serve_invalid_setting_exits_2_with_one_line(
 def test_cli_serve_empty_repository_exits_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["serve", "--model-repository", str(tmp_path), "--port", "0"]) == 2
+    args = ["serve", "--model-repository", str(tmp_path), "--port", "0", "--grpc-port", "0"]
+    assert main(args) == 2
     assert "no model folders" in capsys.readouterr().err
+
+
+def test_cli_serve_grpc_port_equal_to_the_rest_port_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["serve", "--model-repository", str(tmp_path), "--port", "9000", "--grpc-port", "9000"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "grpc_port (9000) must differ from port" in err[0]
 
 
 def test_a_request_must_fit_one_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
