@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pb2, descriptor_pool
 from tritonclient.grpc import service_pb2
 
 from service.dataplane import InferResponse, Limits
@@ -80,9 +80,9 @@ def test_descriptor_set_is_compiled_from_the_proto(tmp_path: Path) -> None:
          f"--descriptor_set_out={out}", messages.PROTO.name],
         check=True, capture_output=True,
     )
-    assert out.read_bytes() == messages.DESCRIPTOR_SET.read_bytes(), (
-        "service/grpc/grpc_service.binpb is stale: run `make proto`"
-    )
+    compiled = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
+    committed = descriptor_pb2.FileDescriptorSet.FromString(messages.DESCRIPTOR_SET.read_bytes())
+    assert compiled == committed, "service/grpc/grpc_service.binpb is stale: run `make proto`"
 
 
 def _request(**fields: Any) -> Any:
