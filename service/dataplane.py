@@ -28,6 +28,7 @@ from service.errors import (
     AdminDisabled,
     Forbidden,
     InvalidInput,
+    ModelNotFound,
     ServiceError,
     Unauthorized,
     mapping,
@@ -281,6 +282,10 @@ class DataPlane:
                 state.check_ready()
                 decoded = await decode(self.limits(runtime))
                 request_id = decoded.id
+                if state.models.get(runtime.info.name) is not runtime:  # unloaded meanwhile
+                    raise ModelNotFound(
+                        f"model {runtime.info.name!r} was unloaded while the request was read"
+                    )
                 settings = state.settings
                 array = _model_input(
                     decoded, runtime.info, settings.max_request_rows, settings.allow_non_finite
@@ -440,6 +445,12 @@ async def _await_ticket(
         watcher.cancel()
 
 
+_OUTPUT_EXTENSIONS = {
+    "shared_memory_region": "shared memory",
+    "classification": "classification (top-k labels; ask for the logits instead)",
+}
+
+
 def _model_input(
     decoded: DecodedRequest, info: ModelInfo, max_rows: int, allow_non_finite: bool
 ) -> FloatArray:
@@ -463,6 +474,14 @@ def _model_input(
                     f"unknown output {shown(out.name)}; model {info.name!r} produces "
                     + ", ".join(repr(n) for n in sorted(produced))
                 )
+            # Extensions this server does not offer: refused, never silently ignored (a client
+            # would read a shared memory region nobody wrote, or labels nobody computed).
+            for key, feature in _OUTPUT_EXTENSIONS.items():
+                if key in out.parameters:
+                    raise InvalidInput(
+                        f"output {shown(out.name)} asks for {feature}, which this server does "
+                        "not support"
+                    )
     array = tensor.array
     if tensor.datatype != expected.datatype:
         raise InvalidInput(f"input {name!r} must be {expected.datatype}, got {tensor.datatype}")

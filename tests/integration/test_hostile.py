@@ -39,6 +39,10 @@ def _with_input(**fields: object) -> bytes:
     return orjson.dumps(body)
 
 
+def _with_output(parameters: dict[str, object]) -> bytes:
+    return orjson.dumps({**_valid(), "outputs": [{"name": "logits", "parameters": parameters}]})
+
+
 def _binary(
     size: int | None = None, cut: int = 0, header_extra: int = 0
 ) -> tuple[bytes, dict[str, str]]:
@@ -118,6 +122,11 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
      "limit"),
     ("long_model_name", f"models/{'m' * 10_000}/infer", orjson.dumps(_valid()), {}, 404,
      "10000 characters"),
+    ("output_shared_memory", "models/tiny/infer",
+     _with_output({"shared_memory_region": "r", "shared_memory_byte_size": 40}), {}, 400,
+     "shared memory"),
+    ("output_classification", "models/tiny/infer", _with_output({"classification": 3}), {}, 400,
+     "classification"),
 ]
 
 
@@ -230,6 +239,14 @@ GRPC_CASES: list[tuple[str, Any, str, str]] = [
      _grpc_edit(lambda r: [r.parameters[f"p{i}"].CopyFrom(r.parameters["x"]) for i in range(100)]),
      "invalid", "limit"),
     ("long_model_name", _grpc(model="m" * 100_000), "not_found", "100000 characters"),
+    ("output_shared_memory",
+     _grpc_edit(lambda r: r.outputs.add(name="logits").parameters["shared_memory_region"]
+                .CopyFrom(service_pb2.InferParameter(string_param="r"))),
+     "invalid", "shared memory"),
+    ("output_classification",
+     _grpc_edit(lambda r: r.outputs.add(name="logits").parameters["classification"]
+                .CopyFrom(service_pb2.InferParameter(int64_param=3))),
+     "invalid", "classification"),
 ]
 
 

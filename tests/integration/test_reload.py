@@ -8,6 +8,7 @@ must not leak memory. The token is the same on both protocols.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from tests.utils.service import (
     ADMIN_TOKEN,
     json_request,
     make_repository,
+    metric,
     reference_logits,
     tiny_network,
 )
@@ -193,3 +195,33 @@ def test_grpc_unload_then_load(reload_server: Server) -> None:
     finally:
         caller.close()
         triton.close()
+
+
+def test_unload_while_a_body_is_arriving_is_a_404_naming_the_model(reload_server: Server) -> None:
+    """The request found the model, then the model went away before its body was read: it is
+    answered 404 (not a KeyError 500, not a "shutting down" 503), and the model loads back."""
+    body = BODY
+    with socket.create_connection(("127.0.0.1", reload_server.port), timeout=15) as sock:
+        sock.sendall(
+            b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: test\r\n"
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body[:10]
+        )
+        deadline = time.monotonic() + 5
+        while metric(reload_server.url, "gated_inflight_requests", model="tiny") < 1:
+            assert time.monotonic() < deadline, "the request never became in flight"
+            time.sleep(0.02)
+        unloaded = httpx.post(
+            f"{reload_server.url}/v2/repository/models/tiny/unload", headers=AUTH, timeout=15
+        )
+        assert unloaded.status_code == 200, unloaded.text
+        sock.sendall(body[10:])
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 404"), answer[:300]
+    assert b"unloaded while the request was read" in answer
+    loaded = httpx.post(
+        f"{reload_server.url}/v2/repository/models/tiny/load", headers=AUTH, timeout=15
+    )
+    assert loaded.status_code == 200
+    assert "Traceback" not in reload_server.output()
