@@ -225,3 +225,28 @@ def test_unload_while_a_body_is_arriving_is_a_404_naming_the_model(reload_server
     )
     assert loaded.status_code == 200
     assert "Traceback" not in reload_server.output()
+
+
+def test_load_parameters_are_refused_on_both_protocols(reload_server: Server) -> None:
+    """Triton's config / file overrides cannot be honoured: 400 / INVALID_ARGUMENT naming them,
+    and the model keeps serving."""
+    rest = httpx.post(
+        f"{reload_server.url}/v2/repository/models/tiny/load", headers=AUTH, timeout=15,
+        json={"parameters": {"config": "{}"}},
+    )
+    assert rest.status_code == 400 and "'config'" in rest.json()["error"]
+    bad_body = httpx.post(
+        f"{reload_server.url}/v2/repository/models/tiny/load", headers=AUTH, timeout=15,
+        content=b"[1]",
+    )
+    assert bad_body.status_code == 400 and "parameters" in bad_body.json()["error"]
+    triton = triton_grpc.InferenceServerClient(reload_server.grpc_address)
+    try:
+        with pytest.raises(InferenceServerException) as refused:
+            triton.load_model("tiny", headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+                              config="{}")
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "'config'" in str(refused.value)
+        assert triton.is_model_ready("tiny")
+    finally:
+        triton.close()
