@@ -138,7 +138,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 logger.error("startup failed: %s", err)
                 raise
             app.state.grpc = grpc_server
-            state.drain_listeners.append(grpc_server.draining)
+            state.readiness_listeners.append(grpc_server.readiness)
         logger.info(
             "ready: %d model(s) [%s] on %s in %.1f s (batching %s, max_batch_size %d, "
             "max_queue_delay_ms %g)",

@@ -104,6 +104,10 @@ class DataPlane:
         """Raise ServerNotReady (503 / UNAVAILABLE) while loading or draining."""
         self.state.check_ready()
 
+    def check_serving(self) -> None:
+        """Readiness as probes see it: ``check_ready``, and at least one model served."""
+        self.state.check_serving()
+
     def model_ready(self, name: str, version: str | None = None) -> bool:
         """Whether ``name`` serves now; raises ModelNotFound for a model that does not exist."""
         self.state.model(name, version or None)
@@ -132,19 +136,34 @@ class DataPlane:
         )
 
     def repository_index(self, ready_only: bool = False) -> list[RepositoryModel]:
-        """Every model with its state; ``ready_only`` keeps the ones that serve now."""
-        serving = self.state.ready
-        if ready_only and not serving:
-            return []
-        return [
-            RepositoryModel(
-                name=runtime.info.name,
-                version=runtime.info.version,
-                state="READY" if serving else "UNAVAILABLE",
-                reason="" if serving else "server is loading or shutting down",
+        """Every model of the repository with its state, sorted by name: READY, or UNAVAILABLE
+        with the reason (unloaded, not loaded yet, server draining); ``ready_only`` keeps the
+        ones that serve now."""
+        state = self.state
+        up = state.loaded and not state.draining
+        entries = {
+            name: RepositoryModel(
+                name=name, version=runtime.info.version,
+                state="READY" if up else "UNAVAILABLE",
+                reason="" if up else "server is loading or shutting down",
             )
-            for runtime in self.state.models.values()
-        ]
+            for name, runtime in state.models.items()
+        }
+        for name, why in state.unavailable.items():
+            entries.setdefault(name, RepositoryModel(name=name, state="UNAVAILABLE", reason=why))
+        engine = state.engine
+        if engine is not None:
+            for name in engine.repository_models():
+                entries.setdefault(
+                    name,
+                    RepositoryModel(
+                        name=name, state="UNAVAILABLE",
+                        reason="in the repository, not loaded (load it through the repository "
+                        "API)",
+                    ),
+                )
+        index = [entries[name] for name in sorted(entries)]
+        return [e for e in index if e.state == "READY"] if ready_only else index
 
     # ------------------------------------------------------------------ admin
 

@@ -162,6 +162,15 @@ class Engine:
             )
         return names
 
+    def repository_models(self) -> list[str]:
+        """Names of the model folders in the repository now (loaded or not); [] without one."""
+        if self._repository is None:
+            return []
+        try:
+            return self.scan(self._repository)
+        except EngineError:  # emptied or removed since startup
+            return []
+
     @staticmethod
     def check_device(device: str) -> None:
         """Raise EngineError when ``device`` does not exist here (before the server starts)."""

@@ -1,7 +1,8 @@
 """Long-lived state of one app instance, kept on ``app.state.service``.
 
 Routes read it; the lifespan fills it (engine loaded, models warmed up) and empties it on
-shutdown. Readiness is derived from it: loaded, warmed up and not draining.
+shutdown. Readiness is derived from it, by one rule: every model loaded and warmed up, at least
+one model served (a server whose models were all unloaded serves nothing), and not draining.
 """
 
 from __future__ import annotations
@@ -48,12 +49,15 @@ class ServiceState:
         self.draining = False
         # Serialises repository load/unload calls; inference never takes it.
         self.repository_lock = asyncio.Lock()
-        # Called once when draining starts (the gRPC health service turns NOT_SERVING).
-        self.drain_listeners: list[Callable[[], None]] = []
+        # Called with the new readiness whenever it may have changed (models served or
+        # unloaded, drain started): the gRPC health service follows it.
+        self.readiness_listeners: list[Callable[[bool], None]] = []
+        # Repository models not served now, with why ("unloaded through the repository API").
+        self.unavailable: dict[str, str] = {}
 
     @property
     def ready(self) -> bool:
-        return self.loaded and not self.draining
+        return self.loaded and not self.draining and bool(self.models)
 
     def check_ready(self) -> None:
         """Raise ServerNotReady (503) while loading or draining."""
@@ -62,12 +66,29 @@ class ServiceState:
         if not self.loaded:
             raise ServerNotReady("server is loading its models")
 
+    def check_serving(self) -> None:
+        """Readiness: check_ready, and at least one model served (else 503 saying so)."""
+        self.check_ready()
+        if not self.models:
+            raise ServerNotReady(
+                "no model is served: every model was unloaded (load one through the repository "
+                "API)"
+            )
+
+    def _readiness_changed(self) -> None:
+        ready = self.ready
+        for listener in self.readiness_listeners:
+            listener(ready)
+
     def model(self, name: str, version: str | None = None) -> ModelRuntime:
         """The runtime of ``name``; raises ModelNotFound (404) or ModelNotReady (503)."""
         runtime = self.models.get(name)
         if runtime is None:
             if not self.loaded:
                 raise ModelNotReady(f"model {shown(name)} is not loaded yet")
+            why = self.unavailable.get(name)
+            if why is not None:
+                raise ModelNotFound(f"model {shown(name)} is not served: {why}")
             raise ModelNotFound(f"unknown model {shown(name)}")
         if version is not None and version != runtime.info.version:
             raise ModelNotFound(
@@ -99,9 +120,11 @@ class ServiceState:
             )
             runtime.batcher.start()
         self.models[name] = runtime
+        self.unavailable.pop(name, None)
         metrics.watch(name, _depth_of(runtime.batcher), _inflight_of(runtime))
         metrics.set_gate(name, runtime.gate.mode, runtime.gate.keep_ratio)
         metrics.model_ready.labels(name).set(1)
+        self._readiness_changed()
         return runtime
 
     async def reload(self, name: str) -> ModelRuntime:
@@ -134,6 +157,8 @@ class ServiceState:
         """Stop serving ``name``: new requests get 404, queued ones are still answered."""
         runtime = self.model(name)
         del self.models[name]
+        self.unavailable[name] = "unloaded through the repository API"
+        self._readiness_changed()
         if self.metrics is not None:
             self.metrics.model_ready.labels(name).set(0)
         if runtime.batcher is not None:
@@ -155,8 +180,7 @@ class ServiceState:
             if self.metrics is not None:
                 for name in self.models:
                     self.metrics.model_ready.labels(name).set(0)
-            for listener in self.drain_listeners:
-                listener()
+            self._readiness_changed()
             logger.info("draining: readiness is off, waiting for %d requests", self.inflight())
         deadline = time.monotonic() + timeout_s
         while self.inflight() and time.monotonic() < deadline:

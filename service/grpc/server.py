@@ -276,10 +276,11 @@ class GrpcServer:
         for service in ("", messages.SERVICE):
             await self.health.set(service, status)
 
-    def draining(self) -> None:
-        """Drain started: health turns NOT_SERVING (the data plane already refuses requests)."""
+    def readiness(self, ready: bool) -> None:
+        """Readiness changed (a drain started, the last model was unloaded, one was loaded):
+        the health service follows."""
         if self._server is not None:
-            task = asyncio.get_running_loop().create_task(self.set_serving(False))
+            task = asyncio.get_running_loop().create_task(self.set_serving(ready))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

@@ -141,8 +141,9 @@ async def live() -> Response:
 
 
 async def ready(request: Request) -> Response:
-    """Readiness: every model loaded and warmed up, and not shutting down (else 503)."""
-    plane_of(request).check_ready()
+    """Readiness: every model loaded and warmed up, at least one served, and not shutting down
+    (else 503 saying which)."""
+    plane_of(request).check_serving()
     return _json({"ready": True})
 
 

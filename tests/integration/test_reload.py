@@ -14,11 +14,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import orjson
 import pytest
 import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from models import load_checkpoint, save_checkpoint
@@ -188,10 +190,29 @@ def test_grpc_unload_then_load(reload_server: Server) -> None:
         assert caller.infer(X).outcome == "not_found"
         gone = httpx.post(f"{reload_server.url}/v2/models/tiny/infer", content=BODY)
         assert gone.status_code == 404
-        assert [m.name for m in triton.get_model_repository_index().models] == []
+        # Honest state: the index lists it unavailable with the reason, and a server that
+        # serves no model is not ready (REST 503 saying so, gRPC ServerReady false and health
+        # NOT_SERVING), until a model is loaded again.
+        [entry] = triton.get_model_repository_index().models
+        assert (entry.name, entry.state) == ("tiny", "UNAVAILABLE") and "unloaded" in entry.reason
+        ready = httpx.get(f"{reload_server.url}/v2/health/ready")
+        assert ready.status_code == 503 and "no model is served" in ready.json()["error"]
+        assert not triton.is_server_ready()
+        channel = grpc.insecure_channel(reload_server.grpc_address)
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="")
+        deadline = time.monotonic() + 5
+        while health.Check(request, timeout=5).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "health still SERVING with no model served"
+            time.sleep(0.02)
+        index = httpx.post(f"{reload_server.url}/v2/repository/index").json()
+        assert index == [{"name": "tiny", "version": None, "state": "UNAVAILABLE",
+                          "reason": "unloaded through the repository API"}]
         triton.load_model("tiny", headers=auth)
-        assert triton.is_model_ready("tiny")
+        assert triton.is_model_ready("tiny") and triton.is_server_ready()
         assert caller.infer(X).outcome == "ok"
+        assert health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        channel.close()
     finally:
         caller.close()
         triton.close()
