@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import native_load
 import numpy as np
@@ -523,33 +524,28 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "_quick" if args.quick else ""
     if args.section in ("protocols", "all"):
         protocols = _protocols(args)
-        table = protocol_markdown(protocols)
-        stem = f"serve_protocols_{protocols['device']}{suffix}"
-        (args.out / f"{stem}.json").write_text(json.dumps(protocols, indent=2) + "\n")
-        (args.out / f"{stem}.md").write_text(
-            f"REST and gRPC on {protocols['device']} ({protocols['cpus']} CPUs, load average "
-            f"{protocols['load_average_at_start']:.1f} at start), {protocols['model_source']}."
-            "\n\n" + table + "\nAt concurrency 32: "
-            + json.dumps(protocols["acceptance_c32"]) + "\n"
-        )
-        sys.stdout.write(table + json.dumps(protocols["acceptance_c32"]) + "\n")
+        _write(args.out, f"serve_protocols_{protocols['device']}{suffix}", "REST and gRPC",
+               protocols, protocol_markdown(protocols), "At concurrency 32")
         if args.section == "protocols":
             return 0
     result = _run(args)
-    table = markdown(result)
-    stem = f"serve_{result['device']}{suffix}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(
-        f"Serve benchmark on {result['device']} ({result['cpus']} CPUs, load average "
-        f"{result['load_average_at_start']:.1f} at start), {result['model_source']}.\n\n"
-        + table
-        + "\nAcceptance at concurrency 32: "
-        + json.dumps(result["acceptance_c32"])
-        + "\n"
-    )
-    sys.stdout.write(table)
-    sys.stdout.write(json.dumps(result["acceptance_c32"]) + "\n")
+    _write(args.out, f"serve_{result['device']}{suffix}", "Serve benchmark", result,
+           markdown(result), "Acceptance at concurrency 32")
     return 0
+
+
+def _write(
+    out: Path, stem: str, title: str, result: dict[str, Any], table: str, verdict: str
+) -> None:
+    """``<stem>.json`` and ``<stem>.md`` in ``out``; the table and verdict to stdout too."""
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    summary = json.dumps(result["acceptance_c32"])
+    (out / f"{stem}.md").write_text(
+        f"{title} on {result['device']} ({result['cpus']} CPUs, load average "
+        f"{result['load_average_at_start']:.1f} at start), {result['model_source']}.\n\n"
+        + table + f"\n{verdict}: {summary}\n"
+    )
+    sys.stdout.write(table + summary + "\n")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ the tables below (written here, independently of the server's), so a test that e
 ``"unavailable"`` checks 503 over REST and UNAVAILABLE over gRPC.
 
 gRPC messages are tritonclient's generated ones: the server's own copy of the protocol is not
-used by its tests.
+used by its tests (only its helper that fills an ``InferParameter`` map, which works on any).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import httpx
 import numpy as np
 import orjson
 from tritonclient.grpc import service_pb2
+
+from service.grpc.codec import fill_parameters
 
 PROTOCOLS = ("rest", "grpc")
 SERVICE = "/inference.GRPCInferenceService/"
@@ -103,16 +105,7 @@ def grpc_request(
     tensor = request.inputs.add(name="input", datatype="FP32")
     tensor.shape.extend(x.shape)
     request.raw_input_contents.append(np.ascontiguousarray(x, "<f4").tobytes())
-    for key, value in (parameters or {}).items():
-        param = request.parameters[key]
-        if isinstance(value, bool):
-            param.bool_param = value
-        elif isinstance(value, int):
-            param.int64_param = value
-        elif isinstance(value, float):
-            param.double_param = value
-        else:
-            param.string_param = str(value)
+    fill_parameters(request.parameters, parameters or {})
     return request
 
 
