@@ -255,6 +255,9 @@ def test_admin_auth(service_client: ClientFactory) -> None:
     [
         ({"mode": "sparse"}, "mode"),
         ({"mode": "dynamic", "keep_ratio": 2}, "keep_ratio"),
+        ({"mode": "dynamic", "keep_ratio": "0.5"}, "keep_ratio"),  # strict, as inference
+        ({"mode": "dynamic", "keep_ratio": True}, "keep_ratio"),
+        ({"mode": "dynamic", "dynamic_weight": "1"}, "dynamic_weight"),
         ({"mode": "dense", "extra": 1}, "extra"),
         ({}, "mode"),
     ],
