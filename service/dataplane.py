@@ -16,16 +16,19 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from models.contract import TensorSpec
 from models.gate_config import GATE_PARAMETERS
 from service.batcher import Ticket
 from service.engine import OUTPUT_NAME, FloatArray, GateConfig, ItemResult, ModelInfo
 from service.errors import (
+    CODES,
     AdminDisabled,
+    ClientDisconnected,
     Forbidden,
     InvalidInput,
     ModelNotFound,
@@ -97,7 +100,7 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        """Every model loaded and warmed up, and not draining."""
+        """Every model loaded and warmed up, at least one served, and not draining."""
         return self.state.ready
 
     def check_ready(self) -> None:
@@ -121,18 +124,17 @@ class DataPlane:
 
     def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
         info = self.model_info(name, version)
+
+        def described(specs: Iterable[TensorSpec]) -> list[TensorMetadata]:
+            return [TensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
+                    for t in specs]
+
         return ModelMetadata(
             name=info.name,
             versions=[info.version],
             platform=info.platform,
-            inputs=[
-                TensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
-                for t in info.contract.inputs
-            ],
-            outputs=[
-                TensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
-                for t in info.contract.outputs
-            ],
+            inputs=described(info.contract.inputs),
+            outputs=described(info.contract.outputs),
         )
 
     def repository_index(self, ready_only: bool = False) -> list[RepositoryModel]:
@@ -334,8 +336,9 @@ class DataPlane:
                     gate_mode=ticket_gate.mode if ticket_gate else None,
                     enqueued_ns=enqueued_ns, batch=timing, flops_ratio=None, error=err,
                 )
-            if isinstance(err, asyncio.CancelledError):
-                self._account(runtime, "cancelled", "client_disconnected", protocol)
+            if isinstance(err, asyncio.CancelledError):  # the caller gave up: as a disconnect
+                row = CODES[ClientDisconnected]
+                self._account(runtime, row.outcome, row.reason, protocol)
                 raise
             if not isinstance(err, Exception):
                 raise
@@ -360,7 +363,7 @@ class DataPlane:
             series.active[mode].observe(result.active_channel_ratio)
             series.flops[mode].observe(result.flops_ratio)
             for layer, ratio in zip(runtime.info.layers, result.layer_active_ratios, strict=True):
-                series.layer(metrics, name, layer).observe(ratio)
+                series.layer(layer).observe(ratio)
         return response
 
     async def _compute_now(

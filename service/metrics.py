@@ -172,19 +172,22 @@ class Metrics:
 class ModelSeries:
     """The children of one model's per-request metrics, resolved once."""
 
-    __slots__ = ("active", "flops", "layers", "request_seconds", "success")
+    __slots__ = ("_layer_ratio", "_layers", "_model", "active", "flops", "request_seconds",
+                 "success")
 
     def __init__(self, metrics: Metrics, model: str) -> None:
+        self._model = model
         self.success = {p: metrics.requests.labels(model, "success", p) for p in PROTOCOLS}
         self.request_seconds = metrics.request_seconds.labels(model)
         self.active = {m: metrics.active_channel_ratio.labels(model, m) for m in metrics.gate_modes}
         self.flops = {m: metrics.flops_ratio.labels(model, m) for m in metrics.gate_modes}
-        self.layers: dict[str, Any] = {}
+        self._layer_ratio = metrics.layer_active_ratio
+        self._layers: dict[str, Any] = {}  # filled as layers are seen (a reload may add some)
 
-    def layer(self, metrics: Metrics, model: str, layer: str) -> Any:
-        child = self.layers.get(layer)
+    def layer(self, layer: str) -> Any:
+        child = self._layers.get(layer)
         if child is None:
-            child = self.layers[layer] = metrics.layer_active_ratio.labels(model, layer)
+            child = self._layers[layer] = self._layer_ratio.labels(self._model, layer)
         return child
 
 

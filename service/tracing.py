@@ -116,28 +116,23 @@ class Tracing:
         flops_ratio: float | None,
         error: BaseException | None,
     ) -> None:
-        """Add the queue and compute children (when the request reached a batch), the result's
-        attributes or the error, and end the span."""
+        """Add the queue child (a queued request: until its batch started, or until now if it
+        never reached one) and the compute child (a finished batch), the result's attributes
+        or the error, and end the span."""
         common: dict[str, Any] = {"gated.model": model}
         if gate_mode is not None:
             common["gated.gate_mode"] = gate_mode
             span.set_attribute("gated.gate_mode", gate_mode)
         parent = self._trace.set_span_in_context(span)
-        if enqueued_ns is not None and (batch is None or not batch.end_ns):
-            # Timed out, cancelled or shed while queued: its queue time is the story.
+        if enqueued_ns is not None:
             queue = self._tracer.start_span(
                 "queue", context=parent, start_time=enqueued_ns, attributes=common
             )
-            queue.end(end_time=batch.start_ns if batch is not None else None)
+            queue.end(end_time=max(enqueued_ns, batch.start_ns) if batch is not None else None)
         if batch is not None and batch.end_ns:
             detail = {**common, "gated.batch_size": batch.size, "gated.batch_rows": batch.rows}
             if flops_ratio is not None:
                 detail["gated.flops_ratio"] = flops_ratio
-            if enqueued_ns is not None:
-                queue = self._tracer.start_span(
-                    "queue", context=parent, start_time=enqueued_ns, attributes=common
-                )
-                queue.end(end_time=max(enqueued_ns, batch.start_ns))
             compute = self._tracer.start_span(
                 "compute", context=parent, start_time=batch.start_ns, attributes=detail
             )

@@ -202,21 +202,15 @@ def _unimplemented(
     name: str, streaming: bool, decode: Callable[[bytes], Any], encode: Callable[[Any], bytes]
 ) -> grpc.RpcMethodHandler:
     message = f"{name}: {_UNIMPLEMENTED[name]} is not supported by this server"
-    error = Unimplemented(message)
+    code = grpc.StatusCode[codes(Unimplemented(message))[1]]
 
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode[codes(error)[1]], message)
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
 
-    async def stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode[codes(error)[1]], message)
-
-    if streaming:
-        return grpc.stream_stream_rpc_method_handler(
-            stream, request_deserializer=decode, response_serializer=encode
-        )
-    return grpc.unary_unary_rpc_method_handler(
-        unary, request_deserializer=decode, response_serializer=encode
+    make = (
+        grpc.stream_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
     )
+    return make(refuse, request_deserializer=decode, response_serializer=encode)
 
 
 class GrpcServer:

@@ -20,7 +20,7 @@ from service.dataplane import DataPlane
 from service.engine import GateConfig
 from service.errors import InvalidInput
 from service.protocol.types import ErrorResponse
-from service.rest.v2 import plane_of, read_body
+from service.rest.v2 import plane_of, read_body, read_optional_json
 
 
 class GateUpdate(BaseModel):
@@ -147,11 +147,9 @@ async def load_model(request: Request, plane: Admin, model_name: str) -> Respons
     Requests already queued or computing finish on the weights they started with; the previous
     weights are released once the last batch using them is done. Loads an unloaded model too.
     """
-    body = await read_body(request, plane.state.settings.max_request_bytes)
-    try:
-        query = LoadRequest.model_validate_json(body) if body.strip() else LoadRequest()
-    except ValidationError:
-        raise InvalidInput('repository load body must be {} or {"parameters": {...}}') from None
+    query = await read_optional_json(
+        request, plane, LoadRequest, 'repository load body must be {} or {"parameters": {...}}'
+    )
     info = await plane.load(model_name, list(query.parameters))
     return Response(
         orjson.dumps({"name": model_name, "version": info.version, "state": "READY"}),

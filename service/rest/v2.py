@@ -13,11 +13,12 @@ request, because on a small model the HTTP handling costs more than the forward 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 from starlette.routing import request_response
 
@@ -33,6 +34,8 @@ from service.protocol.types import (
     RepositoryIndexRequest,
     ServerMetadata,
 )
+
+Body = TypeVar("Body", bound=BaseModel)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON = "application/json"
@@ -170,13 +173,26 @@ async def model_ready(
 async def repository_index(request: Request) -> Response:
     """Model repository extension: every model with its state; ``{"ready": true}`` filters."""
     plane = plane_of(request)
-    body = await read_body(request, plane.state.settings.max_request_bytes)
-    try:
-        query = RepositoryIndexRequest.model_validate_json(body) if body.strip() else None
-    except ValueError:
-        raise InvalidInput('repository index body must be {} or {"ready": true|false}') from None
-    entries = plane.repository_index(query is not None and query.ready)
+    query = await read_optional_json(
+        request, plane, RepositoryIndexRequest, 'repository index body must be {} or '
+        '{"ready": true|false}'
+    )
+    entries = plane.repository_index(query.ready)
     return _json([entry.model_dump() for entry in entries])
+
+
+async def read_optional_json(
+    request: Request, plane: DataPlane, model: type[Body], usage: str
+) -> Body:
+    """An optional JSON body as ``model`` (its defaults when the body is empty); InvalidInput
+    with ``usage`` when it is not one."""
+    body = await read_body(request, plane.state.settings.max_request_bytes)
+    if not body.strip():
+        return model()
+    try:
+        return model.model_validate_json(body)
+    except ValueError:
+        raise InvalidInput(usage) from None
 
 
 # ---------------------------------------------------------------------- inference
