@@ -196,7 +196,20 @@ def _measure(
     return latencies, errors, elapsed, after[0] - before[0], after[1] - before[1]
 
 
+def _facts(source: str, device: str, load_average: float) -> dict[str, object]:
+    """What every result file says about the run: model, machine, load when it started."""
+    return {
+        "model": MODEL,
+        "model_source": source,
+        "device": _device_name(device),
+        "cpus": os.cpu_count(),
+        "load_average_at_start": load_average,
+        "python": platform.python_version(),
+    }
+
+
 def _run(args: argparse.Namespace) -> dict[str, object]:
+    load_average = os.getloadavg()[0]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 40)).astype(np.float32)
     bodies = _bodies(x)
@@ -234,12 +247,7 @@ def _run(args: argparse.Namespace) -> dict[str, object]:
             for server in servers.values():
                 server.stop()
     return {
-        "model": MODEL,
-        "model_source": source,
-        "device": _device_name(args.device),
-        "cpus": os.cpu_count(),
-        "load_average_at_start": os.getloadavg()[0],
-        "python": platform.python_version(),
+        **_facts(source, args.device, load_average),
         "settings": {
             "max_batch_size": args.max_batch_size,
             "max_queue_delay_ms": args.max_queue_delay_ms or "server default",
@@ -279,6 +287,7 @@ def _grpc_successes(port: int) -> float:
 
 
 def _protocols(args: argparse.Namespace) -> dict[str, object]:
+    load_average = os.getloadavg()[0]
     missing = native_load.missing_tools()
     if missing:
         raise SystemExit(
@@ -367,11 +376,7 @@ def _protocols(args: argparse.Namespace) -> dict[str, object]:
             if collector is not None:
                 collector.shutdown()
     return {
-        "model": MODEL,
-        "model_source": source,
-        "device": _device_name(args.device),
-        "cpus": os.cpu_count(),
-        "load_average_at_start": os.getloadavg()[0],
+        **_facts(source, args.device, load_average),
         "baseline": str(args.baseline) if args.baseline is not None else None,
         "traced": "a third server exporting every request's spans over OTLP/HTTP to a local "
                   "sink (requests carry a traceparent)" if args.traced else None,
