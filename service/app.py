@@ -74,11 +74,12 @@ def create_app(
         openapi_url=None,
     )
     state = ServiceState(settings, service_version())
-    if tracing is None:
-        tracing = Tracing.from_endpoint(settings.otel_endpoint, state.version)
-    state.tracing = tracing
+    state.tracing = (
+        tracing if tracing is not None
+        else Tracing.from_endpoint(settings.otel_endpoint, state.version)
+    )
     app.state.service = state
-    app.state.plane = DataPlane(state, tracing)
+    app.state.plane = DataPlane(state)
     app.state.grpc = None
     app.state.preloaded = engine
     app.state.registry = registry if registry is not None else CollectorRegistry()
@@ -158,8 +159,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.grpc is not None:
             await app.state.grpc.stop(1.0)
         await asyncio.to_thread(engine.close)
-        if state.tracing is not None:
-            state.tracing.shutdown()
+        state.tracing.shutdown()
         logger.info("stopped")
 
 

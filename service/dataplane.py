@@ -89,10 +89,14 @@ Decode = Callable[[Limits], Awaitable[DecodedRequest]]
 class DataPlane:
     """Every operation of the V2 protocol, over one ``ServiceState``."""
 
-    def __init__(self, state: ServiceState, tracing: Tracing | None = None) -> None:
+    def __init__(self, state: ServiceState) -> None:
         self.state = state
-        self.tracing = tracing if tracing is not None else Tracing()
         self._limits: dict[str, tuple[ModelInfo, Limits]] = {}
+
+    @property
+    def tracing(self) -> Tracing:
+        """The state's tracer, the one the batchers use too."""
+        return self.state.tracing
 
     # ------------------------------------------------------------------ health and metadata
 

@@ -42,7 +42,8 @@ class ServiceState:
         self.settings = settings
         self.version = version
         self.engine: Engine | None = None
-        self.tracing: Tracing | None = None  # set by the app; batches link their requests' spans
+        # The app's tracer (off unless the app sets one): batches link their requests' spans.
+        self.tracing = Tracing()
         self.metrics: Metrics | None = None
         self.models: dict[str, ModelRuntime] = {}
         self.loaded = False

@@ -293,17 +293,7 @@ def _decode_input(
         raise InvalidInput(f"{where} has both 'data' and parameters.binary_data_size; send one")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise InvalidInput(f"{where} parameters.binary_data_size must be a non-negative integer")
-    if datatype == "BYTES" and size < 4 * count:
-        # Checked before parsing so a huge shape cannot make us allocate per element.
-        raise InvalidInput(
-            f"{where} has binary_data_size {size}, too small for {count} BYTES elements "
-            "with their 4-byte length prefixes"
-        )
-    if datatype != "BYTES" and size != count * WIRE_DTYPES[datatype].itemsize:
-        raise InvalidInput(
-            f"{where} has binary_data_size {size} but {datatype} shape {shape} "
-            f"needs {count * WIRE_DTYPES[datatype].itemsize} bytes"
-        )
+    _check_size(datatype, shape, count, size, f"{where} has binary_data_size {size}")
     placeholder = np.empty(0, dtype=_NATIVE_DTYPES[datatype])
     return Tensor(name, placeholder, parameters), _BinaryLayout(datatype, shape, count, size)
 
@@ -568,19 +558,25 @@ def tensor_from_bytes(
     raw contents carry tensors. Raises InvalidInput when the size does not match."""
     count = math.prod(shape)
     size = len(raw)
+    _check_size(datatype, shape, count, size, f"{where} has {size} bytes")
+    view = raw if isinstance(raw, memoryview) else memoryview(raw)
+    return _from_binary(view, _BinaryLayout(datatype, shape, count, size), where)
+
+
+def _check_size(datatype: str, shape: list[int], count: int, size: int, what: str) -> None:
+    """Raw bytes must fit the shape: exactly for fixed-size datatypes, at least the length
+    prefixes for BYTES (checked before parsing, so a huge shape cannot make us allocate per
+    element). ``what`` opens the message ("input 'x' has 12 bytes")."""
     if datatype == "BYTES":
         if size < 4 * count:
             raise InvalidInput(
-                f"{where} has {size} bytes, too small for {count} BYTES elements "
-                "with their 4-byte length prefixes"
+                f"{what}, too small for {count} BYTES elements with their 4-byte length prefixes"
             )
     elif size != count * WIRE_DTYPES[datatype].itemsize:
         raise InvalidInput(
-            f"{where} has {size} bytes but {datatype} shape {shape} "
-            f"needs {count * WIRE_DTYPES[datatype].itemsize}"
+            f"{what} but {datatype} shape {shape} needs "
+            f"{count * WIRE_DTYPES[datatype].itemsize} bytes"
         )
-    view = raw if isinstance(raw, memoryview) else memoryview(raw)
-    return _from_binary(view, _BinaryLayout(datatype, shape, count, size), where)
 
 
 def tensor_to_bytes(array: npt.NDArray[Any], datatype: str) -> bytes:
