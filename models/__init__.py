@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "build_network": "models.networks",
     "GatedFFN": "models.layers",
     "HeadGatedAttention": "models.layers",
+    "CalibrationCache": "models.sparse",
     "SparsePlan": "models.sparse",
     "Workspace": "models.sparse",
     "compile_plan": "models.sparse",
@@ -45,6 +46,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "ArchitectureError",
+    "CalibrationCache",
     "CheckpointError",
     "ConfigError",
     "DeviceError",
@@ -93,7 +95,7 @@ if TYPE_CHECKING:
     from models.gates import settings_for
     from models.layers import GatedFFN, HeadGatedAttention
     from models.networks import GatedNetwork, NetworkOutput, attach_gates, build_network
-    from models.sparse import SparsePlan, Workspace, compile_plan
+    from models.sparse import CalibrationCache, SparsePlan, Workspace, compile_plan
 
 
 def __getattr__(name: str) -> Any:

@@ -157,29 +157,23 @@ class GatedNetwork(nn.Module):
 
     def plan_key(self, settings: GateSettings) -> tuple[object, ...]:
         """What a forward under ``settings`` executes, so that settings which run the same plan
-        share one: the mode, each gated layer's kept count (static, or dynamic top-k after
-        bucketing) or the threshold, and the blend weight where a predictor uses it."""
+        share one: the mode and each gated layer's kept count (static, or dynamic top-k after
+        bucketing), or ``"threshold"`` where a predictor's per-request counts decide. The blend
+        weight and a dynamic threshold are values a plan takes at run time, not structure."""
         s = settings.canonical()
         if s.mode == "dense":
             return ("dense",)
         counts: list[object] = []
-        uses_weight = False
         for layer, static in self._static_values():
             n_open = int((static > 0).sum())
             dynamic = s.mode == "dynamic" and layer.gate.predictor is not None
-            uses_weight |= dynamic
             if s.keep_ratio is not None:
                 counts.append(bucketed_k(s.keep_ratio, n_open, s.bucket))
             elif s.threshold is not None and not dynamic:
                 counts.append(int(((static >= s.threshold) & (static > 0)).sum()))
             else:
-                counts.append(n_open if s.threshold is None else ("t", s.threshold))
-        weight: object = None
-        if uses_weight:
-            weight = s.dynamic_weight
-            if weight is None:
-                weight = self.config.dynamic_pruning_config.dynamic_weight
-        return (s.mode, tuple(counts), weight)
+                counts.append(n_open if s.threshold is None else "threshold")
+        return (s.mode, tuple(counts), s.bucket)
 
     @property
     def mac_model(self) -> MacModel:

@@ -36,11 +36,16 @@ from service.grpc.server import GrpcServer
 from service.metrics import CONTENT_TYPE_LATEST, Metrics, render
 from service.rest import admin, openapi, v2
 from service.rest.errors import register_exception_handlers
+from service.rest.http import HttpLimits, guarded_protocol
 from service.settings import Settings
 from service.state import ServiceState
 from service.tracing import Tracing
 
 logger = logging.getLogger(__name__)
+
+# After the drain: seconds the batchers (what the drain left queued) and then the gRPC server
+# get to finish, each (Settings.shutdown_timeout_s documents the whole budget).
+FINAL_STOP_S = 1.0
 
 
 def service_version() -> str:
@@ -119,7 +124,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.metrics = metrics
     try:
         if not warmed:
-            await loop.run_in_executor(engine.executor, engine.warm_up, settings.max_batch_rows)
+            await loop.run_in_executor(
+                engine.executor,
+                engine.warm_up,
+                settings.max_batch_rows,
+                settings.served_keep_ratios(),
+            )
         for name, info in engine.models.items():
             state.serve(name, info)
         # torch, fastapi and the models leave ~200k long-lived objects; every full collection
@@ -154,10 +164,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Batchers first: what is still queued after the drain's timeout is answered (or fails
         # with 503 / UNAVAILABLE) while the gRPC server can still deliver it.
         for runtime in state.models.values():
-            if runtime.batcher is not None:
-                await runtime.batcher.stop(settings.drain_timeout_s)
+            if runtime.batcher is not None:  # empty unless the drain timed out
+                await runtime.batcher.stop(FINAL_STOP_S)
         if app.state.grpc is not None:
-            await app.state.grpc.stop(1.0)
+            await app.state.grpc.stop(FINAL_STOP_S)
         await asyncio.to_thread(engine.close)
         state.tracing.shutdown()
         logger.info("stopped")
@@ -231,6 +241,13 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def http_protocol(settings: Settings) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with the header and body limits of ``settings``."""
+    return guarded_protocol(
+        HttpLimits(settings.max_header_bytes, settings.header_timeout_s, settings.body_timeout_s)
+    )
+
+
 def _port_free(host: str, port: int) -> bool:
     """Whether ``host:port`` can be bound now (checked before the slow model loading)."""
     try:
@@ -271,7 +288,9 @@ def serve(settings: Settings) -> int:
         Engine.scan(settings.model_repository)
         Engine.check_device(settings.device)
         engine = Engine.load(settings.model_repository, settings.device, settings.torch_threads)
-        engine.executor.submit(engine.warm_up, settings.max_batch_rows).result()
+        engine.executor.submit(
+            engine.warm_up, settings.max_batch_rows, settings.served_keep_ratios()
+        ).result()
     except EngineError as err:
         logger.error("%s", err)
         return 2
@@ -291,7 +310,9 @@ def serve(settings: Settings) -> int:
         lifespan="on",
         log_config=None,
         access_log=settings.access_log,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
+        http=http_protocol(settings),
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]
         server_header=False,
     )
     server = _DrainingServer(config, app.state.service)

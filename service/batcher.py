@@ -207,7 +207,7 @@ class DynamicBatcher:
 
     def key(self, gate: GateConfig, array: FloatArray) -> Hashable:
         """Requests of one key may share a batch: same plan, and same length where needed."""
-        key = (gate.generation, gate.key)
+        key = gate.batch_key
         return (*key, array.shape[1]) if self._same_length else key
 
     # ------------------------------------------------------------------ internals

@@ -58,16 +58,26 @@ EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
 MAX_INPUTS = 16
 # Longest queue timeout a request may ask for with the ``timeout`` parameter.
 MAX_TIMEOUT_S = 3600.0
+# A model's request needs no more bytes than this per tensor element (a float in JSON, as
+# tritonclient writes it, takes at most ~25 with its comma; binary takes 8 at most) plus the
+# overhead below for names, shapes and parameters: bodies past that are refused before they
+# are read, so the largest body the parser ever sees is sized by the model, not by 16 MiB.
+BYTES_PER_ELEMENT = 32
+OVERHEAD_BYTES = 64 * 1024
+# Values a JSON document may hold besides the tensor elements (shapes, names, parameters).
+OVERHEAD_VALUES = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     """What one request to a model may carry; front ends check these while decoding, before
-    any tensor is allocated."""
+    any tensor is allocated (and the JSON bounds before the document is parsed)."""
 
     max_inputs: int
     max_outputs: int
     max_tensor_elements: int
-    max_request_bytes: int
+    max_request_bytes: int  # min(max_request_bytes setting, what the largest request needs)
+    max_json_values: int
 
 
 @dataclass(slots=True)
@@ -259,11 +269,15 @@ class DataPlane:
         if cached is not None and cached[0] is info:
             return cached[1]
         settings = self.state.settings
+        elements = settings.max_request_rows * info.max_length * info.in_channels
         limits = Limits(
             max_inputs=MAX_INPUTS,
             max_outputs=MAX_INPUTS,
-            max_tensor_elements=settings.max_request_rows * info.max_length * info.in_channels,
-            max_request_bytes=settings.max_request_bytes,
+            max_tensor_elements=elements,
+            max_request_bytes=min(
+                settings.max_request_bytes, elements * BYTES_PER_ELEMENT + OVERHEAD_BYTES
+            ),
+            max_json_values=elements + OVERHEAD_VALUES,
         )
         self._limits[info.name] = (info, limits)
         return limits
@@ -302,11 +316,18 @@ class DataPlane:
             runtime = state.model(model, version or None)
             if tracing.enabled:  # named after the served model, never the client's string
                 span = tracing.start_request(trace_carrier, runtime.info.name, protocol)
+            state.check_ready()
+            # In flight from here on: a request whose body is still arriving (or stalled) is
+            # not accepted yet, and a drain does not wait for it.
+            runtime.reading += 1
+            try:
+                decoded = await decode(self.limits(runtime))
+            finally:
+                runtime.reading -= 1
+            request_id = decoded.id
+            state.check_ready()  # a drain may have begun while the body arrived
             runtime.inflight += 1
             try:
-                state.check_ready()
-                decoded = await decode(self.limits(runtime))
-                request_id = decoded.id
                 if state.models.get(runtime.info.name) is not runtime:  # unloaded meanwhile
                     raise ModelNotFound(
                         f"model {runtime.info.name!r} was unloaded while the request was read"

@@ -54,7 +54,7 @@ class GateConfig:
     """One resolved gate configuration: the knobs as the request (or the admin) set them, made
     canonical (dense ignores every knob; static ignores ``dynamic_weight``; ``keep_ratio`` wins
     over ``threshold``), and ``key``, what executes (``models.GatedNetwork.plan_key``):
-    configurations with equal keys run the same plan and may share a batch."""
+    configurations with equal keys run the same plan."""
 
     mode: str
     keep_ratio: float | None = None
@@ -63,6 +63,13 @@ class GateConfig:
     key: tuple[object, ...] = field(default=(), compare=False)
     # The load of the model the key was computed for: a hot reload may change what executes.
     generation: int = field(default=0, compare=False)
+
+    @property
+    def batch_key(self) -> tuple[object, ...]:
+        """Requests of one batch key may share a batch: one plan, run with one set of the values
+        a plan takes at run time (a dynamic threshold, the blend weight)."""
+        values = (self.threshold, self.dynamic_weight) if self.mode == "dynamic" else ()
+        return (self.generation, self.key, *values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +101,9 @@ class ItemResult:
     layer_active_ratios: tuple[float, ...]  # aligned with ModelInfo.layers
 
 
-# Compiled plans kept per model. A plan holds gathered/folded weights and workspace buffers;
-# per-request keep ratios are unbounded in number, so the least recently used plans are dropped.
-MAX_PLANS = 16
+# Keep ratios whose plans the warm-up compiles for every model (with each checkpoint's own and
+# the server's default): a request may name only these (Settings.keep_ratios).
+DEFAULT_KEEP_RATIOS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 # Resolved gate configurations remembered per model (settings -> plan key): a cheap cache.
 MAX_KEYS = 4096
 _GENERATIONS = itertools.count(1)
@@ -115,6 +122,11 @@ class _Loaded:
         default_factory=OrderedDict
     )
     calib_batches: tuple[int, ...] = (1, 8, 32)
+    # After warm-up the plans are fixed: a configuration without one is refused, never
+    # compiled at a client's request (compiling and calibrating costs tens of milliseconds
+    # of the one compute thread).
+    sealed: bool = False
+    keep_ratios: tuple[float, ...] = ()  # the keep ratios served, sorted
 
 
 class Engine:
@@ -132,6 +144,10 @@ class Engine:
         # Plans run one at a time on the compute thread, so they share one set of buffers:
         # memory is that of the largest batch, however many plans are compiled.
         self._workspace = models.Workspace()
+        # Strategy timings by layer shape, batch and k, shared by every plan and every load:
+        # a reloaded checkpoint of the same architecture times nothing while the server serves.
+        self._timings: models.CalibrationCache = {}
+        self._keep_ratios: tuple[float, ...] = DEFAULT_KEEP_RATIOS
         self.models: Mapping[str, ModelInfo] = {}  # the models loaded now
         self._publish()
         # One thread: the forward is already parallel inside torch, and serialising batches is
@@ -227,16 +243,24 @@ class Engine:
         # A new mapping, never a mutated one: readers on the event loop see the old or the new.
         self.models = {n: m.info for n, m in self._models.items()}
 
-    def warm_up(self, max_batch_rows: int) -> None:
-        """Run each model once per gate mode at batch 1 and ``max_batch_rows``, then once at
-        the largest batch the server accepts (``max_batch_rows`` × ``max_length``).
+    def warm_up(
+        self, max_batch_rows: int, keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS
+    ) -> None:
+        """Compile every served plan of each model, then run each model once per gate mode at
+        batch 1 and ``max_batch_rows``, and once at the largest batch the server accepts
+        (``max_batch_rows`` × ``max_length``).
 
-        The first forwards allocate and pick kernels; without this the first users pay for it
-        and readiness would be a lie. The largest batch sizes the shared buffers once, so that
-        memory does not creep up later as longer batches arrive. Models loaded later through
-        :meth:`load_model` are warmed up the same way before they serve.
+        Served plans: dense; static and dynamic at each of ``keep_ratios`` and the checkpoint's
+        own keep ratio, and with the checkpoint's own policy; dynamic with a threshold (any
+        threshold and blend weight run the same plan). After this, a configuration without a
+        compiled plan is refused (:meth:`resolve_gate`), so no request can make the compute
+        thread compile. The first forwards allocate and pick kernels; without this the first
+        users pay for it and readiness would be a lie. The largest batch sizes the shared
+        buffers once, so that memory does not creep up later as longer batches arrive. Models
+        loaded later through :meth:`load_model` are warmed up the same way before they serve.
         """
         self._warm_rows = max(1, max_batch_rows)
+        self._keep_ratios = tuple(sorted(set(keep_ratios)))
         for loaded in self._models.values():
             self._warm(loaded, self._warm_rows)
 
@@ -255,6 +279,22 @@ class Engine:
     def _warm_modes(self, loaded: _Loaded, rows_max: int) -> None:
         info = loaded.info
         loaded.calib_batches = tuple(sorted({1, min(8, rows_max), rows_max}))
+        start = time.monotonic()
+        own = info.config_gate.keep_ratio
+        loaded.keep_ratios = tuple(sorted({*self._keep_ratios, *([own] if own else [])}))
+        for mode in ("static", "dynamic"):
+            for knobs in ({}, *({"keep_ratio": r} for r in loaded.keep_ratios)):
+                self._plan(loaded, self._resolve(loaded, mode, **knobs))
+        self._plan(loaded, self._resolve(loaded, "dynamic", threshold=0.5))
+        self._plan(loaded, self._resolve(loaded, "dense"))
+        loaded.sealed = True
+        logger.info(
+            "compiled %d plans for model %s in %.2f s (keep ratios %s)",
+            len(loaded.plans),
+            info.name,
+            time.monotonic() - start,
+            ", ".join(f"{r:g}" for r in loaded.keep_ratios),
+        )
         length = min(info.max_length, 64)
         for mode in GATE_MODES:
             gate = self._resolve(loaded, mode)
@@ -310,7 +350,15 @@ class Engine:
             raise InvalidInput(_gate_message(str(err))) from None
         key = loaded.keys.get(settings)
         if key is None:
+            if loaded.sealed:
+                _check_served(loaded, settings)
             key = loaded.network.plan_key(settings)
+            if loaded.sealed and key not in loaded.plans:
+                raise InvalidInput(
+                    f"parameter 'threshold': got {settings.threshold:g}; in static mode a "
+                    "threshold selects a fixed channel set, and this one has no compiled plan "
+                    f"here; use keep_ratio ({_listed(loaded.keep_ratios)}) or the dynamic mode"
+                )
             loaded.keys[settings] = key
             if len(loaded.keys) > MAX_KEYS:
                 loaded.keys.popitem(last=False)
@@ -324,16 +372,19 @@ class Engine:
         )
 
     def _plan(self, loaded: _Loaded, gate: GateConfig) -> models.SparsePlan:
-        """The compiled sparse plan of ``gate`` (compiled on first use, on the compute thread).
+        """The compiled sparse plan of ``gate`` (on the compute thread).
 
-        Plans are what makes a closed channel cost nothing (docs/gates.md §4): static channels are
+        Plans are what makes a closed channel cost nothing (docs/plans.md): static channels are
         removed once, dynamic ones gathered per request. Compiling includes a short strategy
-        calibration (well under a second for the shipped model).
+        calibration, shared by plans of the same layer shapes. A warmed-up model serves only
+        the plans its warm-up compiled; before that (direct use of the engine, tests) a plan
+        is compiled on first use.
         """
         plan = loaded.plans.get(gate.key)
         if plan is not None:
-            loaded.plans.move_to_end(gate.key)
             return plan
+        if loaded.sealed:  # resolve_gate refuses such configurations: a bug if reached
+            raise RuntimeError(f"model {loaded.info.name!r}: no compiled plan for {gate}")
         start = time.monotonic()
         plan = models.compile_plan(
             loaded.network,
@@ -341,12 +392,11 @@ class Engine:
             batch_sizes=loaded.calib_batches,
             calib_length=min(loaded.info.max_length, 64),
             workspace=self._workspace,
+            timings=self._timings,
         )
         loaded.plans[gate.key] = plan
-        if len(loaded.plans) > MAX_PLANS:
-            loaded.plans.popitem(last=False)
-        logger.info(
-            "compiled %s plan for model %s in %.2f s",
+        logger.debug(
+            "compiled %s plan for model %s in %.3f s",
             gate,
             loaded.info.name,
             time.monotonic() - start,
@@ -390,7 +440,7 @@ class Engine:
             xt = torch.from_numpy(x).to(loaded.device, non_blocking=True)  # (B, T, C)
             lt = torch.from_numpy(lengths).to(loaded.device, non_blocking=True)  # (B,)
             try:
-                out = plan(xt, lt)
+                out = plan(xt, lt, _settings_of(gate, loaded.bucket))
             except models.InvalidInputError as err:
                 raise InvalidInput(str(err)) from None
             kept = torch.stack(
@@ -470,6 +520,21 @@ def _gate_message(text: str) -> str:
         name = "gate_mode" if name == "mode" else name
         lines.append(f"parameter {name!r}: {detail}" if detail else line)
     return "; ".join(lines)
+
+
+def _check_served(loaded: _Loaded, settings: models.GateSettings) -> None:
+    """InvalidInput unless ``settings``' keep ratio is one the warm-up compiled."""
+    keep = settings.keep_ratio
+    if keep is None or any(abs(keep - r) <= 1e-9 for r in loaded.keep_ratios):
+        return
+    raise InvalidInput(
+        f"parameter 'keep_ratio': got {keep:g}; this server serves keep_ratio in "
+        f"{{{_listed(loaded.keep_ratios)}}} (setting keep_ratios, GATED_KEEP_RATIOS)"
+    )
+
+
+def _listed(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
 
 
 def _settings_of(gate: GateConfig, bucket: int) -> models.GateSettings:

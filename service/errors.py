@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from service.protocol.errors import InvalidInput
+from service.protocol.errors import InvalidInput, PayloadTooLarge
 
 __all__ = [
     "AdminDisabled",
@@ -51,11 +51,6 @@ class ModelNotFound(ServiceError):
 class ModelLoadFailed(ServiceError):
     """A repository model exists but cannot be loaded (its checkpoint, its factory or its
     network's forward fails); the message names the model and the cause."""
-
-
-
-class PayloadTooLarge(ServiceError):
-    """Request body over ``max_request_bytes``: 413."""
 
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -55,6 +56,14 @@ class Settings(BaseSettings):
     default_gate_mode: GateMode = "dynamic"
     # None: the keep policy of each model's own config (dynamic_pruning_config.keep_ratio).
     default_keep_ratio: KeepRatio | None = None
+    # The keep ratios a request (or the admin) may ask for, besides default_keep_ratio and each
+    # checkpoint's own. Their plans are compiled and calibrated at startup; any other keep
+    # ratio is refused with a 400 naming these, so no client can make the server compile.
+    # Every value costs a static and a dynamic plan per model (memory, startup time).
+    # Environment: GATED_KEEP_RATIOS=0.25,0.5,0.75,1 (or a JSON list).
+    keep_ratios: Annotated[tuple[KeepRatio, ...], NoDecode] = Field(
+        (0.25, 0.5, 0.75, 1.0), min_length=1, max_length=32
+    )
     # Dynamic batching. A batch holds at most max_batch_size requests of one gate configuration;
     # the oldest queued request waits at most max_queue_delay_ms for batch mates. Under load
     # batches fill while the previous one computes, so the delay only matters when the compute
@@ -80,6 +89,18 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=0, le=256)
     # Seconds a SIGTERM waits for queued and in-flight requests before giving up on them.
     drain_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    # Seconds the HTTP server then waits for open connections to close. SIGTERM to exit takes
+    # at most drain_timeout_s + shutdown_timeout_s + 2 s (the final stop of the batchers and
+    # of gRPC, 1 s each): keep that under the orchestrator's grace period (deploy/).
+    shutdown_timeout_s: float = Field(3.0, gt=0.0, le=3600.0)
+    # HTTP connections (service/rest/http.py). A request's line and headers: at most this
+    # many bytes (431), received within header_timeout_s of the connection's start or of the
+    # request's first byte (408); its body within body_timeout_s of the headers' end (408).
+    # An idle kept-alive connection is closed after keep_alive_timeout_s.
+    max_header_bytes: int = Field(32 * 1024, ge=1024, le=16 * 1024 * 1024)
+    header_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
+    body_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    keep_alive_timeout_s: float = Field(5.0, gt=0.0, le=3600.0)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # One log line per request costs more than the request itself on a small model: off by default.
@@ -105,6 +126,21 @@ class Settings(BaseSettings):
                 "their own (0 turns gRPC off)"
             )
         return self
+
+    @field_validator("keep_ratios", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return yaml.safe_load(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    def served_keep_ratios(self) -> tuple[float, ...]:
+        """The keep ratios compiled for every model: keep_ratios and default_keep_ratio."""
+        extra = () if self.default_keep_ratio is None else (self.default_keep_ratio,)
+        return tuple(sorted({*self.keep_ratios, *extra}))
 
     @field_validator("admin_token", mode="before")
     @classmethod
@@ -167,7 +203,7 @@ def format_settings_error(err: ValidationError) -> str:
     parts = []
     for item in err.errors():
         name = ".".join(str(p) for p in item["loc"]) or "settings"
-        env = f"{ENV_PREFIX}{name.upper()}"
+        env = f"{ENV_PREFIX}{str(item['loc'][0]).upper()}" if item["loc"] else ENV_PREFIX
         got = item.get("input")
         # Never echo a secret back, even a rejected one.
         hidden = name == "admin_token" or isinstance(got, dict) or item["type"] == "missing"

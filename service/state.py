@@ -32,7 +32,8 @@ class ModelRuntime:
     info: ModelInfo
     gate: GateConfig  # what requests without gate parameters run under; swapped atomically
     batcher: DynamicBatcher | None  # None when batching is off (one forward per request)
-    inflight: int = 0
+    inflight: int = 0  # accepted requests (body read), not yet answered: what a drain awaits
+    reading: int = 0  # requests whose body is still being read: batch mates on their way
 
 
 class ServiceState:
@@ -115,7 +116,7 @@ class ServiceState:
                 max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
                 max_queue_size=settings.max_queue_size,
                 max_batch_rows=settings.max_batch_rows,
-                inflight=_inflight_of(runtime),
+                inflight=_coming_of(runtime),
                 same_length=not info.mixed_lengths,
                 tracing=self.tracing,
             )
@@ -194,6 +195,11 @@ class ServiceState:
 
 def _depth_of(batcher: DynamicBatcher | None) -> Callable[[], int]:
     return (lambda: batcher.depth) if batcher is not None else (lambda: 0)
+
+
+def _coming_of(runtime: ModelRuntime) -> Callable[[], int]:
+    # What the batcher may wait for: accepted requests and those still arriving.
+    return lambda: runtime.inflight + runtime.reading
 
 
 def _inflight_of(runtime: ModelRuntime) -> Callable[[], int]:

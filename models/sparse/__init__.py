@@ -16,13 +16,14 @@ from models.sparse.executors import (
     static_keep_mask,
 )
 from models.sparse.kernels import addmm_act, time_once, without_onednn
-from models.sparse.plan import DEFAULT_BATCH_SIZES, SparsePlan, compile_plan
+from models.sparse.plan import DEFAULT_BATCH_SIZES, CalibrationCache, SparsePlan, compile_plan
 from models.sparse.workspace import Workspace
 
 __all__ = [
     "DEFAULT_BATCH_SIZES",
     "DENSE",
     "AttentionExecutor",
+    "CalibrationCache",
     "FFNExecutor",
     "SparsePlan",
     "Strategy",

@@ -187,9 +187,10 @@ class FFNExecutor:
                 self.closed = ~open_mask
                 self.dense_map = torch.zeros(n, dtype=torch.long, device=static.device)
                 self.dense_map[rows] = torch.arange(self.n_open, device=static.device)
-            w = gate.dynamic_weight if settings.dynamic_weight is None else settings.dynamic_weight
-            self.static_part = (1.0 - w) * static
-            self.weighted_static = w * static
+            # The blend weight and a threshold are values, not structure: the plan runs any of
+            # them (the blend terms are remade when the weight changes, two (n,) products).
+            self.static = static
+            self._blend: tuple[float, torch.Tensor, torch.Tensor] | None = None
             self.per_step = gate.per_step
             assert gate.predictor is not None
             self.predictor = _FastPredictor(gate.predictor)
@@ -274,7 +275,7 @@ class FFNExecutor:
             # weights per token, more than the dense matmul; the reference gate runs and its
             # hard mask multiplies.
             mask = fwd.mask_at(t_in, self.name)[0]
-            gate, kept = self.layer.gate(x_steps, mask, self.settings)
+            gate, kept = self.layer.gate(x_steps, mask, fwd.settings)
             assert gate is not None
             if self.open_rows is not None:
                 gate = gate[..., self.open_rows]
@@ -282,7 +283,8 @@ class FFNExecutor:
         weights = fwd.mask_at(t_in, self.name)[3]
         dynamic = self.predictor(x_steps, weights, ws)  # (B, n)
         # final = (1 − w)·static + w·(static·dynamic), one fused multiply-add.
-        final = torch.addcmul(self.static_part, dynamic, self.weighted_static)
+        static_part, weighted_static = self._blend_terms(fwd.settings)
+        final = torch.addcmul(static_part, dynamic, weighted_static)
         if self.k is not None:
             kvec = cast(torch.Tensor, self.k_vec).expand(b)
             if self.k >= self.n_open:
@@ -301,7 +303,7 @@ class FFNExecutor:
                 width,
                 (float(self.k), float(self.width)),
             )
-        tau = cast(float, self.settings.threshold)
+        tau = cast(float, fwd.settings.threshold)
         keep = final >= tau  # (B, n)
         if self.closed is not None:
             keep &= ~self.closed
@@ -318,6 +320,18 @@ class FFNExecutor:
         if strat.kind == "gather":
             return _Selection(strat, idx, values, None), kept, kept.new_full((b,), kmax), None
         return _Selection(DENSE, None, None, self._dense_gate(idx, values)), kept, width, None
+
+    def _blend_terms(self, settings: GateSettings) -> tuple[torch.Tensor, torch.Tensor]:
+        """((1 − w)·static, w·static) for the forward's blend weight (the model's default
+        where the settings give none), remade only when the weight changes."""
+        w = settings.dynamic_weight
+        if w is None:
+            w = self.layer.gate.dynamic_weight
+        blend = self._blend
+        if blend is None or blend[0] != w:
+            blend = (w, (1.0 - w) * self.static, w * self.static)
+            self._blend = blend
+        return blend[1], blend[2]
 
     def _dense_gate(self, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         gate = values.new_zeros(idx.shape[0], self.width)  # (B, n)

@@ -39,12 +39,17 @@ from models.sparse.workspace import Workspace
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32)
 
+# (packed shape, open channels, activation, length, batch, k) -> chosen strategy, timings (ms)
+CalibrationCache = dict[tuple[object, ...], tuple[Strategy, dict[str, float]]]
+
 
 class SparsePlan:
     """A gated network compiled for one :class:`GateSettings`; call it like the network.
 
-    ``plan(x (B, T, C_in), lengths (B,)) -> NetworkOutput`` with the reference's contract;
-    ``settings`` may be passed again for drop-in use but must equal the compiled ones.
+    ``plan(x (B, T, C_in), lengths (B,)[, settings]) -> NetworkOutput`` with the reference's
+    contract. ``settings`` are those of this forward: any whose ``plan_key`` equals the compiled
+    ones' (another blend weight or dynamic threshold, a keep ratio bucketing to the same counts);
+    by default the compiled ones.
     ``layers`` are the FFN executors (strategies, kept counts); ``report`` lists the chosen
     strategies and the calibration timings (ms) per layer, batch size and k.
 
@@ -59,6 +64,8 @@ class SparsePlan:
     ) -> None:
         self.model = model
         self.settings = settings
+        self.key = model.plan_key(settings)
+        self._runs: dict[GateSettings, bool] = {settings: True}  # settings -> runs this plan
         self.device = next(model.parameters()).device
         self.ffns: dict[GatedFFN, FFNExecutor] = {}
         self.attentions: dict[HeadGatedAttention, AttentionExecutor] = {}
@@ -86,11 +93,10 @@ class SparsePlan:
         lengths: torch.Tensor,
         settings: GateSettings | None = None,
     ) -> NetworkOutput:
-        if settings is not None and settings != self.settings:
-            raise ValueError(f"plan compiled for {self.settings}, called with {settings}")
+        settings = self.settings if settings is None else self._check(settings)
         model = self.model
         model.check_input(x, lengths)
-        fwd = model.open_forward(x, lengths, self.settings, plan=self)
+        fwd = model.open_forward(x, lengths, settings, plan=self)
         if fwd.padded and not model.padding_invariant:
             raise InvalidInputError(
                 "this model's results depend on padding: batch only requests of one length"
@@ -104,6 +110,16 @@ class SparsePlan:
                 for name in self._names:
                     kept.setdefault(name, full.new_zeros(fwd.batch, dtype=torch.float32))
         return NetworkOutput(logits, kept, macs, dense)
+
+    def _check(self, settings: GateSettings) -> GateSettings:
+        runs = self._runs.get(settings)
+        if runs is None:
+            runs = self.model.plan_key(settings) == self.key
+            if len(self._runs) < 256:
+                self._runs[settings] = runs
+        if not runs:
+            raise ValueError(f"plan compiled for {self.settings}, called with {settings}")
+        return settings
 
     # Called by the gated layers while this plan runs them.
 
@@ -155,6 +171,7 @@ def compile_plan(
     threshold_ks: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
     strategy: Strategy | None = None,
     workspace: Workspace | None = None,
+    timings: CalibrationCache | None = None,
 ) -> SparsePlan:
     """Compile ``model`` (eval mode, weights on their device) for ``settings``.
 
@@ -166,12 +183,16 @@ def compile_plan(
     nearest calibrated batch size. ``calibrate=False`` uses the dense fallback for every
     (batch, k), which is always correct; ``strategy`` forces one strategy everywhere (tests and
     benchmarks of a single strategy). Plans that never run concurrently may share a
-    ``workspace``. The network's MAC model is fitted here if it was not yet.
+    ``workspace``. ``timings`` carries calibration results between compilations: they depend
+    on a layer's shapes, the batch size and k, not on weights or gate values, so a plan whose
+    (layer, batch, k) were timed before — another gate configuration, a reloaded checkpoint of
+    the same architecture — reuses them and times nothing. The network's MAC model is fitted
+    here if it was not yet.
     """
     model.eval()
     plan = SparsePlan(model, settings, workspace)
     length = calib_length or min(model.config.model.max_length, 128)
-    cache: dict[tuple[object, ...], tuple[Strategy, dict[str, float]]] = {}
+    cache: CalibrationCache = {} if timings is None else timings
     with torch.inference_mode():
         for layer in model.gated():
             if isinstance(layer, HeadGatedAttention):

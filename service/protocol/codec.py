@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from service.protocol.errors import InvalidInput, shown
+from service.protocol.errors import InvalidInput, PayloadTooLarge, shown
 from service.protocol.types import (
     WIRE_DTYPES,
     DecodedRequest,
@@ -78,12 +78,15 @@ def decode_request(
     max_inputs: int | None = None,
     max_tensor_elements: int | None = None,
     max_outputs: int | None = None,
+    max_json_values: int | None = None,
 ) -> DecodedRequest:
     """Parse an inference request body into numpy tensors.
 
     `header_length` is the `Inference-Header-Content-Length` value, or None
     when the whole body is JSON. `max_inputs` and `max_tensor_elements` bound
-    the work a single request can demand before any tensor is allocated.
+    the work a single request can demand before any tensor is allocated;
+    `max_json_values` bounds the JSON document before it is parsed: a scan
+    (three byte counts, no parsing) gives an upper bound of its values.
     Returned arrays are owned, writable and native-endian; BYTES tensors are
     object arrays of `bytes`. Raises InvalidInput for any malformed body.
     """
@@ -98,7 +101,10 @@ def decode_request(
                 f"but the body has only {len(body)} bytes"
             )
     view = memoryview(body)
-    doc = _load_json(view if header_length is None else view[:header_length])
+    text = view if header_length is None else view[:header_length]
+    if max_json_values is not None:
+        _check_json_values(text, max_json_values)
+    doc = _load_json(text)
     if not isinstance(doc, dict):
         raise InvalidInput(f"request body must be a JSON object, got {_json_type(doc)}")
     _check_unknown_keys(doc, {"id", "parameters", "inputs", "outputs"}, "request", 1)
@@ -221,6 +227,27 @@ def encode_response(
 
 
 # --------------------------------------------------------------------------- decoding helpers
+
+
+def json_values_bound(raw: bytes | memoryview) -> int:
+    """An upper bound of the values in a JSON document, without parsing it: a container of n
+    values holds n − 1 commas, so values ≤ commas + containers + 1 (brackets inside strings
+    only raise the bound). Byte counts run in C at memory speed."""
+    data = raw if isinstance(raw, bytes) else raw.tobytes()
+    return data.count(b",") + data.count(b"[") + data.count(b"{") + 1
+
+
+def _check_json_values(raw: memoryview, limit: int) -> None:
+    # The parser's work and memory (a Python object per value) grow with the values, not the
+    # bytes: a body of tiny values under the byte limit would still cost hundreds of ms.
+    whole = raw.obj  # the body itself when the view spans it: counted without a copy
+    entire = isinstance(whole, bytes) and raw.nbytes == len(whole)
+    bound = json_values_bound(whole if entire else raw)  # type: ignore[arg-type]
+    if bound > limit:
+        raise PayloadTooLarge(
+            f"JSON document has up to {bound} values; this model accepts at most {limit} "
+            "(its largest request's tensor elements, plus room for names and parameters)"
+        )
 
 
 def _load_json(raw: memoryview) -> Any:

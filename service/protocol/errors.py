@@ -23,3 +23,7 @@ class InvalidInput(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class PayloadTooLarge(InvalidInput):
+    """The request is larger than the server takes (bytes, or values of its JSON); maps to 413."""

@@ -211,6 +211,7 @@ async def infer(request: Request) -> Response:
             max_inputs=limits.max_inputs,
             max_outputs=limits.max_outputs,
             max_tensor_elements=limits.max_tensor_elements,
+            max_json_values=limits.max_json_values,
         )
 
     async def disconnected() -> None:

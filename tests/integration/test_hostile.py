@@ -106,7 +106,12 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
      orjson.dumps({**_valid(), "parameters": [1, 2]}), {}, 400, "parameters"),
     ("timeout_string", "models/tiny/infer",
      orjson.dumps(json_request(X, timeout="soon")), {}, 400, "timeout"),
-    ("deep_nested_json", "models/tiny/infer", _nested(100_000), {}, 400, "depth"),
+    # Under the model's byte limit (its largest request's elements × 32 B + 64 KiB = 72 KiB)...
+    ("deep_nested_json", "models/tiny/infer", _nested(3_000), {}, 400, "depth"),
+    # ...with far more JSON values than the model's tensors hold: refused before parsing.
+    ("json_of_tiny_values", "models/tiny/infer",
+     orjson.dumps({**_valid(), "parameters": {"x": [0] * 20_000}}), {}, 413, "values"),
+    ("body_over_model_limit", "models/tiny/infer", b" " * 300_000, {}, 413, "limit"),
     ("body_over_limit", "models/tiny/infer", b" " * (MAX_BYTES + 1), {}, 413, "limit"),
     ("ten_mb_string_id", "models/tiny/infer",
      orjson.dumps({**_valid(), "id": "x" * 10_000_000}), {}, 413, "limit"),
@@ -118,7 +123,7 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
      b'{"inputs":[{"name":"input","shape":[1,1180591620717411303424],"datatype":"FP32",'
      b'"data":[]}]}', {}, 400, "integers"),
     ("too_many_outputs", "models/tiny/infer",
-     orjson.dumps({**_valid(), "outputs": [{"name": f"o{i}"} for i in range(10_000)]}), {}, 400,
+     orjson.dumps({**_valid(), "outputs": [{"name": f"o{i}"} for i in range(1_000)]}), {}, 400,
      "limit"),
     ("long_model_name", f"models/{'m' * 10_000}/infer", orjson.dumps(_valid()), {}, 404,
      "10000 characters"),

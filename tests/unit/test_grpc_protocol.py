@@ -38,7 +38,8 @@ from service.grpc.codec import decode_infer_request, encode_infer_response
 from service.protocol.types import Tensor
 
 LIMITS = Limits(
-    max_inputs=4, max_outputs=4, max_tensor_elements=1000, max_request_bytes=1 << 20
+    max_inputs=4, max_outputs=4, max_tensor_elements=1000, max_request_bytes=1 << 20,
+    max_json_values=5000,
 )
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import load_checkpoint
-from service.engine import MAX_PLANS, Engine, EngineError, GateConfig
+from service.engine import Engine, EngineError, GateConfig
 from service.errors import InvalidInput
 from tests.utils.service import TINY_MAX_LENGTH, reference_logits
 
@@ -101,16 +101,82 @@ def test_settings_that_run_the_same_plan_share_it(engine: Engine) -> None:
     assert engine.resolve_gate("tiny", "dense", 0.3).key == ("dense",)
 
 
-def test_compiled_plans_are_bounded(engine: Engine) -> None:
-    x = np.random.default_rng(0).standard_normal((1, 9, 1)).astype(np.float32)
-    keys = set()
-    for i in range(MAX_PLANS + 5):  # every blend weight is another plan
-        gate = engine.resolve_gate("tiny", "dynamic", 0.5, None, (i + 1) / (MAX_PLANS + 5))
-        keys.add(gate.key)
+def test_blend_weights_and_thresholds_are_run_time_values_of_one_plan(
+    engine: Engine, tiny_repository: Path
+) -> None:
+    net = load_checkpoint(tiny_repository / "tiny")
+    x = np.random.default_rng(3).standard_normal((2, 17, 1)).astype(np.float32)
+    plans = engine._models["tiny"].plans
+    weights = [engine.resolve_gate("tiny", "dynamic", 0.5, None, w) for w in (0.2, 0.6, 1.0)]
+    taus = [engine.resolve_gate("tiny", "dynamic", None, t) for t in (0.3, 0.5, 0.7)]
+    assert len({g.key for g in weights}) == 1 and len({g.key for g in taus}) == 1
+    # ...but never one batch: each runs with its own values.
+    assert len({g.batch_key for g in weights + taus}) == 6
+    for gate in weights + taus:
         [result] = engine.infer("tiny", gate, [x])
-        assert np.isfinite(result.logits).all()
-    assert len(keys) == MAX_PLANS + 5
-    assert len(engine._models["tiny"].plans) == MAX_PLANS
+        knobs = {"keep_ratio": gate.keep_ratio, "threshold": gate.threshold,
+                 "dynamic_weight": gate.dynamic_weight}
+        np.testing.assert_allclose(
+            result.logits, reference_logits(net, x, "dynamic", **knobs), atol=1e-5
+        )
+    assert len({id(plans[g.key]) for g in weights + taus}) == 2
+
+
+@pytest.fixture
+def sealed(tiny_repository: Path) -> Engine:
+    engine = Engine.load(tiny_repository, "cpu", torch_threads=1)
+    engine.warm_up(max_batch_rows=2, keep_ratios=(0.25, 1.0))
+    return engine
+
+
+def test_after_warm_up_no_request_compiles_a_plan(
+    sealed: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.sparse.plan
+
+    loaded = sealed._models["tiny"]
+    # The set, the checkpoint's own keep ratio (0.5) included.
+    assert loaded.keep_ratios == (0.25, 0.5, 1.0)
+    compiled = dict(loaded.plans)
+    monkeypatch.setattr(models.sparse.plan, "compile_plan", None)  # any compile would fail
+    x = np.ones((1, 9, 1), dtype=np.float32)
+    for mode in ("dense", "static", "dynamic"):
+        for knobs in ({}, {"keep_ratio": 0.25}, {"keep_ratio": 0.5}, {"keep_ratio": 1.0}):
+            sealed.infer("tiny", sealed.resolve_gate("tiny", mode, **knobs), [x])
+    for tau in (0.1, 0.9):
+        sealed.infer("tiny", sealed.resolve_gate("tiny", "dynamic", threshold=tau), [x])
+    with pytest.raises(InvalidInput, match=r"'keep_ratio': got 0\.3; this server serves "
+                       r"keep_ratio in \{0\.25, 0\.5, 1\} \(setting keep_ratios"):
+        sealed.resolve_gate("tiny", "dynamic", keep_ratio=0.3)
+    with pytest.raises(InvalidInput, match="keep_ratio"):
+        sealed.resolve_gate("tiny", "static", keep_ratio=0.7)
+    # A static threshold selects a fixed set: served where it matches a compiled plan (the tiny
+    # model's static gates are 0 or 1, so any threshold keeps every open channel)...
+    sealed.resolve_gate("tiny", "static", threshold=0.37)
+    # ...refused where its set has no plan (graded gates: 0.37 keeps 7 of 12 open channels).
+    graded = [(layer, torch.where(v > 0, torch.linspace(0.05, 1.0, v.numel()), v))
+              for layer, v in loaded.network._static_values()]
+    monkeypatch.setitem(loaded.network.__dict__, "_statics", graded)
+    with pytest.raises(InvalidInput, match="'threshold': got 0.38; in static mode"):
+        sealed.resolve_gate("tiny", "static", threshold=0.38)
+    assert loaded.plans == compiled
+
+
+def test_a_reload_of_the_same_architecture_times_nothing(
+    sealed: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.sparse.plan
+
+    timed: list[object] = []
+    real = models.sparse.plan._calibrate
+    monkeypatch.setattr(
+        models.sparse.plan, "_calibrate", lambda *a, **k: timed.append(a) or real(*a, **k)
+    )
+    before = sealed._models["tiny"]
+    sealed.load_model("tiny")
+    after = sealed._models["tiny"]
+    assert after is not before and after.sealed and set(after.plans) == set(before.plans)
+    assert timed == []
 
 
 def test_warm_up_compiles_every_mode_and_sizes_the_shared_buffers(engine: Engine) -> None:
