@@ -11,6 +11,15 @@ V2 JSON or binary tensors, 1 to 4 rows, sequence lengths up to the model's limit
 of them with a per-request gate mode. Meanwhile the admin API switches the model's runtime gate
 every ``--switch-every`` seconds, cycling dense, static and dynamic at a few keep ratios.
 
+With ``--hostile-rate R`` (hostile requests per second) the measured time is two phases of
+``--minutes`` each, on one server: the normal load alone, then the same load with hostile
+traffic mixed in, one kind after another: gate parameters cycled (keep ratios outside the served
+set, a new blend weight or threshold every request), slow bodies (half a body, then silence until
+the server's body timeout closes the connection), oversized bodies (a 16 MiB Content-Length, and
+a chunked body that never ends) and malformed binary requests. The normal requests' p99 under
+hostile traffic is compared with the phase without (it must stay within 1.5x), and every
+hostile request must get the 4xx it deserves (or 200 for valid cycled parameters).
+
 Reported: throughput, p50/p99 latency, error count (anything but 200, must be 0), gate switches,
 and the server's RSS (VmRSS from /proc) after warm-up and at the end; its growth must stay under
 10%. Results go to ``benchmarks/results/soak_<device>.json``.
@@ -29,7 +38,9 @@ import secrets
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -88,6 +99,117 @@ async def _client(
                 errors.append(status)
 
 
+# ---------------------------------------------------------------------- hostile traffic
+
+HOSTILE_KINDS = ("gate_cycling", "slow_body", "oversized_body", "malformed_binary")
+# Read timeout of the soak's server: a slow body is held this long, then closed with 408.
+SOAK_BODY_TIMEOUT_S = 5.0
+
+
+async def _raw(port: int, data: bytes, then: bytes | None = None) -> bytes:
+    """Send ``data`` on a new connection (then ``then`` unless the server answered), read the
+    answer to its end; the first line of the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if then is not None:
+            try:
+                answer = await asyncio.wait_for(reader.read(65536), 0.2)
+            except TimeoutError:
+                writer.write(then)
+                answer = b""
+            if answer:
+                return answer.split(b"\r\n", 1)[0]
+        answer = await asyncio.wait_for(reader.read(65536), SOAK_BODY_TIMEOUT_S + 10)
+        return answer.split(b"\r\n", 1)[0]
+    except (ConnectionError, TimeoutError) as err:
+        return type(err).__name__.encode()
+    finally:
+        writer.close()
+
+
+async def _hostile_one(
+    kind: str, port: int, client: httpx.AsyncClient, url: str, rng: random.Random
+) -> str:
+    path = f"/v2/models/{MODEL}/infer"
+    x = np.ones((1, 40), dtype=np.float32)
+    if kind == "gate_cycling":
+        choice = rng.randrange(3)
+        params: dict[str, object] = (
+            {"keep_ratio": round(rng.uniform(0.01, 0.99), 6)} if choice == 0 else
+            {"keep_ratio": 0.5, "dynamic_weight": round(rng.random(), 6)} if choice == 1 else
+            {"threshold": round(rng.random(), 6)}
+        )
+        body = orjson.dumps({"inputs": [{"name": "input", "shape": [1, 40], "datatype": "FP32",
+                                         "data": x.ravel().tolist()}], "parameters": params})
+        reply = await client.post(url, content=body)
+        return str(reply.status_code)
+    if kind == "slow_body":
+        body = orjson.dumps({"inputs": [{"name": "input", "shape": [1, 40], "datatype": "FP32",
+                                         "data": x.ravel().tolist()}]})
+        head = f"POST {path} HTTP/1.1\r\nHost: soak\r\nContent-Length: {len(body)}\r\n\r\n"
+        line = await _raw(port, head.encode() + body[: len(body) // 2])
+        return line.split(b" ")[1].decode() if line.startswith(b"HTTP/1.1") else line.decode()
+    if kind == "oversized_body":
+        if rng.random() < 0.5:  # declared: refused before any of it is read
+            head = f"POST {path} HTTP/1.1\r\nHost: soak\r\nContent-Length: {16 << 20}\r\n\r\n"
+            line = await _raw(port, head.encode() + b"[" * 65536)
+        else:  # chunked: refused once the model's limit is passed
+            head = f"POST {path} HTTP/1.1\r\nHost: soak\r\nTransfer-Encoding: chunked\r\n\r\n"
+            chunk = b"10000\r\n" + b"[0]," * 16384 + b"\r\n"
+            line = await _raw(port, head.encode() + chunk * 8, chunk * 16)
+        return line.split(b" ")[1].decode() if line.startswith(b"HTTP/1.1") else line.decode()
+    # malformed binary: the header says more bytes than follow, or a shape the bytes don't fill
+    header = orjson.dumps({"inputs": [{"name": "input", "shape": [1, 40], "datatype": "FP32",
+                                       "parameters": {"binary_data_size": 160}}]})
+    raw = x.tobytes()[: rng.choice([0, 80, 159])]
+    reply = await client.post(url, content=header + raw,
+                              headers={"Inference-Header-Content-Length": str(len(header))})
+    return str(reply.status_code)
+
+
+# What each hostile kind must get: anything else is a failure of the hardening.
+HOSTILE_EXPECTED: dict[str, set[str]] = {
+    "gate_cycling": {"200", "400"},
+    "slow_body": {"408"},
+    "oversized_body": {"413"},
+    "malformed_binary": {"400"},
+}
+
+
+async def _hostile(
+    base: str, port: int, rate: float, until: float, outcomes: dict[str, dict[str, int]]
+) -> None:
+    """``rate`` hostile requests per second until ``until``, the kinds in turn; each runs as
+    its own task (a slow body lasts the server's body timeout)."""
+    rng = random.Random(7)
+    url = f"{base}/v2/models/{MODEL}/infer"
+    tasks: list[asyncio.Task[None]] = []
+    async with httpx.AsyncClient(timeout=30.0) as client:
+
+        async def one(kind: str) -> None:
+            try:
+                status = await _hostile_one(kind, port, client, url, rng)
+            except httpx.HTTPError as err:
+                status = type(err).__name__
+            counts = outcomes.setdefault(kind, {})
+            counts[status] = counts.get(status, 0) + 1
+
+        n = 0
+        while time.monotonic() < until:
+            tasks.append(asyncio.create_task(one(HOSTILE_KINDS[n % len(HOSTILE_KINDS)])))
+            n += 1
+            await asyncio.sleep(1.0 / rate)
+        await asyncio.gather(*tasks)
+
+
+async def _timed(ended: list[float], *clients: Coroutine[Any, Any, None]) -> None:
+    """Run the clients; note when the last one ended (hostile slow bodies may linger on)."""
+    await asyncio.gather(*clients)
+    ended.append(time.monotonic())
+
+
 async def _switcher(base: str, token: str, every_s: float, until: float) -> int:
     switches = 0
     async with httpx.AsyncClient(
@@ -109,7 +231,7 @@ async def _sample_rss(pid: int, every_s: float, until: float, samples: list[int]
 
 
 async def _soak(
-    base: str, pid: int, args: argparse.Namespace, token: str, max_length: int
+    base: str, port: int, pid: int, args: argparse.Namespace, token: str, max_length: int
 ) -> dict[str, object]:
     url = f"{base}/v2/models/{MODEL}/infer"
     # Warm-up visits every gate configuration once, so that their compiled plans (kept per
@@ -120,33 +242,61 @@ async def _soak(
         _switcher(base, token, args.warmup / (len(GATES) + 1), warm_until),
     )
     rss_start = _rss_kib(pid)
-    latencies: list[float] = []
-    errors: list[str] = []
-    start = time.monotonic()
-    until = start + args.minutes * 60.0
     timeline: list[int] = [rss_start]
-    *_, switches, _ = await asyncio.gather(
-        *(_client(url, 1000 + i, max_length, until, latencies, errors)
-          for i in range(args.concurrency)),
-        _switcher(base, token, args.switch_every, until),
-        _sample_rss(pid, 15.0, until, timeline),
-    )
-    elapsed = time.monotonic() - start
+    phases = [False, True] if args.hostile_rate > 0 else [False]
+    figures: dict[str, object] = {}
+    for hostile in phases:
+        latencies: list[float] = []
+        errors: list[str] = []
+        outcomes: dict[str, dict[str, int]] = {}
+        start = time.monotonic()
+        until = start + args.minutes * 60.0
+        extra = [_hostile(base, port, args.hostile_rate, until, outcomes)] if hostile else []
+        ended: list[float] = []
+
+        _, switches, *_ = await asyncio.gather(
+            _timed(ended, *(_client(url, 1000 + i, max_length, until, latencies, errors)
+                            for i in range(args.concurrency))),
+            _switcher(base, token, args.switch_every, until),
+            _sample_rss(pid, 15.0, until, timeline),
+            *extra,
+        )
+        elapsed = ended[0] - start
+        lat_ms = np.asarray(latencies) * 1000.0
+        phase: dict[str, object] = {
+            "requests": len(latencies),
+            "throughput_rps": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(float(np.percentile(lat_ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(lat_ms, 99)), 2),
+            "errors": len(errors),
+            "error_statuses": sorted(set(errors)),
+            "gate_switches": switches,
+        }
+        if hostile:
+            phase["hostile_rate_per_s"] = args.hostile_rate
+            phase["hostile_outcomes"] = outcomes
+            phase["hostile_unexpected"] = {
+                kind: {s: n for s, n in counts.items() if s not in HOSTILE_EXPECTED[kind]}
+                for kind, counts in outcomes.items()
+                if set(counts) - HOSTILE_EXPECTED[kind]
+            }
+            figures["with_hostile"] = phase
+        else:
+            figures.update(phase)
     rss_end = _rss_kib(pid)
-    lat_ms = np.asarray(latencies) * 1000.0
-    return {
-        "requests": len(latencies),
-        "throughput_rps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(float(np.percentile(lat_ms, 50)), 2),
-        "p99_ms": round(float(np.percentile(lat_ms, 99)), 2),
-        "errors": len(errors),
-        "error_statuses": sorted(set(errors)),
-        "gate_switches": switches,
+    figures.update({
         "rss_kib_after_warmup": rss_start,
         "rss_kib_end": rss_end,
         "rss_growth": round(rss_end / rss_start - 1.0, 4),
         "rss_kib_every_15s": [*timeline, rss_end],
-    }
+    })
+    if "with_hostile" in figures:
+        with_hostile = figures["with_hostile"]
+        assert isinstance(with_hostile, dict)
+        figures["p99_ratio_hostile_vs_normal"] = round(
+            float(with_hostile["p99_ms"]) / float(figures["p99_ms"]), 3  # type: ignore[arg-type]
+        )
+    return figures
 
 
 def _run(args: argparse.Namespace) -> dict[str, object]:
@@ -159,12 +309,15 @@ def _run(args: argparse.Namespace) -> dict[str, object]:
         server = start_server(
             repository,
             Path(tmp) / "server.log",
-            {"admin_token": token, "log_level": "warning", "device": args.device},
+            {"admin_token": token, "log_level": "warning", "device": args.device,
+             "body_timeout_s": SOAK_BODY_TIMEOUT_S},
             cwd=ROOT,
             ready_timeout_s=120,
         )
         try:
-            figures = asyncio.run(_soak(server.url, server.process.pid, args, token, max_length))
+            figures = asyncio.run(
+                _soak(server.url, server.port, server.process.pid, args, token, max_length)
+            )
         finally:
             exit_code = server.stop(60)
     return {
@@ -180,9 +333,18 @@ def _run(args: argparse.Namespace) -> dict[str, object]:
         "model_source": source,
         **figures,
         "server_exit_code": exit_code,
-        "pass": figures["errors"] == 0 and float(figures["rss_growth"]) < 0.10  # type: ignore[arg-type]
-        and exit_code == 0,
+        "server_body_timeout_s": SOAK_BODY_TIMEOUT_S,
+        "pass": _passed(figures) and exit_code == 0,
     }
+
+
+def _passed(figures: dict[str, object]) -> bool:
+    ok = figures["errors"] == 0 and float(figures["rss_growth"]) <= 0.10  # type: ignore[arg-type]
+    hostile = figures.get("with_hostile")
+    if isinstance(hostile, dict):
+        ok = ok and hostile["errors"] == 0 and not hostile["hostile_unexpected"]
+        ok = ok and float(figures["p99_ratio_hostile_vs_normal"]) <= 1.5  # type: ignore[arg-type]
+    return ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--switch-every", type=float, default=2.0, help="seconds between switches")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    parser.add_argument("--hostile-rate", type=float, default=0.0,
+                        help="hostile requests per second in a second phase (0: none)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)

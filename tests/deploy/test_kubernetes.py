@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 import yaml
 
+from service.app import FINAL_STOP_S
 from service.settings import ENV_PREFIX, Settings, load_settings
 from tests.deploy.conftest import DEPLOY, image_env, require_tool
 from tests.deploy.kustomize import KustomizeError, apply_operation, render
@@ -168,10 +169,7 @@ def test_deployment_drains_and_is_locked_down(overlay: str) -> None:
     pod = _by_kind(documents, "Deployment")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert set(config) <= MANIFEST_ENV
-    drain_s = float(config.get("GATED_DRAIN_TIMEOUT_S", Settings.model_fields[
-        "drain_timeout_s"].default))
-    pre_stop_s = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
-    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + drain_s
+    assert pod["terminationGracePeriodSeconds"] >= _stop_budget_s(container, config)
     assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
@@ -184,6 +182,59 @@ def test_deployment_drains_and_is_locked_down(overlay: str) -> None:
     assert "secretKeyRef" in token["valueFrom"]
     assert container["envFrom"][0]["configMapRef"]["name"] == _by_kind(
         documents, "ConfigMap")["metadata"]["name"]
+
+
+# Kubernetes' terminationGracePeriodSeconds when a pod spec does not set it.
+DEFAULT_GRACE_S = 30
+
+
+def _setting_s(env: dict[str, str], name: str) -> float:
+    return float(env.get(f"{ENV_PREFIX}{name.upper()}", Settings.model_fields[name].default))
+
+
+def _stop_budget_s(container: dict[str, Any], env: dict[str, str]) -> float:
+    """Seconds from the kubelet's preStop to the process's exit, at worst: the preStop sleep,
+    the drain timeout, the HTTP server's shutdown timeout and the final stops of the batchers
+    and of gRPC (service/settings.py documents the sum)."""
+    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {})
+    command = pre_stop.get("command", [])
+    pre_stop_s = float(command[-1]) if command[:1] == ["sleep"] else 0.0
+    return (pre_stop_s + _setting_s(env, "drain_timeout_s")
+            + _setting_s(env, "shutdown_timeout_s") + 2 * FINAL_STOP_S)
+
+
+def test_every_deploy_file_stops_within_its_grace_period() -> None:
+    """A SIGTERM's drain and shutdown end before the orchestrator's SIGKILL, everywhere."""
+    checked = []
+    for overlay in OVERLAYS:
+        documents = _overlay(overlay)
+        pod = _by_kind(documents, "Deployment")["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {**_by_kind(documents, "ConfigMap")["data"], **_env(container)}
+        budget = _stop_budget_s(container, env)
+        assert budget <= pod["terminationGracePeriodSeconds"], (overlay, budget)
+        checked.append(overlay)
+    documents = _kserve()
+    runtimes = {d["metadata"]["name"]: d["spec"] for d in documents
+                if d["kind"] == "ServingRuntime"}
+    for name, runtime in runtimes.items():
+        (container,) = runtime["containers"]
+        budget = _stop_budget_s(container, _env(container))
+        # An InferenceService of the runtime that sets no grace period gets Kubernetes' 30 s.
+        assert budget <= DEFAULT_GRACE_S, (name, budget)
+        for service in documents:
+            if service["kind"] == "InferenceService" and (
+                service["spec"]["predictor"]["model"]["runtime"] == name
+            ):
+                grace = service["spec"]["predictor"].get(
+                    "terminationGracePeriodSeconds", DEFAULT_GRACE_S)
+                assert budget <= grace, (service["metadata"]["name"], budget, grace)
+                checked.append(service["metadata"]["name"])
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["gated-serve"]
+    grace_s = float(re.fullmatch(r"(\d+)s", compose["stop_grace_period"]).group(1))  # type: ignore[union-attr]
+    env = {k: str(v) for k, v in compose.get("environment", {}).items()}
+    assert _stop_budget_s({}, env) <= grace_s
+    assert len(checked) == 4
 
 
 def test_gpu_overlay_requests_a_gpu_and_tolerates_gpu_nodes() -> None:
