@@ -9,6 +9,10 @@ FROM ${BASE_IMAGE} AS build
 # The +cpu wheel ranks above PyPI's 2.13.0 for `torch==2.13.0`, so pip never pulls the CUDA
 # build (several GB) into a CPU image; a CUDA build swaps this index.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Optional package sources of the building machine (deploy/image/build.sh passes its pip's):
+# a folder of wheels mounted into the build, and an index mirror. Unset: PyPI.
+ARG PIP_FIND_LINKS
+ARG PIP_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_EXTRA_INDEX_URL=${TORCH_INDEX_URL}
