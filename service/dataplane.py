@@ -161,15 +161,19 @@ class DataPlane:
             name: RepositoryModel(
                 name=name, version=runtime.info.version,
                 state="READY" if up else "UNAVAILABLE",
-                reason="" if up else "server is loading or shutting down",
+                reason=_served_reason(up, state.load_failures.get(name)),
             )
             for name, runtime in state.models.items()
         }
-        for name, why in state.unavailable.items():
-            entries.setdefault(name, RepositoryModel(name=name, state="UNAVAILABLE", reason=why))
         engine = state.engine
+        present = engine.repository_models() if engine is not None else []
+        for name, why in state.unavailable.items():
+            if name in present:  # a folder removed since is no longer listed
+                entries.setdefault(
+                    name, RepositoryModel(name=name, state="UNAVAILABLE", reason=why)
+                )
         if engine is not None:
-            for name in engine.repository_models():
+            for name in present:
                 entries.setdefault(
                     name,
                     RepositoryModel(
@@ -496,6 +500,12 @@ _OUTPUT_EXTENSIONS = {
     "shared_memory_region": "shared memory",
     "classification": "classification (top-k labels; ask for the logits instead)",
 }
+
+
+def _served_reason(up: bool, failure: str | None) -> str:
+    if not up:
+        return "server is loading or shutting down"
+    return "" if failure is None else f"serving the previous load; the last load failed: {failure}"
 
 
 def _model_input(

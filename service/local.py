@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,13 +97,15 @@ def start_server(
     *,
     cwd: Path | None = None,
     ready_timeout_s: float | None = 60.0,
+    launcher: Sequence[str] | None = None,
 ) -> LocalServer:
     """Start ``gated serve`` on a free port of 127.0.0.1 with ``settings`` as ``GATED_*``
     variables (the caller's own ``GATED_*`` variables are dropped), its output in ``log``.
 
     The gRPC front end gets a free port of its own unless ``settings`` name ``grpc_port``
     (0: off; None: not set at all, for a server that predates the setting). Waits for
-    readiness unless ``ready_timeout_s`` is None.
+    readiness unless ``ready_timeout_s`` is None. ``launcher`` replaces ``python -m service.cli``
+    (benchmarks start a variant of the server that way); ``serve`` and its flags follow it.
     """
     port = free_port()
     chosen = dict(settings or {})
@@ -112,7 +114,8 @@ def start_server(
         del chosen["grpc_port"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATED_")}
     env.update({f"GATED_{k.upper()}": str(v) for k, v in chosen.items()})
-    command = [sys.executable, "-m", "service.cli", "serve", "--host", HOST, "--port", str(port)]
+    program = list(launcher) if launcher is not None else [sys.executable, "-m", "service.cli"]
+    command = [*program, "serve", "--host", HOST, "--port", str(port)]
     if repository is not None:
         command += ["--model-repository", str(repository)]
     with log.open("wb") as sink:

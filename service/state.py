@@ -56,6 +56,9 @@ class ServiceState:
         self.readiness_listeners: list[Callable[[bool], None]] = []
         # Repository models not served now, with why ("unloaded through the repository API").
         self.unavailable: dict[str, str] = {}
+        # Served models whose last load through the repository API failed (the previous load
+        # still serves), with the error.
+        self.load_failures: dict[str, str] = {}
 
     @property
     def ready(self) -> bool:
@@ -143,7 +146,12 @@ class ServiceState:
         except ModelNotInRepository as err:
             raise ModelNotFound(str(err)) from None
         except EngineError as err:  # it exists but does not load: the request names a bad model
+            if name in self.models:
+                self.load_failures[name] = str(err)
+            else:
+                self.unavailable[name] = f"load failed: {err}"
             raise ModelLoadFailed(str(err)) from None
+        self.load_failures.pop(name, None)
         runtime = self.models.get(name)
         if runtime is None:
             return self.serve(name, info)

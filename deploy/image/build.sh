@@ -109,7 +109,7 @@ buildah run --isolation chroot --env GATED_PORT="$PORT" gated-image-test -- "${c
 echo "healthcheck: exit 0"
 
 step "SIGTERM"
-pkill -TERM -f "gated serve" -n || true
+pkill -TERM -f "/opt/venv/bin/gated serve" || true
 wait "$server" && code=0 || code=$?
 trap - EXIT
 buildah rm gated-image-test > /dev/null

@@ -270,3 +270,40 @@ def test_load_parameters_are_refused_on_both_protocols(reload_server: Server) ->
         assert triton.is_model_ready("tiny")
     finally:
         triton.close()
+
+
+def test_failed_loads_are_listed_with_their_reason(
+    reload_server: Server, repository: Path
+) -> None:
+    """A load that fails is a 400 naming the model; the index says what serves and why not:
+    a served model keeps its previous load (READY, the failure as reason), a new folder that
+    does not load is UNAVAILABLE with the failure."""
+    index_url = f"{reload_server.url}/v2/repository/index"
+    weights = repository / "tiny" / "model.safetensors"
+    good = weights.read_bytes()
+    broken = repository / "broken"
+    broken.mkdir()
+    (broken / "config.yaml").write_text("model: {name: conv, channels: 4}\n")
+    try:
+        weights.write_bytes(b"not safetensors")
+        for name in ("tiny", "broken"):
+            reply = httpx.post(f"{reload_server.url}/v2/repository/models/{name}/load",
+                               headers=AUTH, timeout=15)
+            assert reply.status_code == 400 and f"model '{name}'" in reply.json()["error"]
+        index = {e["name"]: e for e in httpx.post(index_url).json()}
+        assert index["tiny"]["state"] == "READY"
+        assert index["tiny"]["reason"].startswith("serving the previous load; the last load "
+                                                  "failed: model 'tiny'")
+        assert index["broken"]["state"] == "UNAVAILABLE"
+        assert index["broken"]["reason"].startswith("load failed: model 'broken'")
+        assert client("rest", reload_server).infer(X).outcome == "ok"  # the previous load serves
+    finally:
+        weights.write_bytes(good)
+        for path in broken.iterdir():
+            path.unlink()
+        broken.rmdir()
+    reply = httpx.post(f"{reload_server.url}/v2/repository/models/tiny/load", headers=AUTH,
+                       timeout=15)
+    assert reply.status_code == 200
+    assert httpx.post(index_url).json() == [
+        {"name": "tiny", "version": "1", "state": "READY", "reason": ""}]
