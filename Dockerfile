@@ -10,9 +10,11 @@ FROM ${BASE_IMAGE} AS build
 # build (several GB) into a CPU image; a CUDA build swaps this index.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Optional package sources of the building machine (deploy/image/build.sh passes its pip's):
-# a folder of wheels mounted into the build, and an index mirror. Unset: PyPI.
+# a folder of wheels mounted into the build, an index mirror, the certificate authority its
+# network needs. Unset: PyPI with the base image's certificates.
 ARG PIP_FIND_LINKS
 ARG PIP_INDEX_URL
+ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_EXTRA_INDEX_URL=${TORCH_INDEX_URL}
