@@ -282,11 +282,12 @@ class Engine:
         start = time.monotonic()
         own = info.config_gate.keep_ratio
         loaded.keep_ratios = tuple(sorted({*self._keep_ratios, *([own] if own else [])}))
+        served = [self._resolve(loaded, "dynamic", threshold=0.5), self._resolve(loaded, "dense")]
         for mode in ("static", "dynamic"):
             for knobs in ({}, *({"keep_ratio": r} for r in loaded.keep_ratios)):
-                self._plan(loaded, self._resolve(loaded, mode, **knobs))
-        self._plan(loaded, self._resolve(loaded, "dynamic", threshold=0.5))
-        self._plan(loaded, self._resolve(loaded, "dense"))
+                served.append(self._resolve(loaded, mode, **knobs))
+        for gate in served:
+            self._plan(loaded, gate)
         loaded.sealed = True
         logger.info(
             "compiled %d plans for model %s in %.2f s (keep ratios %s)",
@@ -301,12 +302,14 @@ class Engine:
             for rows in sorted({1, rows_max}):
                 x = np.zeros((rows, length, info.in_channels), dtype=np.float32)
                 self._infer(loaded, gate, [x])
-            # Padded (two lengths) when it can be, so that every buffer of the masked path is
-            # sized too.
-            longest = np.zeros((rows_max, info.max_length, info.in_channels), np.float32)
-            padded = rows_max > 1 and info.max_length > 1 and info.mixed_lengths
-            self._infer(loaded, gate, [longest[:-1], longest[-1:, :-1]] if padded else [longest])
-        logger.info("warmed up model %s", info.name)
+        # Every served plan once at the largest batch, padded (two lengths) when it can be: the
+        # shared buffers reach their final size now, whatever keep ratio comes first later.
+        longest = np.zeros((rows_max, info.max_length, info.in_channels), np.float32)
+        padded = rows_max > 1 and info.max_length > 1 and info.mixed_lengths
+        batch = [longest[:-1], longest[-1:, :-1]] if padded else [longest]
+        for gate in {gate.key: gate for gate in served}.values():
+            self._infer(loaded, gate, batch)
+        logger.info("warmed up model %s in %.2f s", info.name, time.monotonic() - start)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=False)

@@ -260,6 +260,8 @@ def test_admin_auth(service_client: ClientFactory) -> None:
         ({"mode": "dynamic", "dynamic_weight": "1"}, "dynamic_weight"),
         ({"mode": "dense", "extra": 1}, "extra"),
         ({}, "mode"),
+        # Admins, like requests, choose among the compiled plans.
+        ({"mode": "dynamic", "keep_ratio": 0.3}, "keep_ratio in {0.25, 0.5, 0.75, 1}"),
     ],
 )
 def test_admin_validation(

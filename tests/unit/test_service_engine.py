@@ -192,9 +192,10 @@ def test_warm_up_compiles_every_mode_and_sizes_the_shared_buffers(engine: Engine
     # The largest batch warm-up ran (3 rows at max_length, padded) allocates nothing new.
     x = np.ones((3, TINY_MAX_LENGTH, 1), dtype=np.float32)
     for mode in ("dense", "static", "dynamic"):
-        gate = engine.resolve_gate("tiny", mode)
-        engine.infer("tiny", gate, [x[:2], x[2:, :-5]])
-        engine.infer("tiny", gate, [x])
+        for knobs in ({}, {"keep_ratio": 0.25}, {"keep_ratio": 0.75}, {"keep_ratio": 1.0}):
+            gate = engine.resolve_gate("tiny", mode, **knobs)
+            engine.infer("tiny", gate, [x[:2], x[2:, :-5]])
+            engine.infer("tiny", gate, [x])
     assert {role: buf.numel() for role, buf in engine._workspace._bufs.items()} == sizes
     # A model loaded later is warmed up the same way before it serves.
     engine.load_model("tiny")

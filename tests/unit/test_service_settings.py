@@ -123,3 +123,26 @@ def test_a_request_must_fit_one_batch(tmp_path: Path, monkeypatch: pytest.Monkey
         load_settings(model_repository=tmp_path)
     monkeypatch.setenv("GATED_MAX_BATCH_ROWS", "128")
     assert load_settings(model_repository=tmp_path).max_batch_rows == 128
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("0.5, 0.25", (0.25, 0.5)), ("[0.5, 1]", (0.5, 1.0)), ("1", (1.0,))]
+)
+def test_keep_ratios_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, expected: tuple[float, ...]
+) -> None:
+    monkeypatch.setenv("GATED_KEEP_RATIOS", value)
+    settings = load_settings(model_repository=tmp_path)
+    assert settings.served_keep_ratios() == expected
+    # The default keep ratio is always served too.
+    with_default = load_settings(model_repository=tmp_path, default_keep_ratio=0.3)
+    assert with_default.served_keep_ratios() == tuple(sorted({*expected, 0.3}))
+
+
+@pytest.mark.parametrize("value", ["0.5,2", "half", "", "[0.5, 0]"])
+def test_bad_keep_ratios_name_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("GATED_KEEP_RATIOS", value)
+    with pytest.raises(SettingsError, match=r"keep_ratios.* \(GATED_KEEP_RATIOS\)"):
+        load_settings(model_repository=tmp_path)
