@@ -9,7 +9,8 @@ Usage::
 Decoding runs on the event loop (orjson holds the GIL, so a thread would not free it), so its
 time is the stall every other connection sees. The limits are the data plane's own
 (``DataPlane.limits`` for the shipped model under default settings). Each case is timed 20
-times; the table has the median and the worst. As in the server, long-lived objects are frozen
+times; the table has the median and the worst, and the peak memory the decoding allocates
+(tracemalloc, one more run) over the body's size. As in the server, long-lived objects are frozen
 out of the garbage collector first (``gc.freeze``). Written to
 ``benchmarks/results/parse_stall_<device>.{json,md}``.
 """
@@ -23,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
@@ -107,9 +109,14 @@ def main() -> int:
 
         outcome = decode()
         times = _time(decode)
+        tracemalloc.start()
+        decode()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
         rows.append({"case": name, "bytes": len(body), "outcome": outcome,
                      "median_ms": round(statistics.median(times), 3),
-                     "worst_ms": round(max(times), 3)})
+                     "worst_ms": round(max(times), 3),
+                     "peak_memory_over_body": round(peak / len(body), 2)})
         sys.stderr.write(f"{rows[-1]}\n")
     result = {
         "device": "cpu", "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -125,10 +132,10 @@ def main() -> int:
         f"({elements} elements, {max_bytes} bytes, {max_values} JSON values); cpu "
         f"({os.cpu_count()} CPUs), 20 runs each.",
         "",
-        "| body | bytes | outcome | median (ms) | worst (ms) |",
-        "|---|---:|---|---:|---:|",
+        "| body | bytes | outcome | median (ms) | worst (ms) | peak memory / body size |",
+        "|---|---:|---|---:|---:|---:|",
         *(f"| {r['case']} | {r['bytes']} | {r['outcome']} | {r['median_ms']} | "
-          f"{r['worst_ms']} |" for r in rows),
+          f"{r['worst_ms']} | {r['peak_memory_over_body']} |" for r in rows),
     ]
     (RESULTS / "parse_stall_cpu.md").write_text("\n".join(lines) + "\n")
     sys.stdout.write("\n".join(lines) + "\n")
