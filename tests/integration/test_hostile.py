@@ -39,6 +39,13 @@ def _with_input(**fields: object) -> bytes:
     return orjson.dumps(body)
 
 
+def _binary_shape(shape: list[int]) -> tuple[bytes, dict[str, str]]:
+    """A binary-extension request whose header declares ``shape`` and 0 bytes of data."""
+    head = orjson.dumps({"inputs": [{"name": "input", "shape": shape, "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 0}}]})
+    return head, {HEADER: str(len(head))}
+
+
 def _with_output(parameters: dict[str, object]) -> bytes:
     return orjson.dumps({**_valid(), "outputs": [{"name": "logits", "parameters": parameters}]})
 
@@ -118,6 +125,10 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
     ("id_not_string", "models/tiny/infer", orjson.dumps({**_valid(), "id": {"a": 1}}), {}, 400,
      "id"),
     ("empty_but_huge_shape", "models/tiny/infer", _with_input(shape=[0, 2**62], data=[]), {},
+     400, "limit"),
+    ("empty_shape_of_int64_max", "models/tiny/infer",
+     _with_input(shape=[0, 2**63 - 1], data=[]), {}, 400, "limit"),
+    ("empty_binary_shape_of_int64_max", "models/tiny/infer", *_binary_shape([0, 2**63 - 1]),
      400, "limit"),
     ("shape_beyond_int64", "models/tiny/infer",
      b'{"inputs":[{"name":"input","shape":[1,1180591620717411303424],"datatype":"FP32",'
