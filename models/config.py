@@ -143,10 +143,24 @@ class ArchitectureConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Dataset selection. MNIST-1D is generated locally by the ``mnist1d`` package."""
+    """Dataset selection: MNIST-1D, generated locally by the ``mnist1d`` package, or a tensor
+    file of the user's own (``dataset: file``; ``models/data.py`` documents its keys)."""
 
-    dataset: Literal["mnist1d"] = "mnist1d"
+    dataset: Literal["mnist1d", "file"] = "mnist1d"
     seed: int = Field(42, ge=0, description="mnist1d generation seed; 42 is the standard split")
+    # dataset: file. The training file (.npz or .safetensors); the test split is test_path, or
+    # else test_fraction of the file's rows drawn with seed.
+    path: Path | None = None
+    test_path: Path | None = None
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _file_needs_a_path(self) -> DataConfig:
+        if self.dataset == "file" and self.path is None:
+            raise ValueError("dataset 'file' needs path (an .npz or .safetensors file)")
+        if self.dataset != "file" and (self.path is not None or self.test_path is not None):
+            raise ValueError("path and test_path are for dataset 'file'")
+        return self
 
 
 class TrainingConfig(_Strict):

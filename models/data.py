@@ -1,16 +1,35 @@
-"""MNIST-1D (Greydanus 2020), generated offline by the ``mnist1d`` package.
+"""Training and evaluation data: MNIST-1D, or a tensor file of the user's own.
 
-``seed`` is the dataset generation seed: 42 gives the standard 4000/1000 split; another seed
-draws a fresh sample of the same distribution (a harder, unseen test set).
+MNIST-1D (Greydanus 2020) is generated offline by the ``mnist1d`` package. ``seed`` is the
+dataset generation seed: 42 gives the standard 4000/1000 split; another seed draws a fresh
+sample of the same distribution (a harder, unseen test set).
+
+A **tensor file** (``data: {dataset: file, path: ...}``) is an ``.npz`` (numpy) or
+``.safetensors`` file holding:
+
+- ``inputs``: (N, T) or (N, T, C) floats, zero padded past each row's length;
+- ``labels``: (N,) integers in [0, num_classes) (required to train from labels);
+- optionally ``lengths`` (N,) integers in [1, T], or ``mask`` (N, T) of 1s then 0s (a row's
+  valid steps); neither: every row is T long.
+
+Everything is checked when loaded, and a problem is a :class:`DataError` naming the file, the
+key and what was expected.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from models.errors import ConfigError
+
+if TYPE_CHECKING:
+    from models.config import DataConfig, ModelConfig
 
 MNIST1D_STANDARD_SEED = 42
 
@@ -46,3 +65,123 @@ def load_mnist1d(seed: int = MNIST1D_STANDARD_SEED) -> tuple[Split, Split]:
     """(train, test) splits of MNIST-1D generated with ``seed`` (4000 / 1000 sequences, T 40)."""
     data = _generate(seed)
     return _split(data["x"], data["y"]), _split(data["x_test"], data["y_test"])
+
+
+class DataError(ConfigError):
+    """A dataset cannot be used as given; the message names the file and the key."""
+
+
+def load_tensor_file(
+    path: str | Path, in_channels: int | None = None, max_length: int | None = None,
+    num_classes: int | None = None,
+) -> Split:
+    """One split from an ``.npz`` or ``.safetensors`` tensor file (see the module docstring).
+
+    ``in_channels``, ``max_length`` and ``num_classes`` are the model's, checked when given.
+    """
+    path = Path(path)
+    arrays = _read_arrays(path)
+    where = str(path)
+    if "inputs" not in arrays:
+        raise DataError(f"{where}: no 'inputs' (keys: {sorted(arrays)})")
+    x = arrays["inputs"]
+    if x.ndim == 2:
+        x = x[:, :, None]
+    if x.ndim != 3 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise DataError(f"{where}: 'inputs' must be (N, T) or (N, T, C) with N, T >= 1, got "
+                        f"shape {list(arrays['inputs'].shape)}")
+    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+        raise DataError(f"{where}: 'inputs' must hold numbers, got {x.dtype}")
+    n, t, c = x.shape
+    if in_channels is not None and c != in_channels:
+        raise DataError(f"{where}: 'inputs' has {c} channels; the model takes {in_channels}")
+    if max_length is not None and t > max_length:
+        raise DataError(f"{where}: 'inputs' has {t} steps; the model's max_length is {max_length}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{where}: 'inputs' holds NaN or infinite values")
+    lengths = _lengths(arrays, n, t, where)
+    x[np.arange(t)[None, :] >= lengths[:, None]] = 0.0  # padding is zeros, as the server's
+    if "labels" in arrays:
+        y = arrays["labels"]
+        if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{where}: 'labels' must be ({n},) integers, got shape "
+                            f"{list(y.shape)} of {y.dtype}")
+        top = num_classes if num_classes is not None else np.iinfo(np.int64).max
+        if int(y.min()) < 0 or int(y.max()) >= top:
+            raise DataError(f"{where}: 'labels' must lie in [0, {top}), got "
+                            f"[{int(y.min())}, {int(y.max())}]")
+        labels = torch.from_numpy(y.astype(np.int64))
+    else:
+        labels = torch.full((n,), -1, dtype=torch.int64)  # unlabelled: -1
+    return Split(torch.from_numpy(x), labels, torch.from_numpy(lengths))
+
+
+def load_dataset(cfg: ModelConfig) -> tuple[Split, Split]:
+    """(train, test) splits of ``cfg.data``: MNIST-1D, or the tensor file(s) it names."""
+    data: DataConfig = cfg.data
+    if data.dataset == "mnist1d":
+        return load_mnist1d(data.seed)
+    m = cfg.model
+    assert data.path is not None  # DataConfig requires it
+    train = load_tensor_file(data.path, m.in_channels, m.max_length, m.num_classes)
+    if data.test_path is not None:
+        return train, load_tensor_file(data.test_path, m.in_channels, m.max_length,
+                                       m.num_classes)
+    n = len(train)
+    n_test = max(1, round(n * data.test_fraction))
+    if n - n_test < 1:
+        raise DataError(f"{data.path}: {n} rows cannot be split into train and test; give "
+                        "test_path or more rows")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(data.seed))
+    test_idx, train_idx = order[:n_test], order[n_test:]
+    return _take(train, train_idx), _take(train, test_idx)
+
+
+def _take(split: Split, idx: torch.Tensor) -> Split:
+    return Split(split.x[idx], split.y[idx], split.lengths[idx])
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        if suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            return dict(load_file(str(path)))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable {suffix} file: {err}") from None
+    raise DataError(f"{path}: unknown tensor file type {suffix!r}; use .npz or .safetensors")
+
+
+def _lengths(arrays: dict[str, np.ndarray], n: int, t: int, where: str) -> np.ndarray:
+    if "lengths" in arrays and "mask" in arrays:
+        raise DataError(f"{where}: give 'lengths' or 'mask', not both")
+    if "mask" in arrays:
+        mask = arrays["mask"]
+        if mask.shape != (n, t):
+            raise DataError(f"{where}: 'mask' must be ({n}, {t}) like 'inputs', got "
+                            f"{list(mask.shape)}")
+        valid = mask != 0
+        lengths = valid.sum(1).astype(np.int64)
+        prefix = np.arange(t)[None, :] < lengths[:, None]
+        if not np.array_equal(valid, prefix):
+            row = int(np.nonzero((valid != prefix).any(1))[0][0])
+            raise DataError(f"{where}: 'mask' row {row} is not 1s followed by 0s")
+    elif "lengths" in arrays:
+        lengths = arrays["lengths"]
+        if lengths.shape != (n,) or not np.issubdtype(lengths.dtype, np.integer):
+            raise DataError(f"{where}: 'lengths' must be ({n},) integers, got shape "
+                            f"{list(lengths.shape)} of {lengths.dtype}")
+        lengths = lengths.astype(np.int64)
+    else:
+        return np.full(n, t, dtype=np.int64)
+    if int(lengths.min()) < 1 or int(lengths.max()) > t:
+        raise DataError(f"{where}: lengths must lie in [1, {t}], got [{int(lengths.min())}, "
+                        f"{int(lengths.max())}]")
+    return np.asarray(lengths, dtype=np.int64)

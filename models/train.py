@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from models.checkpoint import resolve_device, save_checkpoint
 from models.config import GATE_MODES, ModelConfig
-from models.data import load_mnist1d
+from models.data import DataError, load_dataset
 from models.evaluate import evaluate
 from models.gate_config import GateSettings
 from models.gates import StaticGate, settings_for, temperature_at
@@ -103,7 +103,10 @@ def train(
     dev = resolve_device(device)
     torch.manual_seed(tc.seed)
     rng = random.Random(tc.seed)
-    train_set, test_set = load_mnist1d(cfg.data.seed)
+    train_set, test_set = load_dataset(cfg)
+    for name, split in (("training", train_set), ("test", test_set)):
+        if bool((split.y < 0).any()):
+            raise DataError(f"the {name} data has no 'labels': gated train fits to labels")
     model = build_network(cfg).to(dev)
     weights, gates, preds = _split_parameters(model)
     optimizer = torch.optim.AdamW(

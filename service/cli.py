@@ -62,13 +62,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from models import load_checkpoint, resolve_device, settings_for
-    from models.data import load_mnist1d
+    from models.data import load_dataset, load_mnist1d
     from models.evaluate import evaluate
 
     torch.set_grad_enabled(False)
     model = load_checkpoint(args.checkpoint, resolve_device(args.device))
-    seed = model.config.data.seed if args.data_seed is None else args.data_seed
-    _, test = load_mnist1d(seed)
+    data = model.config.data
+    if data.dataset == "mnist1d":
+        seed = data.seed if args.data_seed is None else args.data_seed
+        _, test = load_mnist1d(seed)
+    elif args.data_seed is not None:
+        sys.stderr.write("gated evaluate: error: --data-seed is for MNIST-1D; this checkpoint "
+                         f"was trained on {data.path}\n")
+        return 2
+    else:
+        seed = data.seed
+        _, test = load_dataset(model.config)
     settings = settings_for(model.config, args.gate_mode, args.keep_ratio, args.threshold)
     result = evaluate(model, test, settings).as_dict()
     result["data_seed"] = seed
