@@ -204,8 +204,11 @@ def _rest_at(net: GatedNetwork, length: int) -> float:
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
+        # no_grad, not inference_mode: the counter's module tracker hooks the inputs of every
+        # module that gets parameters requiring grad (a weight_norm parametrization does), which
+        # fails on inference tensors.
         with (
-            torch.inference_mode(),
+            torch.no_grad(),
             FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter,
             forward_context(fwd),
         ):

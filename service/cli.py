@@ -121,6 +121,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
+def _cmd_retrofit(args: argparse.Namespace) -> int:
+    from models import save_checkpoint
+    from models.retrofit import retrofit
+
+    source: Path | dict[str, object] = args.source
+    if args.hf_config:
+        source = json.loads(args.source.read_text())  # a transformers config.json: random init
+    logger.info("retrofitting %s -> %s", args.source, args.out)
+    net = retrofit(source, args.config, max_length=args.max_length)
+    save_checkpoint(net, args.out, metadata={"retrofit": {"source": str(args.source)}})
+    widths = net.gated_widths()
+    sys.stdout.write(json.dumps({
+        "out": str(args.out),
+        "gated_ffns": len(widths),
+        "gated_channels": sum(widths.values()),
+        "params": sum(p.numel() for p in net.parameters()),
+    }) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gated", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -145,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "retrofit",
+        help="gate the FFNs of a Hugging Face audio classifier (Wav2Vec2, HuBERT, WavLM)",
+        description="Reads a local save_pretrained folder (or, with --hf-config, a transformers "
+        "config.json for random weights) and writes a checkpoint the other commands load. "
+        "Needs pip install 'gated-serve[hf]'.",
+    )
+    p.add_argument("source", type=Path, help="save_pretrained folder (or config.json)")
+    p.add_argument("--hf-config", action="store_true", help="source is a config.json: random init")
+    p.add_argument("--config", type=Path, help="model config YAML with the gate keys")
+    p.add_argument("--max-length", type=int, default=64000, help="longest request, in samples")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    p.set_defaults(func=_cmd_retrofit)
 
     p = sub.add_parser(
         "serve",
