@@ -61,11 +61,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
+    with torch.no_grad():  # scoped: main() may run inside a longer process (tests)
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from models import load_checkpoint, resolve_device, settings_for
     from models.data import load_dataset, load_mnist1d
     from models.evaluate import evaluate
 
-    torch.set_grad_enabled(False)
     model = load_checkpoint(args.checkpoint, resolve_device(args.device))
     data = model.config.data
     if data.dataset == "mnist1d":

@@ -20,6 +20,10 @@ connection:
   (``Retry-After``) and closed instead of holding the graceful shutdown open: only complete
   requests are accepted, and every accepted one has been answered by then.
 
+A refused connection is closed the lingering way: the answer is written, the sending side shut
+down, and whatever the client still sends is read and dropped for ``LINGER_S`` before the socket
+closes (closing with unread bytes would reset the connection and lose the answer).
+
 Idle keep-alive connections are uvicorn's ``timeout_keep_alive`` (``keep_alive_timeout_s``).
 """
 
@@ -34,6 +38,9 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 logger = logging.getLogger(__name__)
+
+# Seconds a refused connection is still read (and what arrives dropped) before it is closed.
+LINGER_S = 0.5
 
 _REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large",
             503: "Service Unavailable"}
@@ -64,6 +71,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True  # the next bytes belong to a request line or headers
         self._head_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._discarding = False
 
     # ------------------------------------------------------------------ timers
 
@@ -116,8 +124,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
             cycle.message_event.set()
-        self._disarm()
-        self.transport.close()
+        # A lingering close: closing a socket with unread bytes resets the connection, and a
+        # client still sending would lose the answer. Half-close instead, drop what still
+        # arrives (unparsed), and close for good after LINGER_S.
+        self._discarding = True
+        self.flow.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._arm(LINGER_S, self.transport.close)
 
     # ------------------------------------------------------------------ uvicorn's protocol
 
@@ -130,6 +144,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:  # refused: read and dropped until the lingering close ends
+            return
         if not self._in_head:
             super().data_received(data)
             return
