@@ -125,6 +125,50 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from models import load_checkpoint, resolve_device
+    from models.data import load_dataset
+    from models.fit import fit
+
+    model = load_checkpoint(args.checkpoint, resolve_device(args.device))
+    cfg = model.config
+    if args.data is not None:  # the user's own tensor file instead of the checkpoint's data
+        data = cfg.data.model_copy(update={"dataset": "file", "path": args.data})
+        cfg = cfg.model_copy(update={"data": data})
+    train_set, test_set = load_dataset(cfg)
+    logger.info("fitting the gates of %s on %d rows -> %s", args.checkpoint, len(train_set),
+                args.out)
+    _, report = fit(
+        model, train_set, test_set, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        keep_ratios=args.keep_ratios, static_gates=args.static_gates,
+        label_weight=args.label_weight, seed=args.seed, out_dir=args.out,
+        progress=not args.quiet,
+    )
+    summary = {
+        "out": str(args.out), "seconds": report.seconds, "steps": report.steps,
+        "trained_params": report.trained_params, "frozen_params": report.frozen_params,
+        "distill_loss_first_epoch": report.distill_loss_first_epoch,
+        "distill_loss_last_epoch": report.distill_loss_last_epoch,
+        "test_distill_before": report.test_distill_before,
+        "test_distill_after": report.test_distill_after,
+        **{f"{mode}_accuracy": r["accuracy"] for mode, r in report.test.items()},
+        **{f"{mode}_flops_ratio": r["flops_ratio"] for mode, r in report.test.items()},
+    }
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
+def _keep_ratios(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") \
+            from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"keep ratios must lie in (0, 1], got {text!r}")
+    return values
+
+
 def _cmd_retrofit(args: argparse.Namespace) -> int:
     from models import save_checkpoint
     from models.retrofit import retrofit
@@ -169,6 +213,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "fit",
+        help="fit a checkpoint's predictors (and static gates) on its frozen base by distillation",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    p.add_argument("--data", type=Path, help=".npz/.safetensors file (default: the config's data)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--keep-ratios", type=_keep_ratios, default=[1.0, 0.5, 0.25],
+                   help="sampled per step, e.g. 1,0.5,0.25")
+    p.add_argument("--static-gates", action="store_true", help="train the static gates too")
+    p.add_argument("--label-weight", type=float, default=0.0,
+                   help="weight of the cross-entropy on labels, where the data has them")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser(
         "retrofit",

@@ -155,3 +155,28 @@ def test_random_init_from_a_config_and_the_cli(
         retrofit({"model_type": "bert"})
     with pytest.raises(ConfigError, match="no config.json"):
         retrofit(tmp_path / "absent")
+
+
+def test_fitting_a_retrofitted_encoder_leaves_its_base_as_it_was(tmp_path: Path) -> None:
+    from models.data import Split
+    from models.fit import fit
+
+    original, folder = _pretrained(tmp_path, "hubert")
+    net = retrofit(folder, GATES, max_length=MAX_SAMPLES)
+    with torch.no_grad():  # a head with opinions: untrained, its logits are all near 0
+        for hf in (original, net.module.hf):  # type: ignore[union-attr]
+            hf.projector.weight.mul_(30)
+            hf.classifier.weight.mul_(30)
+    x = torch.randn(48, 400, 1, generator=torch.Generator().manual_seed(2))
+    lengths = torch.randint(200, 401, (48,), generator=torch.Generator().manual_seed(3))
+    x[torch.arange(400)[None, :] >= lengths[:, None]] = 0
+    unlabelled = torch.full((48,), -1, dtype=torch.int64)  # distillation needs no labels
+    train_set = Split(x[:32], unlabelled[:32], lengths[:32])
+    test_set = Split(x[32:], unlabelled[32:], lengths[32:])
+    _, report = fit(net, train_set, test_set, epochs=2, batch_size=8, progress=False)
+    assert report.test_distill_after < report.test_distill_before and not report.test
+    mask = (torch.arange(400)[None] < lengths[:, None]).long()
+    with torch.no_grad():  # dense mode is still the untouched transformers model
+        torch.testing.assert_close(
+            net(x, lengths, settings_for(net.config, "dense")).logits,
+            original(x[..., 0], attention_mask=mask).logits, atol=1e-4, rtol=0)
