@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="accuracy and executed FLOPs on the MNIST-1D test split")
+    p = sub.add_parser("evaluate", help="accuracy and executed FLOPs on the data's test split")
     p.add_argument("--checkpoint", type=Path, default=PRETRAINED)
     p.add_argument("--gate-mode", choices=["dense", "static", "dynamic"], default="dynamic")
     p.add_argument("--keep-ratio", type=_knob("keep_ratio"), help="top-k fraction of open channels")
