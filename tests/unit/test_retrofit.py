@@ -180,3 +180,15 @@ def test_fitting_a_retrofitted_encoder_leaves_its_base_as_it_was(tmp_path: Path)
         torch.testing.assert_close(
             net(x, lengths, settings_for(net.config, "dense")).logits,
             original(x[..., 0], attention_mask=mask).logits, atol=1e-4, rtol=0)
+
+
+def test_the_mac_count_starts_at_the_front_ends_receptive_field(tmp_path: Path) -> None:
+    from models.flops import MacModel, _shortest_runnable
+
+    _, folder = _pretrained(tmp_path, "hubert")
+    net = retrofit(folder, GATES, max_length=MAX_SAMPLES)
+    # Kernel 10 / stride 5, then kernel 3: three first-layer frames, 10 + 2 * 5 samples.
+    assert _shortest_runnable(net, MAX_SAMPLES) == 20
+    assert net.length_period == 10
+    model = MacModel.fit(net)
+    assert model.coef is not None  # a quadratic per length class, not the per-length table
