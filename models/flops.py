@@ -70,7 +70,7 @@ class MacModel:
         period = max(1, int(getattr(net, "length_period", 1)))
         coefs = []
         started = time.monotonic()
-        shortest = _shortest_runnable(net, max_len) if period > 1 else 1
+        shortest = net.min_length
         for r in range(period):
             # Every class is fitted and checked on short inputs; the longest lengths, a full
             # forward each, are checked on a few classes only when there are many (a strided
@@ -163,13 +163,15 @@ def structure(net: GatedNetwork) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _shortest_runnable(net: GatedNetwork, max_len: int) -> int:
-    """The shortest input ``net`` runs (a convolutional front end needs its receptive field)."""
+def shortest_input(net: GatedNetwork) -> int:
+    """The shortest input ``net`` runs (a convolutional front end needs its receptive field),
+    by doubling then bisecting; at most ``max_length``."""
+    max_len = net.config.model.max_length
 
     def runs(length: int) -> bool:
         try:
             _rest_at(net, length)
-        except RuntimeError:
+        except Exception:  # noqa: BLE001 - whatever a too short input makes the module raise
             return False
         return True
 

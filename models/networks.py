@@ -176,6 +176,18 @@ class GatedNetwork(nn.Module):
         return (s.mode, tuple(counts), s.bucket)
 
     @property
+    def min_length(self) -> int:
+        """The shortest input this network runs: 1, or with strided convolutions (a front end
+        that downsamples) the shortest length found by trying (cached)."""
+        cached = self.__dict__.get("_min_length")
+        if cached is None:
+            from models.flops import shortest_input
+
+            cached = 1 if int(getattr(self, "length_period", 1)) <= 1 else shortest_input(self)
+            self.__dict__["_min_length"] = cached
+        return int(cached)
+
+    @property
     def mac_model(self) -> MacModel:
         """Counts of everything but the gated layers, fitted once by torch's FLOP counter."""
         model = self.__dict__.get("_mac_model")

@@ -562,6 +562,11 @@ def _model_input(
             f"input {name!r} has sequence length {length}; model {info.name!r} accepts "
             f"at most {info.max_length}"
         )
+    if length < info.min_length:  # shorter than its convolutional front end's reach
+        raise InvalidInput(
+            f"input {name!r} has sequence length {length}; model {info.name!r} needs at "
+            f"least {info.min_length}"
+        )
     # Any NaN or Inf makes the float64 sum non-finite: one pass, no temporary mask.
     if not allow_non_finite and not math.isfinite(float(np.sum(array, dtype=np.float64))):
         raise InvalidInput(f"input {name!r} contains NaN or infinite values")

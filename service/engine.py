@@ -89,6 +89,9 @@ class ModelInfo:
     # Whether requests of different lengths may share a batch (the network keeps padding out
     # of its results); otherwise only requests of one length are batched together.
     mixed_lengths: bool = True
+    # The shortest input the network runs (a strided front end needs its receptive field):
+    # shorter requests are refused before batching, never failing their batch mates.
+    min_length: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,6 +512,7 @@ def _wrap(name: str, network: models.GatedNetwork, device: torch.device) -> _Loa
         device=str(device),
         contract=contract,
         mixed_lengths=network.padding_invariant,
+        min_length=network.min_length,
     )
     width_t = torch.tensor([float(widths[k]) for k in layers], dtype=torch.float64, device=device)
     return _Loaded(info, network, device, width_t, dp.bucket)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
 
 from models import load_checkpoint, save_checkpoint, settings_for
 from tests.integration.conftest import serving
@@ -65,8 +66,14 @@ def test_a_retrofitted_encoder_serves_mixed_lengths(tmp_path: Path) -> None:
                 "speech", [inp], outputs=[out],
                 parameters={"gate_mode": "dynamic", "keep_ratio": 0.5}))
         got = [request.get_result().as_numpy("logits") for request in pending]
-        client.close()
         holder.close()
+        # Shorter than the front end's receptive field (20 samples): refused, naming it, before
+        # it could fail a batch.
+        short = triton.InferInput("input", [1, 15], "FP32")
+        short.set_data_from_numpy(np.ones((1, 15), np.float32))
+        with pytest.raises(InferenceServerException, match="needs at least 20"):
+            client.infer("speech", [short])
+        client.close()
         # Fewer batches than requests: clips of different lengths were computed together.
         batches = metric(srv.url, "gated_batch_size_count", model="speech")
         assert metric(srv.url, "gated_batch_size_sum", model="speech") >= len(clips) > batches

@@ -183,12 +183,12 @@ def test_fitting_a_retrofitted_encoder_leaves_its_base_as_it_was(tmp_path: Path)
 
 
 def test_the_mac_count_starts_at_the_front_ends_receptive_field(tmp_path: Path) -> None:
-    from models.flops import MacModel, _shortest_runnable
+    from models.flops import MacModel
 
     _, folder = _pretrained(tmp_path, "hubert")
     net = retrofit(folder, GATES, max_length=MAX_SAMPLES)
     # Kernel 10 / stride 5, then kernel 3: three first-layer frames, 10 + 2 * 5 samples.
-    assert _shortest_runnable(net, MAX_SAMPLES) == 20
+    assert net.min_length == 20
     assert net.length_period == 10
     model = MacModel.fit(net)
     assert model.coef is not None  # a quadratic per length class, not the per-length table
