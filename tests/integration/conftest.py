@@ -39,9 +39,14 @@ def start_server(
 
 @contextmanager
 def serving(repository: Path | None, log_dir: Path, **settings: object) -> Iterator[Server]:
-    """A ready server for the life of a fixture; stopping it must exit cleanly (code 0)."""
+    """A ready server for the life of a fixture; stopping it must exit cleanly (code 0). A
+    failing body still stops it (and its own error is the one reported)."""
     srv = start_server(repository, log_dir, **settings)
-    yield srv
+    try:
+        yield srv
+    except BaseException:
+        srv.stop()
+        raise
     assert srv.stop() == 0, srv.output()
 
 
