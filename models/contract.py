@@ -1,13 +1,14 @@
 """The served model contract: the named tensors a model takes and returns (docs/model-contract.md).
 
 Plain dataclasses, no torch: the service reads a model's contract for its metadata and its
-request validation. ``-1`` marks a dynamic dimension. The default contract (the only one this
-server serves today) is one FP32 input ``input`` of shape ``[batch, T, C]`` with per-request
-lengths, and one FP32 output ``logits`` ``[batch, classes]``. A module declares another by a
-``gated_contract`` attribute (a :class:`ModelContract`); the contract carries what models with
-token ids, attention masks or raw audio need (datatypes, optional inputs, padding values,
-several outputs), and the server refuses, at load and naming the model, a contract it cannot
-serve yet.
+request validation. ``-1`` marks a dynamic dimension. The default contract is one FP32 input
+``input`` of shape ``[batch, T, C]`` with per-request lengths, and one FP32 output ``logits``
+``[batch, classes]``. A module declares another by a ``gated_contract`` attribute (a
+:class:`ModelContract`): several inputs of datatypes FP32 / INT64 / INT32 sharing ``[batch, T]``
+(token ids, token types), each with its pad value and value range, and at most one mask input
+(``attention_mask``) that the server turns into per-row lengths. The first data input is the
+network's ``x``; the others reach its forward as keyword arguments. The server refuses, at load
+and naming the model, a contract it cannot serve (:meth:`ModelContract.unservable`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ class TensorSpec:
     pad_value: float = 0.0
     # For an input: the dimension whose size is the request's length (its padding is masked).
     length_dim: int | None = None
+    # "data": a tensor the network reads; "mask": 1 for valid steps then 0 (right padding),
+    # which the server reads as each row's length and the network gets as ``lengths``.
+    role: Literal["data", "mask"] = "data"
+    # Integer inputs: the allowed values, inclusive (token ids inside the vocabulary).
+    value_range: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,20 +54,43 @@ class ModelContract:
             outputs=(TensorSpec("logits", "FP32", (-1, num_classes)),),
         )
 
-    def served_today(self) -> str | None:
+    @property
+    def data_inputs(self) -> tuple[TensorSpec, ...]:
+        """The inputs the network reads, in order: the first is its ``x``."""
+        return tuple(t for t in self.inputs if t.role == "data")
+
+    @property
+    def mask(self) -> TensorSpec | None:
+        """The mask input (its rows' lengths), if the contract has one."""
+        return next((t for t in self.inputs if t.role == "mask"), None)
+
+    def unservable(self) -> str | None:
         """None when this server can serve the contract, else why not (one line)."""
-        if len(self.inputs) != 1 or len(self.outputs) != 1:
+        data = self.data_inputs
+        if not data or data[0].optional:
+            return "declares no required data input (the network's x)"
+        names = [t.name for t in self.inputs]
+        if len(set(names)) != len(names):
+            return f"declares inputs {names} with a repeated name"
+        if sum(t.role == "mask" for t in self.inputs) > 1:
+            return "declares more than one mask input"
+        for spec in self.inputs:
+            where = f"input {spec.name!r}"
+            if spec.datatype not in ("FP32", "INT64", "INT32"):
+                return f"{where} is {spec.datatype}; served datatypes: FP32, INT64, INT32"
+            if len(spec.shape) < 2 or spec.shape[:2] != (-1, -1) or spec.length_dim != 1:
+                return f"{where} must be [batch, T, ...] with T its length, got {list(spec.shape)}"
+            if any(d < 1 for d in spec.shape[2:]):
+                return f"{where} has a dynamic dimension after T: {list(spec.shape)}"
+            if spec.role == "mask" and (len(spec.shape) != 2 or spec.datatype == "FP32"):
+                return f"mask {where} must be INT64 or INT32 [batch, T]"
+            if spec.value_range is not None and spec.datatype == "FP32":
+                return f"{where} is FP32 and declares a value range (integers only)"
+        if len(self.outputs) != 1 or self.outputs[0].datatype != "FP32" or len(
+            self.outputs[0].shape
+        ) != 2:
             return (
-                f"declares inputs {[t.name for t in self.inputs]} and outputs "
-                f"{[t.name for t in self.outputs]}; this server serves one FP32 input of "
-                "shape [batch, T, C] and one FP32 output"
-            )
-        spec, out = self.inputs[0], self.outputs[0]
-        if (spec.name, out.name) != ("input", "logits"):
-            return f"names its tensors {spec.name!r} -> {out.name!r}; served: 'input' -> 'logits'"
-        if spec.datatype != "FP32" or len(spec.shape) != 3 or out.datatype != "FP32":
-            return (
-                f"declares {spec.name} {spec.datatype} {list(spec.shape)} -> {out.name} "
-                f"{out.datatype}; this server serves FP32 [batch, T, C] -> FP32"
+                f"declares outputs {[t.name for t in self.outputs]}; this server serves one FP32 "
+                "output [batch, classes]"
             )
         return None

@@ -770,7 +770,7 @@ def make_ffn(
     holding the same parameters; the gate is registered on the first as ``.gate``."""
     projs: list[_Projection] = []
     for attr in attrs:
-        m = getattr(owner, attr)
+        m = owner.get_submodule(attr)
         if isinstance(m, _Projection):
             raise ArchitectureError(f"{name}.{attr}: already gated")
         if isinstance(m, nn.Linear):
@@ -789,7 +789,8 @@ def make_ffn(
     d_in = first.weight.shape[1]
     gate = _gate_for(first.out_features, d_in, cfg, first.weight)
     for attr, p in zip(attrs, projs, strict=True):
-        setattr(owner, attr, p)
+        parent, _, leaf = attr.rpartition(".")
+        setattr(owner.get_submodule(parent) if parent else owner, leaf, p)
     first.gate = gate  # registered: its parameters are saved as <fc1>.gate.*
     return GatedFFN(name, projs[:-1], projs[-1], gate, act=act, layout=layout)
 
@@ -1035,6 +1036,17 @@ def _resolve(module: nn.Module, path: str) -> tuple[nn.Module, str]:
     return owner, attr
 
 
+def _common_owner(paths: Sequence[str]) -> str:
+    """The longest module path that owns every one of ``paths``."""
+    parts = [p.split(".")[:-1] for p in paths]
+    common: list[str] = []
+    for level in zip(*parts, strict=False):
+        if any(x != level[0] for x in level):
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
 def attach_ffns(
     module: nn.Module, cfg: ModelConfig, ffns: Sequence[Sequence[str]] | None = None
 ) -> list[GatedFFN]:
@@ -1049,14 +1061,15 @@ def attach_ffns(
                 raise ArchitectureError(
                     f"ffns: {list(spec)}: name (fc1, fc2) or (gate, up, down) module paths"
                 )
-            owners = [_resolve(module, p) for p in spec]
-            owner = owners[0][0]
-            if any(o is not owner for o, _ in owners):
-                raise ArchitectureError(f"ffns: {list(spec)}: projections of one module only")
-            prefix = spec[0].rpartition(".")[0]
-            shared = sum(1 for other in ffns if other[0].rpartition(".")[0] == prefix) > 1
+            for p in spec:
+                _resolve(module, p)
+            # The projections' nearest common owner (BERT's intermediate.dense and output.dense
+            # live in two children of their layer); attrs are paths from it.
+            prefix = _common_owner(spec)
+            owner = module.get_submodule(prefix) if prefix else module
+            attrs = [p[len(prefix) + 1:] if prefix else p for p in spec]
+            shared = sum(1 for other in ffns if _common_owner(other) == prefix) > 1
             name = spec[0] if shared or not prefix else prefix
-            attrs = [a for _, a in owners]
             if isinstance(owner, nn.TransformerEncoderLayer) and attrs == ["linear1", "linear2"]:
                 # Its fused fast path reads the weights directly: take its gated slow path.
                 layers.append(_gate_encoder_layer(owner, cfg, name))
@@ -1091,6 +1104,8 @@ def attach_ffns(
 
 
 def _act_between(owner: nn.Module, attrs: Sequence[str]) -> Any:
+    if any("." in a for a in attrs):  # in different children: their forwards apply it
+        return None
     graph = _trace(owner)
     if graph is not None:
         try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -48,6 +48,8 @@ from models.layers import (
     unsupported_linears,
 )
 from models.predictor import time_mask
+
+TORCH_DTYPES = {"FP32": torch.float32, "INT64": torch.int64, "INT32": torch.int32}
 
 
 @dataclass
@@ -207,17 +209,25 @@ class GatedNetwork(nn.Module):
         return ModelContract.default(m.in_channels, m.num_classes)
 
     def example_input(self, length: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeros (the pad value) shaped like the contract's first data input, and lengths."""
         dev = next(self.parameters()).device
-        x = torch.zeros(batch, length, self.config.model.in_channels, device=dev)
+        spec = self.contract().data_inputs[0]
+        dims = tuple(d for d in spec.shape[2:])
+        x = torch.full((batch, length, *dims), spec.pad_value, dtype=TORCH_DTYPES[spec.datatype],
+                       device=dev)
         return x, torch.full((batch,), length, device=dev)
 
     # ------------------------------------------------------------------ running
 
     def check_input(self, x: torch.Tensor, lengths: torch.Tensor) -> None:
         cfg = self.config.model
-        if x.dim() != 3 or x.shape[2] != cfg.in_channels:
+        spec = self.contract().data_inputs[0]
+        want = [d if d != -1 else None for d in spec.shape]
+        if x.dim() != len(want) or any(w is not None and x.shape[i] != w
+                                       for i, w in enumerate(want) if i > 1):
+            shown = ", ".join(["batch", "T", *(str(d) for d in spec.shape[2:])])
             raise InvalidInputError(
-                f"input must have shape [batch, T, {cfg.in_channels}], got {list(x.shape)}"
+                f"{spec.name} must have shape [{shown}], got {list(x.shape)}"
             )
         if x.shape[1] > cfg.max_length:
             raise InvalidInputError(
@@ -228,7 +238,8 @@ class GatedNetwork(nn.Module):
         if x.shape[0] and (int(lengths.min()) < 1 or int(lengths.max()) > x.shape[1]):
             raise InvalidInputError(f"lengths must be in [1, {x.shape[1]}] (the padded T)")
 
-    def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> Any:
+    def compute(self, x: torch.Tensor, lengths: torch.Tensor, **extras: torch.Tensor) -> Any:
+        """``extras``: the contract's other data inputs (token types), by name."""
         raise NotImplementedError
 
     def open_forward(
@@ -248,9 +259,14 @@ class GatedNetwork(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, lengths: torch.Tensor, settings: GateSettings
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor,
+        settings: GateSettings,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> NetworkOutput:
-        """The reference forward: x (B, T, C_in), lengths (B,) -> logits, kept and MACs."""
+        """The reference forward: x (B, T, C_in), lengths (B,) -> logits, kept and MACs;
+        ``extras``: the contract's other data inputs, by name, shaped (B, T, ...) like x."""
         self.check_input(x, lengths)
         if not self.padding_invariant and bool((lengths != x.shape[1]).any()):
             raise InvalidInputError(
@@ -258,7 +274,8 @@ class GatedNetwork(nn.Module):
             )
         fwd = self.open_forward(x, lengths, settings)
         with forward_context(fwd):
-            logits = first_tensor(self.compute(x, lengths), type(self).__name__)
+            logits = first_tensor(self.compute(x, lengths, **(extras or {})),
+                                  type(self).__name__)
         return self.finish(logits, fwd)
 
     def finish(self, logits: torch.Tensor, fwd: Forward) -> NetworkOutput:
@@ -373,7 +390,9 @@ class GatedConvNet(GatedNetwork):
         self.blocks = nn.ModuleList(GatedConvBlock(cfg, f"blocks.{i}") for i in range(m.num_blocks))
         self.head = nn.Linear(m.channels, m.num_classes)
 
-    def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def compute(
+        self, x: torch.Tensor, lengths: torch.Tensor, **extras: torch.Tensor
+    ) -> torch.Tensor:
         """x (B, T, C_in), lengths (B,) -> logits (B, classes)."""
         mask, mf = _padding(x, lengths)  # (B, T), (B, T, 1)
         h = _zero_padding(self.stem.steps(x * mf), mf)  # (B, T, C)
@@ -428,7 +447,9 @@ class GatedTransformer(GatedNetwork):
         self.norm = nn.LayerNorm(m.d_model)
         self.head = nn.Linear(m.d_model, m.num_classes)
 
-    def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def compute(
+        self, x: torch.Tensor, lengths: torch.Tensor, **extras: torch.Tensor
+    ) -> torch.Tensor:
         mask, mf = _padding(x, lengths)
         h = self.embed.steps(x * mf) + self.pos[: x.shape[1]]  # (B, T, D)
         for layer in self.layers:
@@ -478,8 +499,10 @@ class AttachedNetwork(GatedNetwork):
                 )
             self.gated_contract = declared
 
-    def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> Any:
-        return self.module(x, lengths) if self.takes_lengths else self.module(x)
+    def compute(self, x: torch.Tensor, lengths: torch.Tensor, **extras: torch.Tensor) -> Any:
+        if self.takes_lengths:
+            return self.module(x, lengths, **extras)
+        return self.module(x, **extras)
 
 
 def attach_gates(

@@ -1,23 +1,28 @@
 """Retrofit pretrained Hugging Face encoders: gate every FFN of a ``transformers`` model in place.
 
-Supported today: the audio encoders **Wav2Vec2, HuBERT and WavLM** with a sequence
-classification head (``<Family>ForSequenceClassification``), which take raw audio and return
-logits, the server's default contract (FP32 ``input`` [batch, samples, 1] -> ``logits``). The
-model comes from a local folder written by ``save_pretrained`` (``from_pretrained`` on a path,
-never a download) or from a ``transformers`` config (random weights, for speed work). Each
-encoder layer's ``feed_forward.intermediate_dense`` / ``output_dense`` pair becomes a gated FFN
-(:func:`models.attach_gates`), with the gate configuration of a model config file (the
-parameter guide's keys), and the result is an ordinary checkpoint: ``config.yaml`` names the
-factory :func:`audio_classifier` with the ``transformers`` config as its arguments, so
-``load_checkpoint``, ``gated evaluate`` and ``gated serve`` rebuild it without the source
-folder.
+Supported families (the HF config's ``model_type``), with a sequence classification head
+(``<Family>ForSequenceClassification``: output ``logits``) or without (``<Family>Model``: output
+``pooled``, the encoder's last hidden states averaged over the valid steps):
 
-Padding: a request's samples are its length; the attention mask the encoder gets is built from
-the lengths, and HF derives the frame-level mask after the convolutional front end, which is
-what the gated layers' predictors see too (their lengths follow the front end's convolutions).
-Front ends whose output depends on padding (``feat_extract_norm: group``, the base configs'
-group-norm feature extractor) make the network not padding invariant, so the server batches
-such a model only with requests of the same length.
+- **Audio: Wav2Vec2, HuBERT, WavLM.** Raw audio, the server's default contract: FP32 ``input``
+  [batch, samples] (or [batch, samples, 1]); each request's samples are its length, and the
+  attention mask the encoder gets is built from the lengths. HF derives the frame-level mask
+  after the convolutional front end, which is what the gated layers' predictors see too (their
+  lengths follow the front end's convolutions). Front ends whose output depends on padding
+  (``feat_extract_norm: group``, the base configs' group-norm feature extractor) make the
+  network not padding invariant, so the server batches such a model only with requests of the
+  same length.
+- **Text: BERT, RoBERTa.** INT64 ``input_ids`` [batch, T] (each id inside the vocabulary),
+  optional ``attention_mask`` [batch, T] (ones then zeros: a row's length) and optional
+  ``token_type_ids``; the server pads ids with the model's pad token.
+
+The model comes from a local folder written by ``save_pretrained`` (``from_pretrained`` on a
+path, never a download) or from a ``transformers`` config (random weights, for speed work).
+Each encoder layer's FFN pair becomes a gated FFN (:func:`models.attach_gates`), with the gate
+configuration of a model config file (the parameter guide's keys), and the result is an
+ordinary checkpoint: ``config.yaml`` names the factory :func:`hf_encoder` with the
+``transformers`` config as its arguments, so ``load_checkpoint``, ``gated evaluate`` and
+``gated serve`` rebuild it without the source folder.
 
 ``transformers`` is an optional dependency: ``pip install 'gated-serve[hf]'``.
 """
@@ -25,24 +30,47 @@ such a model only with requests of the same length.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from models.config import ModelConfig, load_config, parse_config
+from models.contract import ModelContract, TensorSpec
 from models.errors import ArchitectureError, ConfigError
 from models.networks import GatedNetwork, attach_gates
 
-# family (the HF config's model_type) -> (config class, classification model class, the
-# attribute of the base model inside the classifier)
-AUDIO_FAMILIES: dict[str, tuple[str, str, str]] = {
-    "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", "wav2vec2"),
-    "hubert": ("HubertConfig", "HubertForSequenceClassification", "hubert"),
-    "wavlm": ("WavLMConfig", "WavLMForSequenceClassification", "wavlm"),
+
+@dataclass(frozen=True)
+class Family:
+    """How one ``transformers`` family is built and where its FFNs are."""
+
+    kind: str  # "audio" (raw samples in) or "text" (token ids in)
+    config: str  # the config class
+    classifier: str  # the sequence classification model class
+    base: str  # the encoder model class (no head)
+    attribute: str  # the encoder's attribute inside the classifier
+    layers: str  # the encoder's layer list, from the encoder
+    ffn: tuple[str, str]  # the FFN pair, from one layer
+
+
+_AUDIO_FFN = ("feed_forward.intermediate_dense", "feed_forward.output_dense")
+_TEXT_FFN = ("intermediate.dense", "output.dense")
+FAMILIES: dict[str, Family] = {
+    "wav2vec2": Family("audio", "Wav2Vec2Config", "Wav2Vec2ForSequenceClassification",
+                       "Wav2Vec2Model", "wav2vec2", "encoder.layers", _AUDIO_FFN),
+    "hubert": Family("audio", "HubertConfig", "HubertForSequenceClassification",
+                     "HubertModel", "hubert", "encoder.layers", _AUDIO_FFN),
+    "wavlm": Family("audio", "WavLMConfig", "WavLMForSequenceClassification",
+                    "WavLMModel", "wavlm", "encoder.layers", _AUDIO_FFN),
+    "bert": Family("text", "BertConfig", "BertForSequenceClassification",
+                   "BertModel", "bert", "encoder.layer", _TEXT_FFN),
+    "roberta": Family("text", "RobertaConfig", "RobertaForSequenceClassification",
+                      "RobertaModel", "roberta", "encoder.layer", _TEXT_FFN),
 }
-FACTORY = "models.retrofit:audio_classifier"
+FACTORY = "models.retrofit:hf_encoder"
 
 
 def _transformers() -> Any:
@@ -55,95 +83,172 @@ def _transformers() -> Any:
     return transformers
 
 
-class AudioClassifier(nn.Module):
-    """A ``transformers`` audio classifier behind the server's contract:
-    ``forward(x (B, samples, 1), lengths (B,)) -> logits (B, labels)``."""
+class HFEncoder(nn.Module):
+    """A ``transformers`` encoder behind the server's contract: ``forward(x, lengths, **extras)
+    -> logits (B, labels)`` (with a head) or ``pooled`` (B, hidden) (without one).
 
-    def __init__(self, hf: nn.Module, family: str) -> None:
+    Audio: ``x`` (B, samples, 1) FP32. Text: ``x`` (B, T) INT64 token ids, ``token_type_ids``
+    among the extras. The attention mask is built from ``lengths`` (valid steps first).
+    """
+
+    def __init__(self, hf: nn.Module, family: str, head: bool) -> None:
         super().__init__()
         self.hf = hf
         self.family = family
+        self.head = head
+        spec = FAMILIES[family]
+        config: Any = hf.config
         # Group norm over time sees the padding (docs/model-contract.md, "Lengths and padding").
-        self.padding_invariant = getattr(hf.config, "feat_extract_norm", "layer") != "group"
+        self.padding_invariant = getattr(config, "feat_extract_norm", "layer") != "group"
+        width = int(config.num_labels) if head else int(config.hidden_size)
+        output = TensorSpec("logits" if head else "pooled", "FP32", (-1, width))
+        if spec.kind == "audio":
+            self.gated_contract = ModelContract(
+                inputs=(TensorSpec("input", "FP32", (-1, -1, 1), length_dim=1),),
+                outputs=(output,),
+            )
+        else:
+            pad = int(getattr(config, "pad_token_id", 0) or 0)
+            types = int(getattr(config, "type_vocab_size", 1))
+            self.gated_contract = ModelContract(
+                inputs=(
+                    TensorSpec("input_ids", "INT64", (-1, -1), pad_value=pad, length_dim=1,
+                               value_range=(0, int(config.vocab_size) - 1)),
+                    TensorSpec("attention_mask", "INT64", (-1, -1), optional=True, length_dim=1,
+                               role="mask"),
+                    TensorSpec("token_type_ids", "INT64", (-1, -1), optional=True, length_dim=1,
+                               value_range=(0, types - 1)),
+                ),
+                outputs=(output,),
+            )
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    @property
+    def encoder(self) -> nn.Module:
+        """The encoder model (inside the classifier, or the whole model without a head)."""
+        return getattr(self.hf, FAMILIES[self.family].attribute) if self.head else self.hf
+
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         steps = torch.arange(x.shape[1], device=x.device)
         mask = (steps[None, :] < lengths[:, None]).to(torch.long)
-        logits: torch.Tensor = self.hf(input_values=x[..., 0], attention_mask=mask).logits
-        return logits
+        if FAMILIES[self.family].kind == "audio":
+            inputs: dict[str, torch.Tensor] = {"input_values": x[..., 0]}
+        else:
+            inputs = {"input_ids": x}
+            if token_type_ids is not None:
+                inputs["token_type_ids"] = token_type_ids
+        out = self.hf(**inputs, attention_mask=mask)
+        if self.head:
+            logits: torch.Tensor = out.logits
+            return logits
+        hidden: torch.Tensor = out.last_hidden_state  # (B, steps', H)
+        frames = mask
+        if hidden.shape[1] != mask.shape[1]:  # audio: the front end's frames
+            frames = cast(Any, self.hf)._get_feature_vector_attention_mask(hidden.shape[1], mask)
+        weights = frames.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
     def ffn_paths(self, prefix: str = "") -> list[tuple[str, str]]:
-        """Each encoder layer's (intermediate_dense, output_dense), as module paths."""
-        base = getattr(self.hf, AUDIO_FAMILIES[self.family][2])
-        n = len(base.encoder.layers)
-        root = f"{prefix}hf.{AUDIO_FAMILIES[self.family][2]}.encoder.layers"
-        return [(f"{root}.{i}.feed_forward.intermediate_dense",
-                 f"{root}.{i}.feed_forward.output_dense") for i in range(n)]
+        """Each encoder layer's FFN pair, as module paths."""
+        spec = FAMILIES[self.family]
+        layers = cast(nn.ModuleList, self.encoder.get_submodule(spec.layers))
+        root = f"{prefix}hf.{spec.attribute + '.' if self.head else ''}{spec.layers}"
+        return [(f"{root}.{i}.{spec.ffn[0]}", f"{root}.{i}.{spec.ffn[1]}")
+                for i in range(len(layers))]
 
 
 def _family(config: dict[str, Any]) -> str:
     family = str(config.get("model_type", ""))
-    if family not in AUDIO_FAMILIES:
+    if family not in FAMILIES:
         raise ArchitectureError(
             f"transformers model_type {family!r} is not supported; supported: "
-            f"{', '.join(AUDIO_FAMILIES)} (sequence classification)"
+            f"{', '.join(FAMILIES)}"
         )
     return family
 
 
-def audio_classifier(config: dict[str, Any]) -> AudioClassifier:
+def _has_head(config: dict[str, Any], head: bool | None) -> bool:
+    """With a classification head: as asked, else as the config's ``architectures`` say."""
+    if head is not None:
+        return head
+    names = config.get("architectures") or []
+    return any(str(n).endswith("ForSequenceClassification") for n in names) or not names
+
+
+def hf_encoder(config: dict[str, Any], head: bool = True) -> HFEncoder:
     """The factory a retrofitted checkpoint names: ``config`` is the ``transformers`` config
     (its ``to_dict()``); random weights (the checkpoint's load them)."""
     tf = _transformers()
     family = _family(config)
-    config_cls, model_cls, _ = AUDIO_FAMILIES[family]
-    hf_config = getattr(tf, config_cls).from_dict(dict(config))
-    return AudioClassifier(getattr(tf, model_cls)(hf_config).eval(), family)
+    spec = FAMILIES[family]
+    hf_config = getattr(tf, spec.config).from_dict(dict(config))
+    model_cls = getattr(tf, spec.classifier if head else spec.base)
+    return HFEncoder(model_cls(hf_config).eval(), family, head)
 
 
-def _load_source(source: Path | dict[str, Any]) -> AudioClassifier:
+def _load_source(source: Path | dict[str, Any], head: bool | None) -> HFEncoder:
     tf = _transformers()
     if isinstance(source, dict):
-        return audio_classifier(source)
+        return hf_encoder(source, _has_head(source, head))
     folder = Path(source)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{folder}: no config.json (a folder written by save_pretrained)")
-    family = _family(json.loads(config_file.read_text()))
-    model_cls = getattr(tf, AUDIO_FAMILIES[family][1])
+    config = json.loads(config_file.read_text())
+    family = _family(config)
+    with_head = _has_head(config, head)
+    spec = FAMILIES[family]
+    model_cls = getattr(tf, spec.classifier if with_head else spec.base)
     try:
         hf = model_cls.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{folder}: cannot load the pretrained model: {err}") from None
-    return AudioClassifier(hf.eval(), family)
+    return HFEncoder(hf.eval(), family, with_head)
 
 
 def retrofit(
     source: str | Path | dict[str, Any],
     gates: str | Path | dict[str, Any] | None = None,
-    max_length: int = 16000 * 4,
+    max_length: int | None = None,
+    head: bool | None = None,
 ) -> GatedNetwork:
-    """Gate every FFN of a Hugging Face audio classifier, keeping its weights.
+    """Gate every FFN of a Hugging Face encoder, keeping its weights.
 
     ``source``: a local ``save_pretrained`` folder, or a ``transformers`` config as a dict (with
     ``model_type``; random weights). ``gates``: a model config file (or mapping) whose gate
     keys (``use_dynamic_pruning``, ``dynamic_pruning_config``, ...) apply; its ``model``
-    section, if any, is replaced. ``max_length``: the longest request, in samples. The gates'
-    parameters start at the configuration's initial values; fit them afterwards.
+    section, if any, is replaced. ``max_length``: the longest request, in samples (audio,
+    default 4 s at 16 kHz) or tokens (text, default and at most the position embeddings').
+    ``head``: keep (True) or drop (False) the classification head; default: as the source's
+    ``architectures`` say. The gates' parameters start at the configuration's initial values;
+    fit them afterwards.
     """
-    module = _load_source(source if isinstance(source, dict) else Path(source))
+    module = _load_source(source if isinstance(source, dict) else Path(source), head)
     config: Any = module.hf.config  # a transformers PretrainedConfig
     hf_config = config.to_dict()
+    text = FAMILIES[module.family].kind == "text"
+    if text:
+        positions = int(config.max_position_embeddings)
+        if module.family == "roberta":  # positions start after the pad token's
+            positions -= int(config.pad_token_id) + 1
+        if max_length is not None and max_length > positions:
+            raise ConfigError(
+                f"max_length {max_length} exceeds the model's {positions} positions"
+            )
+        max_length = max_length or positions
+    max_length = max_length or 16000 * 4
     if isinstance(gates, (str, Path)):
         base = load_config(gates).model_dump(mode="json")
     else:
         base = dict(gates or {})
     base.pop("model", None)
+    output = module.gated_contract.outputs[0]
     base["model"] = {
         "name": FACTORY,
-        "args": {"config": hf_config},
+        "args": {"config": hf_config, "head": module.head},
         "in_channels": 1,
-        "num_classes": int(config.num_labels),
+        "num_classes": int(output.shape[1]),
         "max_length": int(max_length),
         "ffns": [list(pair) for pair in module.ffn_paths()],
     }

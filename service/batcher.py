@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
-from service.engine import FloatArray, GateConfig, ItemResult
+from service.engine import GateConfig, ItemResult, ModelInput
 from service.errors import (
     ClientDisconnected,
     InvalidInput,
@@ -40,29 +40,29 @@ from service.tracing import BatchTiming, Tracing
 
 logger = logging.getLogger(__name__)
 
-Compute = Callable[[GateConfig, Sequence[FloatArray]], list[ItemResult]]
+Compute = Callable[[GateConfig, Sequence[ModelInput]], list[ItemResult]]
 
 
 class Ticket:
     """A queued request: await ``future`` for its result, call ``abandon`` if nobody will."""
 
     __slots__ = (
-        "_batcher", "array", "batch", "dropped", "enqueued", "enqueued_ns", "future", "gate",
-        "request_id", "span", "taken", "timer",
+        "_batcher", "batch", "dropped", "enqueued", "enqueued_ns", "future", "gate",
+        "item", "request_id", "span", "taken", "timer",
     )
 
     def __init__(
         self,
         batcher: DynamicBatcher,
         gate: GateConfig,
-        array: FloatArray,
+        item: ModelInput,
         future: asyncio.Future[ItemResult],
         request_id: str | None,
         span: Any = None,
     ) -> None:
         self._batcher = batcher
         self.gate = gate
-        self.array = array
+        self.item = item
         self.future = future
         self.request_id = request_id
         self.enqueued = time.monotonic()
@@ -149,7 +149,7 @@ class DynamicBatcher:
     def submit(
         self,
         gate: GateConfig,
-        array: FloatArray,
+        item: ModelInput,
         timeout_s: float,
         request_id: str | None = None,
         span: Any = None,
@@ -165,9 +165,9 @@ class DynamicBatcher:
                 f"queue of model {self.model!r} is full ({self._max_queue} requests); retry later"
             )
         loop = asyncio.get_running_loop()
-        ticket = Ticket(self, gate, array, loop.create_future(), request_id, span)
+        ticket = Ticket(self, gate, item, loop.create_future(), request_id, span)
         ticket.timer = loop.call_later(timeout_s, self._expire, ticket, timeout_s)
-        key = self.key(gate, array)
+        key = self.key(gate, item)
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = deque()
@@ -205,10 +205,10 @@ class DynamicBatcher:
                     self._drop(ticket, ServerNotReady("server shut down before compute"))
             self._queues.clear()
 
-    def key(self, gate: GateConfig, array: FloatArray) -> Hashable:
+    def key(self, gate: GateConfig, item: ModelInput) -> Hashable:
         """Requests of one key may share a batch: same plan, and same length where needed."""
         key = gate.batch_key
-        return (*key, array.shape[1]) if self._same_length else key
+        return (*key, item.length) if self._same_length else key
 
     # ------------------------------------------------------------------ internals
 
@@ -247,7 +247,7 @@ class DynamicBatcher:
             if ticket.future.done():
                 continue
             live += 1
-            rows += ticket.array.shape[0]
+            rows += ticket.item.rows
             if live >= self._max_batch or (self._max_rows is not None and rows >= self._max_rows):
                 return True
         return False
@@ -313,7 +313,7 @@ class DynamicBatcher:
             if ticket.future.done():
                 queue.popleft()
                 continue
-            n = ticket.array.shape[0]
+            n = ticket.item.rows
             if batch and self._max_rows is not None and rows + n > self._max_rows:
                 break  # the next batch starts with it
             queue.popleft()
@@ -349,13 +349,13 @@ class DynamicBatcher:
         self, loop: asyncio.AbstractEventLoop, gate: GateConfig, batch: list[Ticket]
     ) -> None:
         start = time.monotonic()
-        arrays = [t.array for t in batch]
-        timing = BatchTiming(time.time_ns(), size=len(batch), rows=sum(a.shape[0] for a in arrays))
+        items = [t.item for t in batch]
+        timing = BatchTiming(time.time_ns(), size=len(batch), rows=sum(i.rows for i in items))
         for ticket in batch:
             self._queue_seconds.observe(start - ticket.enqueued)
             ticket.batch = timing
         try:
-            results = await loop.run_in_executor(self._executor, self._compute, gate, arrays)
+            results = await loop.run_in_executor(self._executor, self._compute, gate, items)
         except InvalidInput as err:
             for ticket in batch:
                 _fail(ticket, err)

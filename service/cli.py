@@ -177,7 +177,7 @@ def _cmd_retrofit(args: argparse.Namespace) -> int:
     if args.hf_config:
         source = json.loads(args.source.read_text())  # a transformers config.json: random init
     logger.info("retrofitting %s -> %s", args.source, args.out)
-    net = retrofit(source, args.config, max_length=args.max_length)
+    net = retrofit(source, args.config, max_length=args.max_length, head=args.head)
     save_checkpoint(net, args.out, metadata={"retrofit": {"source": str(args.source)}})
     widths = net.gated_widths()
     sys.stdout.write(json.dumps({
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "retrofit",
-        help="gate the FFNs of a Hugging Face audio classifier (Wav2Vec2, HuBERT, WavLM)",
+        help="gate the FFNs of a Hugging Face encoder (BERT, RoBERTa, Wav2Vec2, HuBERT, WavLM)",
         description="Reads a local save_pretrained folder (or, with --hf-config, a transformers "
         "config.json for random weights) and writes a checkpoint the other commands load. "
         "Needs pip install 'gated-serve[hf]'.",
@@ -244,7 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", type=Path, help="save_pretrained folder (or config.json)")
     p.add_argument("--hf-config", action="store_true", help="source is a config.json: random init")
     p.add_argument("--config", type=Path, help="model config YAML with the gate keys")
-    p.add_argument("--max-length", type=int, default=64000, help="longest request, in samples")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest request: samples (audio; default 64000) or tokens (text; "
+                   "default the model's positions)")
+    head = p.add_mutually_exclusive_group()
+    head.add_argument("--head", dest="head", action="store_true", default=None,
+                      help="keep the classification head (output logits)")
+    head.add_argument("--no-head", dest="head", action="store_false",
+                      help="the encoder alone (output pooled: mean of the last hidden states)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     p.set_defaults(func=_cmd_retrofit)
 

@@ -24,7 +24,7 @@ import numpy as np
 from models.contract import TensorSpec
 from models.gate_config import GATE_PARAMETERS
 from service.batcher import Ticket
-from service.engine import OUTPUT_NAME, FloatArray, GateConfig, ItemResult, ModelInfo
+from service.engine import NUMPY_DTYPES, GateConfig, ItemResult, ModelInfo, ModelInput
 from service.errors import (
     CODES,
     AdminDisabled,
@@ -273,11 +273,13 @@ class DataPlane:
         if cached is not None and cached[0] is info:
             return cached[1]
         settings = self.state.settings
-        elements = settings.max_request_rows * info.max_length * info.in_channels
+        steps = settings.max_request_rows * info.max_length
+        per_input = [steps * math.prod(spec.shape[2:]) for spec in info.contract.inputs]
+        elements = sum(per_input)  # every input at its largest
         limits = Limits(
             max_inputs=MAX_INPUTS,
             max_outputs=MAX_INPUTS,
-            max_tensor_elements=elements,
+            max_tensor_elements=max(per_input),
             max_request_bytes=min(
                 settings.max_request_bytes, elements * BYTES_PER_ELEMENT + OVERHEAD_BYTES
             ),
@@ -396,7 +398,7 @@ class DataPlane:
         return response
 
     async def _compute_now(
-        self, runtime: ModelRuntime, gate: GateConfig, array: FloatArray
+        self, runtime: ModelRuntime, gate: GateConfig, array: ModelInput
     ) -> ItemResult:
         """Batching off: one forward per request on the compute thread."""
         engine = self.state.engine
@@ -510,43 +512,103 @@ def _served_reason(up: bool, failure: str | None) -> str:
 
 def _model_input(
     decoded: DecodedRequest, info: ModelInfo, max_rows: int, allow_non_finite: bool
-) -> FloatArray:
-    """The request's tensor as (rows, T, C) float32, validated against the model's contract."""
+) -> ModelInput:
+    """The request's tensors, validated against the model's contract: every input named and
+    typed as declared, of one [rows, T], values in range; the mask read as row lengths (and
+    columns past the longest row dropped); optional inputs not sent filled with their pad
+    value. Any error here is the request's own, before it meets batch mates."""
     contract = info.contract
-    expected = contract.inputs[0]
-    name = expected.name
-    inputs = decoded.inputs
-    if len(inputs) == 1 and inputs[0].name == name:
-        tensor = inputs[0]
-    else:
-        names = ", ".join(shown(t.name) for t in inputs[:4]) or "none"
-        raise InvalidInput(
-            f"model {info.name!r} takes exactly one input named {name!r}; got {names}"
-        )
-    if decoded.outputs:
-        produced = {s.name for s in contract.outputs}
-        for out in decoded.outputs:
-            if out.name not in produced:
+    specs = {spec.name: spec for spec in contract.inputs}
+    given: dict[str, Tensor] = {}
+    for tensor in decoded.inputs:
+        if tensor.name not in specs:
+            raise InvalidInput(
+                f"unknown input {shown(tensor.name)}; model {info.name!r} takes {_declared(info)}"
+            )
+        if tensor.name in given:
+            raise InvalidInput(f"input {shown(tensor.name)} appears more than once")
+        given[tensor.name] = tensor
+    for spec in contract.inputs:
+        if not spec.optional and spec.name not in given:
+            raise InvalidInput(
+                f"missing input {spec.name!r}; model {info.name!r} takes {_declared(info)}"
+            )
+    _check_outputs(decoded, info)
+    arrays = {name: _input_array(t, specs[name], info, max_rows, allow_non_finite)
+              for name, t in given.items()}
+    first = contract.data_inputs[0]
+    rows, length = arrays[first.name].shape[:2]
+    for name, array in arrays.items():
+        if array.shape[:2] != (rows, length):
+            raise InvalidInput(
+                f"input {name!r} has shape {list(given[name].array.shape)}; its [batch, T] must "
+                f"be {first.name!r}'s, [{rows}, {length}]"
+            )
+    lengths = None
+    mask = contract.mask
+    if mask is not None and mask.name in arrays:
+        lengths = _mask_lengths(arrays[mask.name], mask.name, info)
+        longest = int(lengths.max())
+        if longest < length:  # every row ends before T: drop the padding columns
+            arrays = {name: a[:, :longest] for name, a in arrays.items()}
+            length = longest
+        if bool((lengths == length).all()):
+            lengths = None
+        elif not info.mixed_lengths:
+            raise InvalidInput(
+                f"model {info.name!r} does not mask padding: the rows of {mask.name!r} must "
+                "all be ones, or send each row as its own request"
+            )
+    data = []
+    for spec in contract.data_inputs:
+        sent = arrays.get(spec.name)
+        if sent is not None:
+            data.append(sent)
+        else:  # an optional input not sent: its pad value (token type 0)
+            data.append(np.full((rows, length, *spec.shape[2:]), spec.pad_value,
+                                dtype=NUMPY_DTYPES[spec.datatype]))
+    return ModelInput(tuple(data), lengths)
+
+
+def _declared(info: ModelInfo) -> str:
+    return ", ".join(
+        f"{spec.name!r}{' (optional)' if spec.optional else ''}" for spec in info.contract.inputs
+    )
+
+
+def _check_outputs(decoded: DecodedRequest, info: ModelInfo) -> None:
+    produced = {s.name for s in info.contract.outputs}
+    for out in decoded.outputs:
+        if out.name not in produced:
+            raise InvalidInput(
+                f"unknown output {shown(out.name)}; model {info.name!r} produces "
+                + ", ".join(repr(n) for n in sorted(produced))
+            )
+        # Extensions this server does not offer: refused, never silently ignored (a client
+        # would read a shared memory region nobody wrote, or labels nobody computed).
+        for key, feature in _OUTPUT_EXTENSIONS.items():
+            if key in out.parameters:
                 raise InvalidInput(
-                    f"unknown output {shown(out.name)}; model {info.name!r} produces "
-                    + ", ".join(repr(n) for n in sorted(produced))
+                    f"output {shown(out.name)} asks for {feature}, which this server does "
+                    "not support"
                 )
-            # Extensions this server does not offer: refused, never silently ignored (a client
-            # would read a shared memory region nobody wrote, or labels nobody computed).
-            for key, feature in _OUTPUT_EXTENSIONS.items():
-                if key in out.parameters:
-                    raise InvalidInput(
-                        f"output {shown(out.name)} asks for {feature}, which this server does "
-                        "not support"
-                    )
+
+
+def _input_array(
+    tensor: Tensor, spec: TensorSpec, info: ModelInfo, max_rows: int, allow_non_finite: bool
+) -> np.ndarray:
+    """One input's array, checked against its spec: datatype, shape, sizes and values."""
+    name = spec.name
     array = tensor.array
-    if tensor.datatype != expected.datatype:
-        raise InvalidInput(f"input {name!r} must be {expected.datatype}, got {tensor.datatype}")
-    channels = info.in_channels
-    if array.ndim == 2 and channels == 1:
+    if tensor.datatype != spec.datatype:
+        raise InvalidInput(f"input {name!r} must be {spec.datatype}, got {tensor.datatype}")
+    fixed = tuple(spec.shape[2:])
+    if array.ndim == 2 and fixed == (1,):  # [batch, T] for one channel
         array = array.reshape(array.shape[0], array.shape[1], 1)
-    if array.ndim != 3 or array.shape[2] != channels:
-        allowed = f"[batch, T, {channels}]" + (" or [batch, T]" if channels == 1 else "")
+    if array.ndim != len(spec.shape) or tuple(array.shape[2:]) != fixed:
+        allowed = "[" + ", ".join(["batch", "T", *(str(d) for d in fixed)]) + "]"
+        if fixed == (1,):
+            allowed += " or [batch, T]"
         raise InvalidInput(
             f"input {name!r} must have shape {allowed}, got {list(tensor.array.shape)}"
         )
@@ -567,11 +629,39 @@ def _model_input(
             f"input {name!r} has sequence length {length}; model {info.name!r} needs at "
             f"least {info.min_length}"
         )
-    # Any NaN or Inf makes the float64 sum non-finite: one pass, no temporary mask.
-    if not allow_non_finite and not math.isfinite(float(np.sum(array, dtype=np.float64))):
-        raise InvalidInput(f"input {name!r} contains NaN or infinite values")
-    result: FloatArray = array
+    if spec.datatype == "FP32":
+        # Any NaN or Inf makes the float64 sum non-finite: one pass, no temporary mask.
+        if not allow_non_finite and not math.isfinite(float(np.sum(array, dtype=np.float64))):
+            raise InvalidInput(f"input {name!r} contains NaN or infinite values")
+    elif spec.value_range is not None:
+        low, high = spec.value_range
+        least, most = int(array.min()), int(array.max())
+        if least < low or most > high:
+            raise InvalidInput(
+                f"input {name!r} has values in [{least}, {most}]; model {info.name!r} accepts "
+                f"[{low}, {high}]"
+            )
+    result: np.ndarray = array
     return result
+
+
+def _mask_lengths(mask: np.ndarray, name: str, info: ModelInfo) -> np.ndarray:
+    """Each row's length from a right-padding mask (ones, then zeros)."""
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise InvalidInput(f"input {name!r} must hold only 0 and 1")
+    if mask.shape[1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise InvalidInput(
+            f"input {name!r} must be ones then zeros in each row (right padding); this server "
+            "pads requests itself"
+        )
+    lengths: np.ndarray = mask.sum(axis=1, dtype=np.int64)
+    shortest = int(lengths.min())
+    if shortest < max(1, info.min_length):
+        raise InvalidInput(
+            f"input {name!r} has a row with {shortest} valid steps; model {info.name!r} needs "
+            f"at least {max(1, info.min_length)}"
+        )
+    return lengths
 
 
 def _response(
@@ -598,13 +688,14 @@ def _response(
     parameters["flops_ratio"] = result.flops_ratio
     # The served contract has one output: every request gets it (asking for an unknown one was
     # refused with the input).
+    output = info.contract.outputs[0].name
     return InferResponse(
         model_name=info.name,
         model_version=info.version,
         id=decoded.id,
-        outputs=[Tensor(OUTPUT_NAME, result.logits)],
+        outputs=[Tensor(output, result.logits)],
         parameters=parameters,
-        binary_outputs=decoded.binary_output_names((OUTPUT_NAME,)),
+        binary_outputs=decoded.binary_output_names((output,)),
     )
 
 

@@ -33,12 +33,35 @@ from service.errors import InvalidInput
 logger = logging.getLogger(__name__)
 
 GATE_MODES: tuple[str, ...] = tuple(models.GATE_MODES)
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 MODEL_VERSION = "1"
 PLATFORM = "pytorch_gated"
 
 FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+NUMPY_DTYPES = {"FP32": np.float32, "INT64": np.int64, "INT32": np.int32}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInput:
+    """One request's tensors, validated against its model's contract: the network's data
+    inputs in contract order, each (rows, T, ...), and each row's length (None: every row is
+    T long; from an attention mask otherwise)."""
+
+    arrays: tuple[npt.NDArray[np.generic], ...]
+    lengths: IntArray | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.arrays[0].shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.arrays[0].shape[1])
+
+    @staticmethod
+    def of(x: npt.NDArray[np.generic]) -> ModelInput:
+        """A request of one input: ``x`` (rows, T, ...), every row T long."""
+        return ModelInput((x,))
 
 
 class EngineError(Exception):
@@ -303,13 +326,15 @@ class Engine:
         for mode in GATE_MODES:
             gate = self._resolve(loaded, mode)
             for rows in sorted({1, rows_max}):
-                x = np.zeros((rows, length, info.in_channels), dtype=np.float32)
-                self._infer(loaded, gate, [x])
+                self._infer(loaded, gate, [_padding_item(info, rows, length)])
         # Every served plan once at the largest batch, padded (two lengths) when it can be: the
         # shared buffers reach their final size now, whatever keep ratio comes first later.
-        longest = np.zeros((rows_max, info.max_length, info.in_channels), np.float32)
         padded = rows_max > 1 and info.max_length > 1 and info.mixed_lengths
-        batch = [longest[:-1], longest[-1:, :-1]] if padded else [longest]
+        if padded:
+            batch = [_padding_item(info, rows_max - 1, info.max_length),
+                     _padding_item(info, 1, info.max_length - 1)]
+        else:
+            batch = [_padding_item(info, rows_max, info.max_length)]
         for gate in {gate.key: gate for gate in served}.values():
             self._infer(loaded, gate, batch)
         logger.info("warmed up model %s in %.2f s", info.name, time.monotonic() - start)
@@ -411,42 +436,38 @@ class Engine:
 
     # ------------------------------------------------------------------ compute
 
-    def infer(self, model: str, gate: GateConfig, inputs: Sequence[FloatArray]) -> list[ItemResult]:
-        """Run one batch: ``inputs`` are (rows_i, T_i, C) float32 arrays, one per request.
+    def infer(
+        self, model: str, gate: GateConfig, inputs: Sequence[ModelInput | FloatArray]
+    ) -> list[ItemResult]:
+        """Run one batch: one :class:`ModelInput` per request (or, for a model of one input,
+        its (rows_i, T_i, C) array).
 
-        Sequences are padded to the longest T and the true lengths passed, so a request's result
-        does not depend on its batch mates. Blocking; call it on :attr:`executor`.
+        Each input is padded to the longest T with its contract's pad value and the true
+        lengths passed, so a request's result does not depend on its batch mates. Blocking;
+        call it on :attr:`executor`.
         """
-        return self._infer(self._models[model], gate, inputs)
+        items = [i if isinstance(i, ModelInput) else ModelInput.of(i) for i in inputs]
+        return self._infer(self._models[model], gate, items)
 
     def _infer(
-        self, loaded: _Loaded, gate: GateConfig, inputs: Sequence[FloatArray]
+        self, loaded: _Loaded, gate: GateConfig, inputs: Sequence[ModelInput]
     ) -> list[ItemResult]:
         if gate.generation != loaded.generation:  # resolved before a hot reload: again
             gate = self._resolve(
                 loaded, gate.mode, gate.keep_ratio, gate.threshold, gate.dynamic_weight
             )
         plan = self._plan(loaded, gate)
-        rows = [a.shape[0] for a in inputs]
-        total = sum(rows)
-        longest = max(a.shape[1] for a in inputs)
-        channels = loaded.info.in_channels
-        if len(inputs) == 1 and inputs[0].flags.c_contiguous:
-            x = inputs[0]
-            lengths = np.full(total, longest, dtype=np.int64)
-        else:
-            x = np.zeros((total, longest, channels), dtype=np.float32)
-            lengths = np.empty(total, dtype=np.int64)
-            row = 0
-            for a in inputs:
-                x[row : row + a.shape[0], : a.shape[1]] = a
-                lengths[row : row + a.shape[0]] = a.shape[1]
-                row += a.shape[0]
+        rows = [item.rows for item in inputs]
+        arrays, lengths = _stack(loaded.info.contract.data_inputs, inputs)
+        names = [spec.name for spec in loaded.info.contract.data_inputs[1:]]
+        dev = loaded.device
         with torch.inference_mode():
-            xt = torch.from_numpy(x).to(loaded.device, non_blocking=True)  # (B, T, C)
-            lt = torch.from_numpy(lengths).to(loaded.device, non_blocking=True)  # (B,)
+            xt = torch.from_numpy(arrays[0]).to(dev, non_blocking=True)  # (B, T, ...)
+            lt = torch.from_numpy(lengths).to(dev, non_blocking=True)  # (B,)
+            extras = {n: torch.from_numpy(a).to(dev, non_blocking=True)
+                      for n, a in zip(names, arrays[1:], strict=True)}
             try:
-                out = plan(xt, lt, _settings_of(gate, loaded.bucket))
+                out = plan(xt, lt, _settings_of(gate, loaded.bucket), extras)
             except models.InvalidInputError as err:
                 raise InvalidInput(str(err)) from None
             kept = torch.stack(
@@ -472,6 +493,46 @@ class Engine:
         return results
 
 
+def _stack(
+    specs: Sequence[models.TensorSpec], inputs: Sequence[ModelInput]
+) -> tuple[list[npt.NDArray[np.generic]], IntArray]:
+    """The batch's data inputs, each padded to the longest T with its pad value, and each
+    row's length."""
+    longest = max(item.length for item in inputs)
+    if len(inputs) == 1 and inputs[0].lengths is None and all(
+        a.flags.c_contiguous for a in inputs[0].arrays
+    ):
+        item = inputs[0]
+        return list(item.arrays), np.full(item.rows, longest, dtype=np.int64)
+    total = sum(item.rows for item in inputs)
+    arrays = []
+    for j, spec in enumerate(specs):
+        dims = inputs[0].arrays[j].shape[2:]
+        out = np.full((total, longest, *dims), spec.pad_value, dtype=NUMPY_DTYPES[spec.datatype])
+        row = 0
+        for item in inputs:
+            a = item.arrays[j]
+            out[row : row + a.shape[0], : a.shape[1]] = a
+            row += a.shape[0]
+        arrays.append(out)
+    lengths = np.empty(total, dtype=np.int64)
+    row = 0
+    for item in inputs:
+        lengths[row : row + item.rows] = item.length if item.lengths is None else item.lengths
+        row += item.rows
+    return arrays, lengths
+
+
+def _padding_item(info: ModelInfo, rows: int, length: int) -> ModelInput:
+    """A request of pad values: what the warm-up runs."""
+    arrays = []
+    for spec in info.contract.data_inputs:
+        dims = tuple(spec.shape[2:])
+        arrays.append(np.full((rows, length, *dims), spec.pad_value,
+                              dtype=NUMPY_DTYPES[spec.datatype]))
+    return ModelInput(tuple(arrays))
+
+
 def _resolve_device(device: str) -> torch.device:
     try:
         return models.resolve_device(device)
@@ -493,7 +554,7 @@ def _read(repository: Path, name: str, device: torch.device) -> _Loaded:
 def _wrap(name: str, network: models.GatedNetwork, device: torch.device) -> _Loaded:
     cfg = network.config
     contract = network.contract()
-    refused = contract.served_today()
+    refused = contract.unservable()
     if refused is not None:
         raise EngineError(f"model {name!r}: {refused}")
     widths = network.gated_widths()

@@ -15,7 +15,7 @@ shapes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -92,6 +92,7 @@ class SparsePlan:
         x: torch.Tensor,
         lengths: torch.Tensor,
         settings: GateSettings | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> NetworkOutput:
         settings = self.settings if settings is None else self._check(settings)
         model = self.model
@@ -102,7 +103,8 @@ class SparsePlan:
                 "this model's results depend on padding: batch only requests of one length"
             )
         with without_onednn(), torch.inference_mode(), forward_context(fwd):
-            logits = first_tensor(model.compute(x, lengths), type(model).__name__)
+            logits = first_tensor(model.compute(x, lengths, **(extras or {})),
+                                  type(model).__name__)
             full = fwd.lengths[fwd.full_length]
             macs, dense = self.macs.count(full, fwd.records, self.settings.mode == "dynamic")
             kept = {layer.name: rec.kept for layer, rec in fwd.records.items()}

@@ -520,7 +520,9 @@ class PostNorm(GatedNetwork):
         self.norm = nn.LayerNorm(8)
         self.head = nn.Linear(8, 10)
 
-    def compute(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def compute(
+        self, x: torch.Tensor, lengths: torch.Tensor, **extras: torch.Tensor
+    ) -> torch.Tensor:
         h = self.embed(x)
         h = self.norm(self.ffn(h, residual=h))  # the input is the residual: no in-place add
         mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).unsqueeze(-1)
@@ -600,7 +602,17 @@ def test_the_contract_is_declared_and_refused_when_not_served(tmp_path: Path) ->
         ),
         outputs=(TensorSpec("logits", "FP32", (-1, 2)),),
     )
-    assert "serves one FP32 input" in str(bert_like.served_today())
+    assert bert_like.unservable() is None
+    two_outputs = ModelContract(
+        inputs=bert_like.inputs,
+        outputs=(TensorSpec("logits", "FP32", (-1, 2)), TensorSpec("hidden", "FP32", (-1, -1, 8))),
+    )
+    assert "serves one FP32 output" in str(two_outputs.unservable())
+    fp16 = ModelContract(inputs=(TensorSpec("x", "FP16", (-1, -1)),),  # type: ignore[arg-type]
+                         outputs=bert_like.outputs)
+    assert "served datatypes" in str(fp16.unservable())
+    unpadded = ModelContract(inputs=(TensorSpec("x", "FP32", (-1, 3, -1)),), outputs=fp16.outputs)
+    assert "T its length" in str(unpadded.unservable())
     cfg = ModelConfig.model_validate(
         {"model": {"name": "tests.utils.factories:tiny_user", "max_length": 64}}
     )
@@ -613,11 +625,11 @@ def test_the_contract_is_declared_and_refused_when_not_served(tmp_path: Path) ->
 
     def declaring(self: nn.Module, *a: object, **k: object) -> None:
         original(self, *a, **k)  # type: ignore[arg-type]
-        self.gated_contract = bert_like
+        self.gated_contract = two_outputs
 
     factories.TinyUserNet.__init__ = declaring  # type: ignore[method-assign]
     try:
-        with pytest.raises(EngineError, match="model 'bert': declares inputs"):
+        with pytest.raises(EngineError, match="model 'bert': declares outputs"):
             Engine.load(tmp_path / "repo", "cpu")
     finally:
         factories.TinyUserNet.__init__ = original  # type: ignore[method-assign]

@@ -143,7 +143,7 @@ def test_random_init_from_a_config_and_the_cli(
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["gated_ffns"] == 2 and summary["gated_channels"] == 128
     net = load_checkpoint(out)
-    assert net.config.model.name == "models.retrofit:audio_classifier"
+    assert net.config.model.name == "models.retrofit:hf_encoder"
     assert net.config.dynamic_pruning_config.keep_ratio == 0.5
     # A folder without a model or without weights, an unsupported family: one line, exit 2.
     (tmp_path / "empty").mkdir()
@@ -151,8 +151,8 @@ def test_random_init_from_a_config_and_the_cli(
     assert "no config.json" in capsys.readouterr().err
     assert main(["retrofit", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # config only
     assert "cannot load the pretrained model" in capsys.readouterr().err
-    with pytest.raises(ArchitectureError, match="model_type 'bert' is not supported"):
-        retrofit({"model_type": "bert"})
+    with pytest.raises(ArchitectureError, match="model_type 'gpt2' is not supported"):
+        retrofit({"model_type": "gpt2"})
     with pytest.raises(ConfigError, match="no config.json"):
         retrofit(tmp_path / "absent")
 

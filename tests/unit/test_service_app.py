@@ -158,10 +158,11 @@ def test_bad_parameters_are_400_naming_them(
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda b: b["inputs"][0].update(name="x"), "exactly one input named 'input'"),
+        (lambda b: b["inputs"][0].update(name="x"), "unknown input 'x'; model 'tiny' takes 'input'"),
         (lambda b: b["inputs"][0].update(datatype="FP64"), "must be FP32"),
         (lambda b: b.update(outputs=[{"name": "probs"}]), "unknown output 'probs'"),
-        (lambda b: b.update(inputs=[]), "exactly one input"),
+        (lambda b: b.update(inputs=[]), "missing input 'input'"),
+        (lambda b: b.update(inputs=b["inputs"] * 2), "input 'input' appears more than once"),
         (lambda b: b["inputs"][0].update(shape=[2, 4, 2], data=[0.0] * 16), "[batch, T, 1]"),
         (lambda b: b["inputs"][0].update(shape=[0, 16], data=[]), "is empty"),
     ],

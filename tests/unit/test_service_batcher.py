@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.batcher import DynamicBatcher
-from service.engine import GATE_MODES, FloatArray, GateConfig, ItemResult
+from service.engine import GATE_MODES, GateConfig, ItemResult, ModelInput
 from service.errors import ClientDisconnected, QueueFull, RequestTimeout, ServerNotReady, codes
 from service.metrics import Metrics
 
@@ -28,14 +28,15 @@ class FakeEngine:
         self.batches: list[tuple[GateConfig, list[float]]] = []
         self.delay_s = delay_s
 
-    def __call__(self, gate: GateConfig, arrays: Sequence[FloatArray]) -> list[ItemResult]:
+    def __call__(self, gate: GateConfig, items: Sequence[ModelInput]) -> list[ItemResult]:
         time.sleep(self.delay_s)
+        arrays = [item.arrays[0] for item in items]
         self.batches.append((gate, [float(a.ravel()[0]) for a in arrays]))
         return [ItemResult(a[:, 0, :1], 1.0, 1.0, (1.0,)) for a in arrays]
 
 
-def _x(value: float) -> FloatArray:
-    return np.full((1, 4, 1), value, dtype=np.float32)
+def _x(value: float) -> ModelInput:
+    return ModelInput.of(np.full((1, 4, 1), value, dtype=np.float32))
 
 
 def _batcher(
@@ -84,7 +85,7 @@ def test_batches_stop_at_max_batch_rows() -> None:
     async def scenario(pool: ThreadPoolExecutor) -> None:
         b = _batcher(engine, pool, max_batch_size=8, max_batch_rows=4, max_queue_delay_s=0.0)
         tickets = [
-            b.submit(DYNAMIC, np.full((n, 4, 1), i, dtype=np.float32), 5.0)
+            b.submit(DYNAMIC, ModelInput.of(np.full((n, 4, 1), i, dtype=np.float32)), 5.0)
             for i, n in enumerate(sizes)
         ]
         b.start()  # everything is queued before the first batch forms
@@ -103,9 +104,9 @@ def test_a_batch_full_of_rows_does_not_wait_the_delay() -> None:
         b = _batcher(engine, pool, max_batch_size=8, max_batch_rows=4, max_queue_delay_s=10.0)
         b.start()
         start = time.monotonic()
-        first = b.submit(DYNAMIC, np.zeros((2, 4, 1), np.float32), 5.0)
+        first = b.submit(DYNAMIC, ModelInput.of(np.zeros((2, 4, 1), np.float32)), 5.0)
         await asyncio.sleep(0.05)  # the batcher now waits for mates of the first request
-        second = b.submit(DYNAMIC, np.zeros((2, 4, 1), np.float32), 5.0)
+        second = b.submit(DYNAMIC, ModelInput.of(np.zeros((2, 4, 1), np.float32)), 5.0)
         await asyncio.gather(first.future, second.future)
         assert time.monotonic() - start < 2.0  # 4 rows queued: the batch is full
         await b.stop(1.0)
@@ -179,7 +180,7 @@ def test_padding_dependent_models_batch_one_length_only() -> None:
         b = _batcher(engine, pool, same_length=True, max_queue_delay_s=0.01)
         b.start()
         arrays = [np.full((1, n, 1), float(i), np.float32) for i, n in enumerate(lengths)]
-        tickets = [b.submit(DYNAMIC, a, 5.0) for a in arrays]
+        tickets = [b.submit(DYNAMIC, ModelInput.of(a), 5.0) for a in arrays]
         await asyncio.gather(*(t.future for t in tickets))
         await b.stop(1.0)
 
@@ -297,7 +298,7 @@ def test_drain_timeout_fails_the_computing_and_queued_requests() -> None:
 
 
 def test_compute_failure_fails_the_batch_with_500() -> None:
-    def broken(gate: GateConfig, arrays: Sequence[FloatArray]) -> list[ItemResult]:
+    def broken(gate: GateConfig, items: Sequence[ModelInput]) -> list[ItemResult]:
         raise RuntimeError("boom")
 
     async def scenario(pool: ThreadPoolExecutor) -> None:
