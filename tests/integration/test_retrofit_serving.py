@@ -79,3 +79,108 @@ def test_a_retrofitted_encoder_serves_mixed_lengths(tmp_path: Path) -> None:
         assert metric(srv.url, "gated_batch_size_sum", model="speech") >= len(clips) > batches
     for clip, logits in zip(clips, got, strict=True):
         np.testing.assert_allclose(logits, solo(clip), atol=1e-4)
+
+
+def _bert(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=64,
+                           max_position_embeddings=40, num_labels=3)
+    tf.BertForSequenceClassification(config).save_pretrained(tmp_path / "bert-src")
+    net = retrofit(tmp_path / "bert-src", {"dynamic_pruning_config": {"keep_ratio": 0.5}})
+    save_checkpoint(net, tmp_path / "repo" / "bert")
+    return tmp_path / "repo" / "bert"
+
+
+def test_a_retrofitted_bert_serves_token_ids_and_refuses_bad_ones_alone(tmp_path: Path) -> None:
+    """tritonclient sends INT64 ids (+ masks, + token types), binary and JSON, of different
+    lengths, concurrently with malformed requests: every good one equals its solo forward, every
+    bad one is a 400 naming its problem, over HTTP and gRPC."""
+    import tritonclient.grpc as triton_grpc
+
+    reference = load_checkpoint(_bert(tmp_path))
+    rng = np.random.default_rng(0)
+    settings = settings_for(reference.config, "dynamic", keep_ratio=0.5)
+
+    def solo(ids: np.ndarray, types: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = reference(torch.from_numpy(ids), torch.tensor([ids.shape[1]]), settings,
+                            {"token_type_ids": torch.from_numpy(types)})
+        return out.logits.numpy()
+
+    goods = []  # (inputs by name, expected logits)
+    for i, n in enumerate((20, 13, 7, 31) * 3):
+        ids = rng.integers(1, 50, (1, n), dtype=np.int64)
+        types = (np.arange(n)[None] >= n // 2).astype(np.int64) if i % 3 == 0 else None
+        want = solo(ids, types if types is not None else np.zeros_like(ids))
+        named = {"input_ids": ids}
+        if types is not None:
+            named["token_type_ids"] = types
+        if i % 4 == 1:  # padded by the client to 40, with its mask
+            named = {k: np.pad(v, ((0, 0), (0, 40 - n))) for k, v in named.items()}
+            named["attention_mask"] = (np.arange(40)[None] < n).astype(np.int64)
+        goods.append((named, want))
+    ok_ids = np.ones((1, 8), np.int64)
+    bads = [
+        ({"input_ids": np.full((1, 8), 50, np.int64)},
+         "values in [50, 50]; model 'bert' accepts [0, 49]"),
+        ({"input_ids": -ok_ids}, "accepts [0, 49]"),
+        ({"input_ids": ok_ids, "attention_mask": np.ones((1, 7), np.int64)},
+         "its [batch, T] must be 'input_ids''s, [1, 8]"),
+        ({"attention_mask": np.ones((1, 8), np.int64)}, "missing input 'input_ids'"),
+        ({"input_ids": ok_ids.astype(np.float32)}, "'input_ids' must be INT64, got FP32"),
+        ({"input_ids": ok_ids, "attention_mask": np.array([[0, 1, 1, 1, 1, 1, 1, 1]])},
+         "ones then zeros"),
+        ({"input_ids": ok_ids, "attention_mask": np.zeros((1, 8), np.int64)}, "0 valid steps"),
+        ({"input_ids": np.ones((1, 41), np.int64)}, "accepts at most 40"),
+        ({"input_ids": ok_ids, "token_type_ids": ok_ids * 2}, "'token_type_ids' has values"),
+    ]
+
+    def inputs(module: object, named: dict[str, np.ndarray], binary: bool) -> list[object]:
+        out = []
+        for name, value in named.items():
+            inp = module.InferInput(name, list(value.shape),  # type: ignore[attr-defined]
+                                    "FP32" if value.dtype == np.float32 else "INT64")
+            if module is triton:
+                inp.set_data_from_numpy(value, binary_data=binary)
+            else:
+                inp.set_data_from_numpy(value)
+            out.append(inp)
+        return out
+
+    with serving(tmp_path / "repo", tmp_path, max_batch_size=8, max_queue_delay_ms=20) as srv:
+        client = triton.InferenceServerClient(srv.address, concurrency=8)
+        meta = client.get_model_metadata("bert")
+        assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
+            ("input_ids", "INT64", [-1, -1]), ("attention_mask", "INT64", [-1, -1]),
+            ("token_type_ids", "INT64", [-1, -1])]
+        holder = socket.create_connection(("127.0.0.1", srv.port), timeout=30)  # see above
+        holder.sendall(b"POST /v2/models/bert/infer HTTP/1.1\r\nHost: t\r\n"
+                       b"Content-Length: 1000\r\n\r\n{")
+        pending = []
+        for i, (named, _) in enumerate(goods + [(b, "") for b, _ in bads]):
+            pending.append(client.async_infer("bert", inputs(triton, named, i % 2 == 0),
+                                              parameters={"keep_ratio": 0.5}))
+        results = []
+        for request in pending:
+            try:
+                results.append(request.get_result().as_numpy("logits"))
+            except InferenceServerException as err:
+                results.append(str(err))
+        holder.close()
+        for (_, want), got in zip(goods, results, strict=False):
+            assert not isinstance(got, str), got
+            np.testing.assert_allclose(got, want, atol=1e-4)
+        for (_, message), got in zip(bads, results[len(goods):], strict=True):
+            assert isinstance(got, str) and message in got, (message, got)
+        client.close()
+        assert metric(srv.url, "gated_batch_size_count", model="bert") < len(goods)
+
+        grpc_client = triton_grpc.InferenceServerClient(srv.grpc_address)
+        named, want = goods[1]
+        reply = grpc_client.infer("bert", inputs(triton_grpc, named, True),
+                                  parameters={"keep_ratio": 0.5})
+        np.testing.assert_allclose(reply.as_numpy("logits"), want, atol=1e-4)
+        with pytest.raises(triton_grpc.InferenceServerException, match="accepts \\[0, 49\\]"):
+            grpc_client.infer("bert", inputs(triton_grpc, bads[0][0], True))
+        grpc_client.close()

@@ -158,7 +158,8 @@ def test_bad_parameters_are_400_naming_them(
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda b: b["inputs"][0].update(name="x"), "unknown input 'x'; model 'tiny' takes 'input'"),
+        (lambda b: b["inputs"][0].update(name="x"),
+         "unknown input 'x'; model 'tiny' takes 'input'"),
         (lambda b: b["inputs"][0].update(datatype="FP64"), "must be FP32"),
         (lambda b: b.update(outputs=[{"name": "probs"}]), "unknown output 'probs'"),
         (lambda b: b.update(inputs=[]), "missing input 'input'"),
