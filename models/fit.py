@@ -64,6 +64,7 @@ def fit(
     lr: float = 3e-3,
     keep_ratios: Sequence[float] = (1.0, 0.5, 0.25),
     static_gates: bool = False,
+    predictors: bool = True,
     temperature: float = 2.0,
     label_weight: float = 0.0,
     seed: int = 0,
@@ -71,14 +72,19 @@ def fit(
     progress: bool = True,
 ) -> tuple[GatedNetwork, FitReport]:
     """Fit ``model``'s predictors (and static gates with ``static_gates``) in place; see the
-    module docstring. Saves a checkpoint to ``out_dir`` when given."""
+    module docstring. ``predictors=False`` fits the static gates alone, the student running in
+    ``static`` mode: one channel subset for every input (the baseline dynamic gating is
+    measured against). Saves a checkpoint to ``out_dir`` when given."""
     if epochs < 1 or batch_size < 1 or lr <= 0 or not keep_ratios:
         raise ValueError("fit: epochs and batch_size must be >= 1, lr > 0, keep_ratios not empty")
+    if not predictors and not static_gates:
+        raise ValueError("fit: nothing to fit (predictors off and static gates off)")
     gates = [gate for _, gate in model.dynamic_gates()]
-    if not gates or all(gate.predictor is None for gate in gates):
+    if predictors and (not gates or all(gate.predictor is None for gate in gates)):
         raise ValueError("fit: the network has no predictor to fit (use_input_gating is off)")
     device = next(model.parameters()).device
-    trained = [p for p in model.predictor_parameters()]
+    student_mode = "dynamic" if predictors else "static"
+    trained = [p for p in model.predictor_parameters()] if predictors else []
     if static_gates:
         trained += [p for g in model.static_gates() for p in g.parameters()]
     ids = {id(p) for p in trained}
@@ -99,7 +105,8 @@ def fit(
     n = len(train_set)
     steps_per_epoch = -(-n // batch_size)
     dynamic_modes = [(g, g.dynamic_mode) for g in gates]
-    before = _test_distill(model, test_set, keep_ratios, bucket, temperature, batch_size)
+    before = _test_distill(model, test_set, keep_ratios, bucket, temperature, batch_size,
+                           student_mode)
     started = time.monotonic()
     epoch_losses: list[float] = []
     step = 0
@@ -108,7 +115,7 @@ def fit(
     try:
         model.eval()  # the frozen base: no dropout, running norms
         for gate in gates:
-            gate.dynamic_mode = True  # the predictor path, straight-through
+            gate.dynamic_mode = predictors  # the predictor path, straight-through
             gate.train()
             if not static_gates:
                 gate.static_gate.eval()  # deterministic static values
@@ -125,8 +132,8 @@ def fit(
                         static.set_temperature(beta)
                 with torch.no_grad():
                     teacher = model(x, lengths, GateSettings(mode="dense")).logits
-                settings = GateSettings(mode="dynamic", keep_ratio=rng.choice(list(keep_ratios)),
-                                        bucket=bucket)
+                settings = GateSettings(mode=student_mode,
+                                        keep_ratio=rng.choice(list(keep_ratios)), bucket=bucket)
                 student = model(x, lengths, settings).logits
                 distill = _distill(student, teacher, temperature)
                 loss = distill
@@ -160,7 +167,8 @@ def fit(
         distill_loss_last_epoch=round(epoch_losses[-1], 6),
         test_distill_before=round(before, 6),
         test_distill_after=round(
-            _test_distill(model, test_set, keep_ratios, bucket, temperature, batch_size), 6
+            _test_distill(model, test_set, keep_ratios, bucket, temperature, batch_size,
+                          student_mode), 6
         ),
     )
     if bool((test_set.y >= 0).all()):
@@ -174,9 +182,9 @@ def fit(
 
 def _test_distill(
     model: GatedNetwork, split: Split, keep_ratios: Sequence[float], bucket: int,
-    temperature: float, batch_size: int,
+    temperature: float, batch_size: int, mode: str = "dynamic",
 ) -> float:
-    """KL from the dense forward to the dynamic one on ``split``, mean over ``keep_ratios``."""
+    """KL from the dense forward to the ``mode`` one on ``split``, mean over ``keep_ratios``."""
     device = next(model.parameters()).device
     model.eval()
     total = 0.0
@@ -186,7 +194,8 @@ def _test_distill(
             lengths = split.lengths[start : start + batch_size].to(device)
             teacher = model(x, lengths, GateSettings(mode="dense")).logits
             for ratio in keep_ratios:
-                settings = GateSettings(mode="dynamic", keep_ratio=ratio, bucket=bucket)
+                settings = GateSettings(mode=mode, keep_ratio=ratio,
+                                        bucket=bucket)
                 student = model(x, lengths, settings).logits
                 total += _distill(student, teacher, temperature).item() * len(x)
     return total / (len(split) * len(keep_ratios))

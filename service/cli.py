@@ -140,7 +140,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                 args.out)
     _, report = fit(
         model, train_set, test_set, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        keep_ratios=args.keep_ratios, static_gates=args.static_gates,
+        keep_ratios=args.keep_ratios, static_gates=args.static_gates or args.static_only,
+        predictors=not args.static_only,
         label_weight=args.label_weight, seed=args.seed, out_dir=args.out,
         progress=not args.quiet,
     )
@@ -227,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-ratios", type=_keep_ratios, default=[1.0, 0.5, 0.25],
                    help="sampled per step, e.g. 1,0.5,0.25")
     p.add_argument("--static-gates", action="store_true", help="train the static gates too")
+    p.add_argument("--static-only", action="store_true",
+                   help="train the static gates alone, no predictor (the static baseline)")
     p.add_argument("--label-weight", type=float, default=0.0,
                    help="weight of the cross-entropy on labels, where the data has them")
     p.add_argument("--seed", type=int, default=0)
