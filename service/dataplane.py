@@ -78,6 +78,7 @@ class Limits:
     max_tensor_elements: int
     max_request_bytes: int  # min(max_request_bytes setting, what the largest request needs)
     max_json_values: int
+    max_request_rows: int = 64  # the batch dimension of one request (the model's own bound)
 
 
 @dataclass(slots=True)
@@ -273,7 +274,8 @@ class DataPlane:
         if cached is not None and cached[0] is info:
             return cached[1]
         settings = self.state.settings
-        steps = settings.max_request_rows * info.max_length
+        rows = info.serving.resolved(settings).max_request_rows or settings.max_request_rows
+        steps = rows * info.max_length
         per_input = [steps * math.prod(spec.shape[2:]) for spec in info.contract.inputs]
         elements = sum(per_input)  # every input at its largest
         limits = Limits(
@@ -284,6 +286,7 @@ class DataPlane:
                 settings.max_request_bytes, elements * BYTES_PER_ELEMENT + OVERHEAD_BYTES
             ),
             max_json_values=elements + OVERHEAD_VALUES,
+            max_request_rows=rows,
         )
         self._limits[info.name] = (info, limits)
         return limits
@@ -340,7 +343,8 @@ class DataPlane:
                     )
                 settings = state.settings
                 array = _model_input(
-                    decoded, runtime.info, settings.max_request_rows, settings.allow_non_finite
+                    decoded, runtime.info, self.limits(runtime).max_request_rows,
+                    settings.allow_non_finite,
                 )
                 ticket_gate, timeout_s = self._request_options(runtime, decoded.parameters)
                 if deadline_s is not None:  # what is left of it after reading the request

@@ -29,6 +29,7 @@ import torch
 
 import models
 from service.errors import InvalidInput
+from service.settings import ModelServing, SettingsError, load_model_serving
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class ModelInfo:
     # The shortest input the network runs (a strided front end needs its receptive field):
     # shorter requests are refused before batching, never failing their batch mates.
     min_length: int = 1
+    # The model's own batching bounds (its serving.yaml; unset ones are the server's).
+    serving: ModelServing = field(default_factory=ModelServing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +295,9 @@ class Engine:
 
     def _warm(self, loaded: _Loaded, rows_max: int) -> None:
         """Warm ``loaded`` up; raises EngineError naming the model when its network cannot run
-        (a user's forward that fails on the contract's input)."""
+        (a user's forward that fails on the contract's input). ``rows_max``: the server's
+        largest batch, unless the model's serving.yaml sets its own."""
+        rows_max = loaded.info.serving.max_batch_rows or rows_max
         try:
             self._warm_modes(loaded, rows_max)
         except EngineError:
@@ -543,15 +548,22 @@ def _resolve_device(device: str) -> torch.device:
 def _read(repository: Path, name: str, device: torch.device) -> _Loaded:
     """Load ``repository/name`` onto ``device``; raises EngineError naming the model."""
     try:
+        serving = load_model_serving(repository / name)
+    except SettingsError as err:
+        raise EngineError(f"model {name!r}: {err}") from None
+    try:
         network = models.load_checkpoint(repository / name, device)
     except models.ModelError as err:
         raise EngineError(f"model {name!r}: {err}") from None
     except Exception as err:  # noqa: BLE001 - a user's network code: name the model and cause
         raise EngineError(f"model {name!r}: {type(err).__name__}: {err}") from None
-    return _wrap(name, network, device)
+    return _wrap(name, network, device, serving)
 
 
-def _wrap(name: str, network: models.GatedNetwork, device: torch.device) -> _Loaded:
+def _wrap(
+    name: str, network: models.GatedNetwork, device: torch.device,
+    serving: ModelServing | None = None,
+) -> _Loaded:
     cfg = network.config
     contract = network.contract()
     refused = contract.unservable()
@@ -574,6 +586,7 @@ def _wrap(name: str, network: models.GatedNetwork, device: torch.device) -> _Loa
         contract=contract,
         mixed_lengths=network.padding_invariant,
         min_length=network.min_length,
+        serving=serving or ModelServing(),
     )
     width_t = torch.tensor([float(widths[k]) for k in layers], dtype=torch.float64, device=device)
     return _Loaded(info, network, device, width_t, dp.bucket)

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -196,6 +204,50 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise SettingsError(format_settings_error(err)) from None
     finally:
         _CONFIG_FILE.reset(token)
+
+
+SERVING_FILE = "serving.yaml"
+
+
+class ModelServing(BaseModel):
+    """One model's own batching bounds, from ``<repository>/<model>/serving.yaml`` (optional):
+    each replaces the server setting of the same name for that model. A base-size encoder
+    needs them: its warm-up runs every plan at ``max_batch_rows`` × ``max_length``, and the
+    server's 64 rows of a 512-token BERT would take minutes to warm up and seconds per batch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int | None = Field(None, ge=1, le=4096, description="requests per batch")
+    max_batch_rows: int | None = Field(None, ge=1, le=65536, description="rows per forward")
+    max_request_rows: int | None = Field(None, ge=1, description="batch dimension of a request")
+
+    def resolved(self, settings: Settings) -> ModelServing:
+        """Every bound set: the model's where it has one, else the server's; a request's rows
+        never exceed a batch's."""
+        rows = self.max_batch_rows or settings.max_batch_rows
+        return ModelServing(
+            max_batch_size=self.max_batch_size or settings.max_batch_size,
+            max_batch_rows=rows,
+            max_request_rows=min(self.max_request_rows or settings.max_request_rows, rows),
+        )
+
+
+def load_model_serving(folder: Path) -> ModelServing:
+    """``folder/serving.yaml`` validated (empty bounds when absent); raises SettingsError with a
+    one-line message naming the file and the key."""
+    path = folder / SERVING_FILE
+    if not path.is_file():
+        return ModelServing()
+    try:
+        data = yaml.safe_load(path.read_text())
+        return ModelServing.model_validate(data or {})
+    except (OSError, yaml.YAMLError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SettingsError(f"{path}: unreadable YAML: {first}") from None
+    except ValidationError as err:
+        parts = [f"{'.'.join(str(p) for p in e['loc']) or 'file'}: "
+                 f"{str(e['msg']).removeprefix('Value error, ')}" for e in err.errors()]
+        raise SettingsError(f"{path}: " + "; ".join(parts)) from None
 
 
 def format_settings_error(err: ValidationError) -> str:

@@ -109,16 +109,17 @@ class ServiceState:
         mode = settings.default_gate_mode
         keep = settings.default_keep_ratio if mode != "dense" else None
         runtime = ModelRuntime(info=info, gate=engine.resolve_gate(name, mode, keep), batcher=None)
+        bounds = info.serving.resolved(settings)
         if settings.batching:
             runtime.batcher = DynamicBatcher(
                 model=name,
                 compute=functools.partial(engine.infer, name),
                 executor=engine.executor,
                 metrics=metrics,
-                max_batch_size=settings.max_batch_size,
+                max_batch_size=int(bounds.max_batch_size or settings.max_batch_size),
                 max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
                 max_queue_size=settings.max_queue_size,
-                max_batch_rows=settings.max_batch_rows,
+                max_batch_rows=bounds.max_batch_rows,
                 inflight=_coming_of(runtime),
                 same_length=not info.mixed_lengths,
                 tracing=self.tracing,

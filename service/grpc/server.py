@@ -134,12 +134,14 @@ class InferenceService:
         config.name = info.name
         config.platform = info.platform
         config.backend = "pytorch"
-        config.max_batch_size = settings.max_request_rows
+        config.max_batch_size = int(info.serving.resolved(settings).max_request_rows or 1)
         for target, tensors in ((config.input, info.contract.inputs),
                                 (config.output, info.contract.outputs)):
             for t in tensors:
                 entry = target.add(name=t.name, data_type=_CONFIG_TYPES[t.datatype])
                 entry.dims.extend(t.shape[1:])
+                if t.optional:  # ModelInput's field; outputs are never optional
+                    entry.optional = True
         return config
 
     # ------------------------------------------------------------------ inference

@@ -16,6 +16,7 @@ from tests.utils.service import (
     TINY_MAX_LENGTH,
     binary_request,
     json_request,
+    make_repository,
     reference_logits,
 )
 
@@ -341,3 +342,28 @@ def test_small_bodies_are_bounded_too(service_client: ClientFactory) -> None:
         assert index.status_code == 413
         bad = client.post("/v2/repository/index", content=b'{"ready": "maybe"}')
         assert bad.status_code == 400 and "ready" in bad.json()["error"]
+
+
+def test_a_models_serving_file_bounds_its_own_batches_and_requests(
+    tmp_path: Path, service_client: ClientFactory
+) -> None:
+    from service.engine import Engine, EngineError
+    from service.settings import ModelServing, load_settings
+
+    repo = make_repository(tmp_path / "repo", ("tiny", "small"))
+    (repo / "small" / "serving.yaml").write_text("max_batch_rows: 2\nmax_batch_size: 2\n")
+    settings = load_settings(model_repository=repo, max_request_rows=8, max_batch_rows=16)
+    assert ModelServing(max_batch_rows=2).resolved(settings) == ModelServing(
+        max_batch_size=settings.max_batch_size, max_batch_rows=2, max_request_rows=2)
+    with service_client(model_repository=repo) as client:
+        big = client.post("/v2/models/small/infer", json=json_request(_x(3, 8)))
+        assert big.status_code == 400 and "limit per request is 2" in big.json()["error"]
+        assert client.post("/v2/models/small/infer", json=json_request(_x(2, 8))).status_code == 200
+        assert client.post("/v2/models/tiny/infer", json=json_request(_x(3, 8))).status_code == 200
+    (repo / "small" / "serving.yaml").write_text("max_batch_rows: 0\nbatch: 3\n")
+    with pytest.raises(EngineError, match=r"model 'small': .*serving.yaml: max_batch_rows: "
+                       r"Input should be greater than or equal to 1; batch: Extra inputs"):
+        Engine.load(repo, "cpu")
+    (repo / "small" / "serving.yaml").write_text("max_batch_rows: [1\n")
+    with pytest.raises(EngineError, match="serving.yaml: unreadable YAML"):
+        Engine.load(repo, "cpu")
