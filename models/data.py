@@ -7,7 +7,8 @@ sample of the same distribution (a harder, unseen test set).
 A **tensor file** (``data: {dataset: file, path: ...}``) is an ``.npz`` (numpy) or
 ``.safetensors`` file holding:
 
-- ``inputs``: (N, T) or (N, T, C) floats, zero padded past each row's length;
+- ``inputs``: (N, T) or (N, T, C) floats, zero padded past each row's length; for a model
+  whose first input is token ids (a retrofitted BERT), (N, T) integer ids;
 - ``labels``: (N,) integers in [0, num_classes) (required to train from labels);
 - optionally ``lengths`` (N,) integers in [1, T], or ``mask`` (N, T) of 1s then 0s (a row's
   valid steps); neither: every row is T long.
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from models.contract import TensorSpec
 from models.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -73,17 +75,21 @@ class DataError(ConfigError):
 
 def load_tensor_file(
     path: str | Path, in_channels: int | None = None, max_length: int | None = None,
-    num_classes: int | None = None,
+    num_classes: int | None = None, tokens: TensorSpec | None = None,
 ) -> Split:
     """One split from an ``.npz`` or ``.safetensors`` tensor file (see the module docstring).
 
     ``in_channels``, ``max_length`` and ``num_classes`` are the model's, checked when given.
+    ``tokens``: the model's first input when it takes integers (token ids): ``inputs`` must then
+    be (N, T) integers within its value range, padded with its pad value, kept as int64.
     """
     path = Path(path)
     arrays = _read_arrays(path)
     where = str(path)
     if "inputs" not in arrays:
         raise DataError(f"{where}: no 'inputs' (keys: {sorted(arrays)})")
+    if tokens is not None:
+        return _token_split(arrays, where, max_length, num_classes, tokens)
     x = arrays["inputs"]
     if x.ndim == 2:
         x = x[:, :, None]
@@ -102,6 +108,36 @@ def load_tensor_file(
         raise DataError(f"{where}: 'inputs' holds NaN or infinite values")
     lengths = _lengths(arrays, n, t, where)
     x[np.arange(t)[None, :] >= lengths[:, None]] = 0.0  # padding is zeros, as the server's
+    return Split(torch.from_numpy(x), _labels(arrays, n, where, num_classes),
+                 torch.from_numpy(lengths))
+
+
+def _token_split(arrays: dict[str, np.ndarray], where: str, max_length: int | None,
+                 num_classes: int | None, spec: TensorSpec) -> Split:
+    x = arrays["inputs"]
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0 or not np.issubdtype(x.dtype,
+                                                                              np.integer):
+        raise DataError(f"{where}: 'inputs' must be (N, T) integer token ids with N, T >= 1 "
+                        f"(the model's {spec.name!r}), got shape {list(x.shape)} of {x.dtype}")
+    n, t = x.shape
+    if max_length is not None and t > max_length:
+        raise DataError(f"{where}: 'inputs' has {t} steps; the model's max_length is {max_length}")
+    x = np.array(x, dtype=np.int64)
+    lengths = _lengths(arrays, n, t, where)
+    valid = np.arange(t)[None, :] < lengths[:, None]
+    if spec.value_range is not None:
+        low, high = spec.value_range
+        ids = x[valid]
+        if ids.size and (int(ids.min()) < low or int(ids.max()) > high):
+            raise DataError(f"{where}: 'inputs' holds ids in [{int(ids.min())}, "
+                            f"{int(ids.max())}]; the model accepts [{low}, {high}]")
+    x[~valid] = int(spec.pad_value)  # padding is the pad token, as the server's
+    return Split(torch.from_numpy(x), _labels(arrays, n, where, num_classes),
+                 torch.from_numpy(lengths))
+
+
+def _labels(arrays: dict[str, np.ndarray], n: int, where: str,
+            num_classes: int | None) -> torch.Tensor:
     if "labels" in arrays:
         y = arrays["labels"]
         if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
@@ -111,23 +147,26 @@ def load_tensor_file(
         if int(y.min()) < 0 or int(y.max()) >= top:
             raise DataError(f"{where}: 'labels' must lie in [0, {top}), got "
                             f"[{int(y.min())}, {int(y.max())}]")
-        labels = torch.from_numpy(y.astype(np.int64))
-    else:
-        labels = torch.full((n,), -1, dtype=torch.int64)  # unlabelled: -1
-    return Split(torch.from_numpy(x), labels, torch.from_numpy(lengths))
+        return torch.from_numpy(y.astype(np.int64))
+    return torch.full((n,), -1, dtype=torch.int64)  # unlabelled: -1
 
 
-def load_dataset(cfg: ModelConfig) -> tuple[Split, Split]:
-    """(train, test) splits of ``cfg.data``: MNIST-1D, or the tensor file(s) it names."""
+def load_dataset(cfg: ModelConfig, first_input: TensorSpec | None = None) -> tuple[Split, Split]:
+    """(train, test) splits of ``cfg.data``: MNIST-1D, or the tensor file(s) it names.
+    ``first_input``: the model's first input (its contract's); integer ones read token ids."""
     data: DataConfig = cfg.data
+    tokens = first_input if first_input is not None and first_input.datatype != "FP32" else None
     if data.dataset == "mnist1d":
+        if tokens is not None:
+            raise DataError(f"MNIST-1D is a float signal; the model takes {tokens.name!r} "
+                            f"{tokens.datatype}: give a tensor file of token ids")
         return load_mnist1d(data.seed)
     m = cfg.model
     assert data.path is not None  # DataConfig requires it
-    train = load_tensor_file(data.path, m.in_channels, m.max_length, m.num_classes)
+    train = load_tensor_file(data.path, m.in_channels, m.max_length, m.num_classes, tokens)
     if data.test_path is not None:
         return train, load_tensor_file(data.test_path, m.in_channels, m.max_length,
-                                       m.num_classes)
+                                       m.num_classes, tokens)
     n = len(train)
     n_test = max(1, round(n * data.test_fraction))
     if n - n_test < 1:

@@ -72,6 +72,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     model = load_checkpoint(args.checkpoint, resolve_device(args.device))
     data = model.config.data
+    first = model.contract().data_inputs[0]
+    if data.dataset == "mnist1d" and first.datatype != "FP32":
+        load_dataset(model.config, first)  # says why MNIST-1D does not fit this model
     if data.dataset == "mnist1d":
         seed = data.seed if args.data_seed is None else args.data_seed
         _, test = load_mnist1d(seed)
@@ -81,7 +84,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 2
     else:
         seed = data.seed
-        _, test = load_dataset(model.config)
+        _, test = load_dataset(model.config, first)
     settings = settings_for(model.config, args.gate_mode, args.keep_ratio, args.threshold)
     result = evaluate(model, test, settings).as_dict()
     result["data_seed"] = seed
@@ -135,7 +138,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.data is not None:  # the user's own tensor file instead of the checkpoint's data
         data = cfg.data.model_copy(update={"dataset": "file", "path": args.data})
         cfg = cfg.model_copy(update={"data": data})
-    train_set, test_set = load_dataset(cfg)
+    train_set, test_set = load_dataset(cfg, model.contract().data_inputs[0])
     logger.info("fitting the gates of %s on %d rows -> %s", args.checkpoint, len(train_set),
                 args.out)
     _, report = fit(

@@ -4,6 +4,7 @@ reference with mixed lengths, token types reach the model, the engine pads by th
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,33 @@ def test_the_engine_pads_text_by_its_contract(tmp_path: Path) -> None:
         np.testing.assert_allclose(together[3].logits, np.concatenate(
             [together[1].logits, together[2].logits]), atol=1e-4)
     engine.close()
+
+
+def test_token_id_files_fit_a_retrofitted_bert(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gated fit --data ids.npz` on a text model: integer ids stay ids (padded with the pad
+    token), ids outside the vocabulary are refused naming the file; MNIST-1D is refused."""
+    from models.data import DataError, load_tensor_file
+    from service.cli import main
+
+    _, folder = _pretrained(tmp_path, "bert", head=True)
+    save_checkpoint(retrofit(folder, GATES), tmp_path / "ckpt")
+    spec = load_checkpoint(tmp_path / "ckpt").contract().data_inputs[0]
+    gen = np.random.default_rng(0)
+    ids = gen.integers(2, VOCAB, (40, 12))
+    lengths = gen.integers(4, 13, 40)
+    np.savez(tmp_path / "ids.npz", inputs=ids, lengths=lengths, labels=gen.integers(0, 3, 40))
+    split = load_tensor_file(tmp_path / "ids.npz", tokens=spec)
+    assert split.x.dtype == torch.int64 and split.x.shape == (40, 12)
+    assert int(split.x[0, lengths[0]:].sum()) == 0 if lengths[0] < 12 else True
+    np.savez(tmp_path / "bad.npz", inputs=ids + VOCAB)
+    with pytest.raises(DataError, match=r"bad.npz: 'inputs' holds ids in \[52, 99\]; the model "
+                       r"accepts \[0, 49\]"):
+        load_tensor_file(tmp_path / "bad.npz", tokens=spec)
+    assert main(["fit", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "fitted"),
+                 "--data", str(tmp_path / "ids.npz"), "--epochs", "1", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["steps"] >= 1 and 0 <= report["dynamic_accuracy"] <= 1
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "ckpt")]) == 2
+    assert "MNIST-1D is a float signal" in capsys.readouterr().err
