@@ -7,6 +7,8 @@ Usage::
     .venv/bin/python benchmarks/serve_bench.py --quick    # smoke run, a few seconds per point
     .venv/bin/python benchmarks/serve_bench.py --section protocols --baseline /tmp/old
         # REST and gRPC only, beside the server of an older checkout (a source tree)
+    .venv/bin/python benchmarks/serve_bench.py --section modes [--model mnist1d-wav2vec2]
+        # one model, dense against dynamic keep 0.5 / 0.25 per request, wrk at c8 and c32
 
 Two real servers run as subprocesses on 127.0.0.1: ``batched`` (the dynamic batcher) and
 ``naive`` (``GATED_BATCHING=false``: the same model and process doing one forward per request).
@@ -392,6 +394,104 @@ def _protocols(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+# ---------------------------------------------------------------------- gate modes
+
+ENCODER = "mnist1d-wav2vec2"
+MODES = {"dense": {"gate_mode": "dense"},
+         "dynamic 0.5": {"gate_mode": "dynamic", "keep_ratio": 0.5},
+         "dynamic 0.25": {"gate_mode": "dynamic", "keep_ratio": 0.25}}
+
+
+@dataclass
+class ModePoint:
+    mode: str
+    concurrency: int
+    requests: int
+    errors: int
+    throughput_rps: float
+    p50_ms: float
+    p99_ms: float
+    vs_dense: float  # throughput over the dense row's at the same concurrency
+
+
+def _modes(args: argparse.Namespace) -> dict[str, object]:
+    """One batched server, one model, the same [1, 40] request in each gate mode (a request
+    parameter), driven by wrk in interleaved rounds: what the masks buy end to end."""
+    load_average = os.getloadavg()[0]
+    if native_load.missing_tools():
+        raise SystemExit("the modes section needs wrk: apt-get install wrk")
+    x = np.random.default_rng(0).standard_normal((1, 40)).astype(np.float32)
+    repository = args.repository or ROOT / "models" / "pretrained"
+    model = args.model
+    bodies = {}
+    for mode, params in MODES.items():
+        header = orjson.dumps({
+            "parameters": {"binary_data_output": True, **params},
+            "inputs": [{"name": "input", "shape": [1, 40], "datatype": "FP32",
+                        "parameters": {"binary_data_size": x.nbytes}}],
+        })
+        bodies[mode] = (header + x.astype("<f4").tobytes(),
+                        {"Inference-Header-Content-Length": str(len(header)),
+                         "Content-Type": "application/octet-stream"})
+    points: list[ModePoint] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        server = _start(repository, "batched", args, Path(tmp) / "modes.log", grpc_port=0)
+        try:
+            url = f"{server.url}/v2/models/{model}/infer"
+            for concurrency in (8, 32):
+                for body, headers in bodies.values():
+                    native_load.wrk(url, body, headers, concurrency, args.warmup)
+                windows: dict[str, list[native_load.Window]] = {m: [] for m in MODES}
+                for r in range(args.rounds):
+                    order = list(MODES)[r % len(MODES):] + list(MODES)[: r % len(MODES)]
+                    for mode in order:
+                        body, headers = bodies[mode]
+                        windows[mode].append(native_load.wrk(
+                            url, body, headers, concurrency, args.seconds / args.rounds))
+                rps = {m: sum(w.requests for w in got) / sum(w.seconds for w in got)
+                       for m, got in windows.items()}
+                for mode, got in windows.items():
+                    point = ModePoint(
+                        mode=mode, concurrency=concurrency,
+                        requests=sum(w.requests for w in got),
+                        errors=sum(w.errors for w in got),
+                        throughput_rps=round(rps[mode], 1),
+                        p50_ms=round(float(np.mean([w.p50_ms for w in got])), 3),
+                        p99_ms=round(float(np.mean([w.p99_ms for w in got])), 3),
+                        vs_dense=round(rps[mode] / rps["dense"], 3),
+                    )
+                    points.append(point)
+                    logger.info("%s", point)
+        finally:
+            server.stop()
+    at = {p.mode: p for p in points if p.concurrency == 32}
+    return {
+        **_facts(f"{repository}/{model}", args.device, load_average),
+        "model": model,
+        "settings": {
+            "max_batch_size": args.max_batch_size, "seconds_per_point": args.seconds,
+            "rounds_per_point": args.rounds,
+            "request": "one MNIST-1D-sized sequence [1, 40] FP32 per request (REST binary), "
+                       "the gate mode and keep ratio as request parameters",
+            "p50_p99": "mean over the rounds of each round's percentiles",
+        },
+        "points": [asdict(p) for p in points],
+        "acceptance_c32": {
+            mode: {"throughput_vs_dense": at[mode].vs_dense,
+                   "p99_vs_dense": round(at[mode].p99_ms / at["dense"].p99_ms, 3)}
+            for mode in MODES if mode != "dense"
+        },
+    }
+
+
+def modes_markdown(result: dict[str, object]) -> str:
+    return _table(result, [
+        ("gate mode", "mode"), ("concurrency", "concurrency"),
+        ("throughput (req/s)", "throughput_rps"), ("vs dense", "vs_dense"),
+        ("p50 (ms)", "p50_ms"), ("p99 (ms)", "p99_ms"), ("errors", "errors"),
+    ])
+
+
 def _protocol_acceptance(points: list[ProtocolPoint]) -> dict[str, object]:
     at = {(p.server, p.client): p for p in points if p.concurrency == 32}
     rest = at.get(("current", "wrk"))
@@ -516,7 +616,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue-delay-ms", type=float, help="default: the server's")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
-    parser.add_argument("--section", choices=["batching", "protocols", "all"], default="all")
+    parser.add_argument("--section", choices=["batching", "protocols", "modes", "all"],
+                        default="all")
+    parser.add_argument("--repository", type=Path,
+                        help="modes: the model repository (default: the shipped models)")
+    parser.add_argument("--model", default=ENCODER, help="modes: the model to load")
     parser.add_argument("--baseline", type=Path,
                         help="source tree of an older checkout: its REST server runs beside")
     parser.add_argument("--traced", action="store_true",
@@ -527,6 +631,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
+    if args.section in ("modes", "all"):
+        modes = _modes(args)
+        _write(args.out, f"serve_modes_{modes['device']}{suffix}",
+               f"Gate modes of {args.model} through the server", modes, modes_markdown(modes),
+               "At concurrency 32, against dense")
+        if args.section == "modes":
+            return 0
     if args.section in ("protocols", "all"):
         protocols = _protocols(args)
         _write(args.out, f"serve_protocols_{protocols['device']}{suffix}", "REST and gRPC",

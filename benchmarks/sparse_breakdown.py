@@ -37,11 +37,11 @@ from models.sparse import SparsePlan, Workspace, addmm_act, compile_plan, withou
 
 def _phases_sparse(plan: SparsePlan, f: torch.Tensor, fwd: Forward) -> dict[str, float]:
     layer = plan.layers[0]
-    assert layer.predictor is not None and layer.packed is not None and layer.k is not None
+    assert layer.predictor is not None and layer.sides is not None and layer.k is not None
     b, t, _ = f.shape
     x = torch.zeros_like(f)
     ws: Workspace = plan._ws
-    d_in, d_out, width = layer.d_ins[0], layer.d_out, layer.packed.shape[1]
+    w_in, w_out = layer.sides[0], layer.sides[-1]
     step_weights = fwd.mask_at(t, layer.name)[3]
     strategy = layer.strategy(b, layer.k)
     times: dict[str, float] = {}
@@ -68,30 +68,34 @@ def _phases_sparse(plan: SparsePlan, f: torch.Tensor, fwd: Forward) -> dict[str,
     tick("gather")
     if strategy.chunk <= 1:  # per request: matmul and GELU are one call, as in the plan
         for i in range(b):
-            g = ws.get("g", (k, width), x)
-            torch.index_select(layer.packed, 0, idx[i], out=g)
+            g_in = torch.index_select(w_in, 0, idx[i], out=ws.get("g0", (k, w_in.shape[1]), x))
+            g_out = torch.index_select(w_out, 0, idx[i],
+                                       out=ws.get("g1", (k, w_out.shape[1]), x))
             tick("gather")
             h = ws.get("hk", (t, k), x)
-            addmm_act(bias[i], f[i], g[:, :d_in].t(), h, "gelu")
+            addmm_act(bias[i], f[i], g_in.t(), h, "gelu")
             tick("matmul 1 + GELU")
             h.mul_(values[i])
             tick("scale")
-            x[i].addmm_(h, g[:, d_in : d_in + d_out])
+            x[i].addmm_(h, g_out)
             tick("matmul 2")
         return times
     for s in range(0, b, strategy.chunk):
         e = min(b, s + strategy.chunk)
-        g = ws.get("g", (e - s, k, width), x)
-        torch.index_select(layer.packed, 0, idx[s:e].reshape(-1), out=g.view(-1, width))
+        rows = idx[s:e].reshape(-1)
+        g_in = ws.get("g0", (e - s, k, w_in.shape[1]), x)
+        torch.index_select(w_in, 0, rows, out=g_in.view(-1, w_in.shape[1]))
+        g_out = ws.get("g1", (e - s, k, w_out.shape[1]), x)
+        torch.index_select(w_out, 0, rows, out=g_out.view(-1, w_out.shape[1]))
         tick("gather")
         h = ws.get("hk", (e - s, t, k), x)
-        torch.baddbmm(bias[s:e].unsqueeze(1), f[s:e], g[:, :, :d_in].transpose(1, 2), out=h)
+        torch.baddbmm(bias[s:e].unsqueeze(1), f[s:e], g_in.transpose(1, 2), out=h)
         tick("matmul 1")
         torch.ops.aten.gelu_(h)
         tick("GELU")
         h.mul_(values[s:e].unsqueeze(1))
         tick("scale")
-        x[s:e].baddbmm_(h, g[:, :, d_in : d_in + d_out])
+        x[s:e].baddbmm_(h, g_out)
         tick("matmul 2")
     return times
 
@@ -130,7 +134,7 @@ def breakdown(batch: int, keep: float, repeats: int) -> dict[str, object]:
     norm = model.layers[0].norm2  # type: ignore[index]
     x = torch.zeros(batch, length, 1)
     lengths = torch.full((batch,), length)
-    others = [ex.packed for ex in sparse.layers[1:] if ex.packed is not None]
+    others = [w for ex in sparse.layers[1:] if ex.sides is not None for w in ex.sides]
     runs: dict[str, list[dict[str, float]]] = {"dense": [], "sparse": []}
     with without_onednn(), torch.inference_mode():
         ctx_s = model.open_forward(x, lengths, sparse.settings, sparse)

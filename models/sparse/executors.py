@@ -5,10 +5,11 @@
   the output projection; ``dynamic`` runs the predictor per request and computes only the kept
   channels, by one of three strategies chosen per (batch size, k) by calibration: per-request
   gather + matmul, batched gather + ``baddbmm`` over chunks of requests, or the dense fallback.
-  The projections of a layer are packed hidden-channel-major in one matrix
-  ``[W_in row | (W_up row) | W_outᵀ row]`` so a request's kept set is one ``index_select`` of
-  contiguous rows. Called projection by projection (a user's ``fc2(act(fc1(x)))``), the input
-  side returns a compact (B, T, k) tensor and the output side reads the same kept indices;
+  Each projection of a layer is held hidden-channel-major, ``W_in``, ``(W_up)`` and ``W_outᵀ``
+  as (H, D) matrices, so a request's kept set is one ``index_select`` of contiguous rows per
+  side; the set is shared by every dynamic plan of the layer. Called projection by projection
+  (a user's ``fc2(act(fc1(x)))``), the input side returns a compact (B, T, k) tensor and the
+  output side gathers its own rows of the same kept indices;
   called as a whole (``layer(x, residual)``), one fused loop keeps each request's gathered
   weights in cache and accumulates into the residual in place.
 - :class:`AttentionExecutor` — heads with z = 0 removed, z folded into the output projection.
@@ -87,6 +88,22 @@ def _out_cols(p: _Projection) -> torch.Tensor:
     return w.squeeze(-1) if w.dim() == 3 else w
 
 
+def _shared_sides(
+    layer: GatedFFN, w_ins: list[torch.Tensor], w_out: torch.Tensor
+) -> list[torch.Tensor]:
+    """``[W_in, (W_up), W_outᵀ]`` of ``layer``, each (H, D) contiguous (one hidden channel per
+    row), made once per version of its weights (an in-place update, as training or loading
+    does, makes new ones)."""
+    weights = [*(p.weight for p in layer.inputs), layer.output.weight]
+    key = tuple((w.data_ptr(), w._version, w.device) for w in weights)
+    cached = layer.__dict__.get("_sides")
+    if cached is not None and cached[0] == key:
+        return cast(list[torch.Tensor], cached[1])
+    sides = [w.contiguous() for w in w_ins] + [w_out.t().contiguous()]
+    layer.__dict__["_sides"] = (key, sides)
+    return sides
+
+
 def _bias(p: _Projection) -> torch.Tensor:
     b = p.bias
     if b is None:
@@ -132,10 +149,9 @@ class _Selection:
     """What the input side chose for a batch, handed to the output side."""
 
     strategy: Strategy
-    idx: torch.Tensor | None  # (B, k) kept channels (packed rows), gather only
+    idx: torch.Tensor | None  # (B, k) kept channels (rows of the sides), gather only
     values: torch.Tensor | None  # (B, k) their gate values, gather only
     gate: torch.Tensor | None  # (B, 1|T, n_dense) dense multiplier, dense paths
-    gathered: torch.Tensor | None = None  # (B, k, W) packed rows, split gather
 
 
 class FFNExecutor:
@@ -158,7 +174,7 @@ class FFNExecutor:
         self.k: int | None = None
         self.strategies: dict[tuple[int, int], Strategy] = {}
         self.forced: Strategy | None = None
-        self.packed: torch.Tensor | None = None
+        self.sides: list[torch.Tensor] | None = None  # dynamic: [W_in, (W_up), W_outᵀ] rows
         self.open_rows: torch.Tensor | None = None
         self.closed: torch.Tensor | None = None
         self.dense_map: torch.Tensor | None = None
@@ -204,16 +220,17 @@ class FFNExecutor:
         if scale is not None:
             w_out = w_out * scale
         if dynamic and not self.per_step:
-            # [W_in | W_up | W_outᵀ] rows over all H, so top-k indices index it directly.
-            self.packed = torch.cat([*w_ins, w_out.t()], dim=1).contiguous()  # (H, W)
+            # W_in, W_up and W_outᵀ as (H, D) rows, so top-k indices select contiguous rows of
+            # each. One set per layer, shared by every dynamic plan of it (any keep ratio,
+            # threshold or blend weight): a server holds them once, not once per plan.
+            self.sides = _shared_sides(layer, w_ins, w_out)
             self.b_in_all = [b.contiguous() for b in b_ins]
         # Weights are views wherever nothing is removed or folded (BLAS takes row strides and
         # transposes): a dense plan adds no copy of the model's weights, and the dense path of
-        # a packed layer reads the packed matrix, so its weights stay in cache once.
-        if rows is None and self.packed is not None:
-            offs = self._offsets()
-            self.w_in = [self.packed[:, a:b] for a, b in offs[:-1]]
-            self.w_out_t = self.packed[:, offs[-1][0] : offs[-1][1]]  # (H, D_out)
+        # a dynamic layer reads its shared rows, so its weights stay in cache once.
+        if rows is None and self.sides is not None:
+            self.w_in = self.sides[:-1]
+            self.w_out_t = self.sides[-1]  # (H, D_out)
             self.b_in = self.b_in_all
         elif rows is None:
             self.w_in = w_ins
@@ -230,13 +247,6 @@ class FFNExecutor:
         )
         self.k_vec = torch.tensor([float(self.k)], device=dev) if self.k is not None else None
         self.width_vec = torch.tensor([float(self.width)], device=dev)
-
-    def _offsets(self) -> list[tuple[int, int]]:
-        out, start = [], 0
-        for d in [*self.d_ins, self.d_out]:
-            out.append((start, start + d))
-            start += d
-        return out
 
     # ------------------------------------------------------------------ strategy
 
@@ -437,14 +447,11 @@ class FFNExecutor:
         ws: Workspace,
     ) -> None:
         """Kept channels only, accumulated into y (B, T, D_out)."""
-        packed = cast(torch.Tensor, self.packed)
+        sides = cast(list[torch.Tensor], self.sides)
         b, t, _ = u.shape
         k = idx.shape[1]
         if k == 0:
             return
-        offs = self._offsets()
-        (i0, i1), (o0, o1) = offs[0], offs[-1]
-        width = packed.shape[1]
         glu = self.layer.glu
         fused = self.act in ("gelu", "relu") and not glu
         bias = ws.get("bk", (b, k), y)
@@ -454,32 +461,39 @@ class FFNExecutor:
             torch.index_select(self.b_in_all[1], 0, idx.reshape(-1), out=bias_up.view(-1))
         if chunk <= 1:
             for i in range(b):
-                g = ws.get("g", (k, width), y)
-                torch.index_select(packed, 0, idx[i], out=g)  # (k, W): contiguous rows
+                # (k, D) contiguous rows of each side
+                g = [self._gather_rows(j, idx[i], ws, f"g{j}", y) for j in range(len(sides))]
                 h = ws.get("hk", (t, k), y)
-                addmm_act(bias[i], u[i], g[:, i0:i1].t(), h, self.act if fused else None)
+                addmm_act(bias[i], u[i], g[0].t(), h, self.act if fused else None)
                 if not fused:
                     h = self._hidden_act(h)
                 if glu:
-                    u0, u1 = offs[1]
-                    h = h * torch.addmm(bias_up[i], u[i], g[:, u0:u1].t())
+                    h = h * torch.addmm(bias_up[i], u[i], g[1].t())
                 h.mul_(values[i])  # (T, k)
-                y[i].addmm_(h, g[:, o0:o1])  # (T, D_out)
+                y[i].addmm_(h, g[-1])  # (T, D_out)
             return
         for s in range(0, b, chunk):
             e = min(b, s + chunk)
-            g = ws.get("g", (e - s, k, width), y)
-            torch.index_select(packed, 0, idx[s:e].reshape(-1), out=g.view(-1, width))
+            rows = idx[s:e]
+            g = [self._gather_rows(j, rows, ws, f"g{j}", y) for j in range(len(sides))]
             h = ws.get("hk", (e - s, t, k), y)
-            torch.baddbmm(bias[s:e].unsqueeze(1), u[s:e], g[:, :, i0:i1].transpose(1, 2), out=h)
+            torch.baddbmm(bias[s:e].unsqueeze(1), u[s:e], g[0].transpose(1, 2), out=h)
             h = act_(h, self.act) if fused else self._hidden_act(h)
             if glu:
-                u0, u1 = offs[1]
-                h = h * torch.baddbmm(
-                    bias_up[s:e].unsqueeze(1), u[s:e], g[:, :, u0:u1].transpose(1, 2)
-                )
+                h = h * torch.baddbmm(bias_up[s:e].unsqueeze(1), u[s:e], g[1].transpose(1, 2))
             h.mul_(values[s:e].unsqueeze(1))  # (c, T, k)
-            y[s:e].baddbmm_(h, g[:, :, o0:o1])  # (c, T, D_out)
+            y[s:e].baddbmm_(h, g[-1])  # (c, T, D_out)
+
+    def _gather_rows(
+        self, side: int, idx: torch.Tensor, ws: Workspace, name: str, like: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows ``idx`` ((k,) or (B, k)) of one side's (H, D) matrix, as ``idx.shape + (D,)``,
+        in a reused buffer of ``ws`` (a fresh tensor of that size per layer would cost a page
+        fault per 4 KiB: tens of ms at base sizes)."""
+        w = cast(list[torch.Tensor], self.sides)[side]
+        g = ws.get(name, (*idx.shape, w.shape[1]), like)
+        torch.index_select(w, 0, idx.reshape(-1), out=g.view(-1, w.shape[1]))
+        return g
 
     # ------------------------------------------------------------------ split
 
@@ -505,13 +519,10 @@ class FFNExecutor:
             h = torch.addmm(self.b_in[which], u.reshape(b * t, -1), self.w_in[which].t())
             return layer.from_steps(h.view(b, t, -1), x, proj)
         idx, k = cast(torch.Tensor, sel.idx), cast(torch.Tensor, sel.idx).shape[1]
-        packed = cast(torch.Tensor, self.packed)
-        if sel.gathered is None:
-            rows = torch.index_select(packed, 0, idx.reshape(-1))
-            sel.gathered = rows.view(b, k, packed.shape[1])
-        a, e = self._offsets()[which]
+        # This side's kept rows only: the output side is gathered when its projection runs.
+        g = self._gather_rows(which, idx, ws, f"split{which}", u)  # (B, k, D_in)
         bias = torch.index_select(self.b_in_all[which], 0, idx.reshape(-1)).view(b, 1, k)
-        h = torch.baddbmm(bias, u, sel.gathered[:, :, a:e].transpose(1, 2))  # (B, T, k)
+        h = torch.baddbmm(bias, u, g.transpose(1, 2))  # (B, T, k)
         return layer.from_steps(h, x, proj)
 
     def _split_out(
@@ -530,11 +541,11 @@ class FFNExecutor:
             y = torch.addmm(self.b_out, h.reshape(b * t, -1), self.w_out_t).view(b, t, -1)
             return layer.from_steps(y, h_in, proj)
         values = cast(torch.Tensor, sel.values)
-        gathered = cast(torch.Tensor, sel.gathered)
-        o0, o1 = self._offsets()[-1]
-        y = torch.baddbmm(
-            self.b_out.view(1, 1, -1), h * values.unsqueeze(1), gathered[:, :, o0:o1]
-        )  # (B, T, D_out)
+        idx = cast(torch.Tensor, sel.idx)
+        g = self._gather_rows(-1, idx, ws, "split_out", h)  # (B, k, D_out)
+        scaled = ws.get("split_h", h.shape, h)
+        torch.mul(h, values.unsqueeze(1), out=scaled)
+        y = torch.baddbmm(self.b_out.view(1, 1, -1), scaled, g)  # (B, T, D_out)
         return layer.from_steps(y, h_in, proj)
 
     # ------------------------------------------------------------------ calibration

@@ -214,8 +214,9 @@ def compile_plan(
                 for k in ks:
                     if k >= ex.n_open or k == 0:
                         continue
-                    assert ex.packed is not None
-                    key = (tuple(ex.packed.shape), ex.n_open, ex.act, length, batch, k)
+                    assert ex.sides is not None
+                    key = (tuple(tuple(w.shape) for w in ex.sides), ex.n_open, ex.act, length,
+                           batch, k)
                     if key not in cache:
                         cache[key] = _calibrate(ex, batch, k, length, reps)
                     best, times = cache[key]

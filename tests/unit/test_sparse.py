@@ -159,10 +159,13 @@ def test_plans_read_the_models_weights_without_copies() -> None:
     settings = GateSettings("dynamic", keep_ratio=0.5, bucket=2)
     dynamic = compile_plan(net, settings, calibrate=False)
     mlp = dynamic.layers[0]
-    assert mlp.packed is not None
-    packed = mlp.packed.untyped_storage().data_ptr()
-    assert mlp.w_in[0].untyped_storage().data_ptr() == packed
-    assert mlp.w_out_t.untyped_storage().data_ptr() == packed
+    assert mlp.sides is not None
+    assert mlp.w_in[0].data_ptr() == mlp.sides[0].data_ptr()
+    assert mlp.w_out_t.data_ptr() == mlp.sides[-1].data_ptr()
+    # Every dynamic plan of the layer reads the same rows: held once, whatever the keep ratio.
+    other = compile_plan(net, GateSettings("dynamic", keep_ratio=0.25, bucket=2), calibrate=False)
+    assert other.layers[0].sides is not None
+    assert [w.data_ptr() for w in other.layers[0].sides] == [w.data_ptr() for w in mlp.sides]
     assert next(iter(dynamic.attentions.values())).qkv_w.data_ptr() == enc.qkv.weight.data_ptr()
     assert_same(net, dense, GateSettings("dense"), 3)
     assert_same(net, dynamic, settings, 3, exact="dense")  # calibrate=False: the dense path
