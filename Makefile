@@ -39,7 +39,8 @@ train-shipped: $(STAMP)
 # (the user's pretrained model), retrofitted, its predictors fitted with the base frozen.
 train-encoder: $(STAMP)
 	$(BIN)/python benchmarks/retrofit_accuracy.py --hf-config models/configs/mnist1d_wav2vec2.json \
-		--seeds 0 --ship models/encoders/mnist1d-wav2vec2 --name retrofit_shipped
+		--seeds 0 --epochs 30 --fit-epochs 8 --ship models/encoders/mnist1d-wav2vec2 \
+		--name retrofit_shipped
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

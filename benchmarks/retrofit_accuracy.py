@@ -6,11 +6,11 @@
 For each seed: a ``Wav2Vec2ForSequenceClassification`` (the config's size) is trained dense on
 MNIST-1D's training split (raw signal as audio; AdamW, cross-entropy) and written with
 ``save_pretrained``: the user's pretrained model. Then, twice from that folder, ``retrofit``
-gates every FFN with the shipped model's gate configuration and ``fit`` trains with the base
-frozen, by distillation from the dense forward, on the same data and budget (epochs, sampled
-keep ratios 1 / 0.5 / 0.25):
+gates every FFN with the gate keys of ``models/configs/mnist1d_wav2vec2_gates.yaml`` and
+``fit`` trains with the base frozen, by distillation from the dense forward, on the same data
+and budget (epochs, sampled keep ratios 1 / 0.5 / 0.25):
 
-- dynamic: the predictors (the static gates as initialised);
+- dynamic: the predictors and the static gates;
 - static: the static gates alone, no predictor (one channel subset for every input).
 
 Both are evaluated on the test split and on a freshly generated one (another MNIST-1D seed):
@@ -41,7 +41,7 @@ from models.fit import fit
 from models.retrofit import retrofit
 
 logger = logging.getLogger("retrofit_accuracy")
-GATES = ROOT / "models" / "configs" / "mnist1d_conv.yaml"  # the shipped model's gate keys
+GATES = ROOT / "models" / "configs" / "mnist1d_wav2vec2_gates.yaml"
 KEEPS = (0.5, 0.25)
 
 
@@ -87,28 +87,37 @@ def accuracy(net: GatedNetwork, split: Split, settings: GateSettings) -> tuple[f
 
 
 def static_keep_within(net: GatedNetwork, split: Split, budget: float) -> float:
-    """The largest static keep ratio (exact k) whose total FLOPs ratio is within ``budget``."""
+    """The largest static keep ratio (exact k) whose total FLOPs ratio is within ``budget``
+    (FLOPs grow with k: a binary search)."""
     n = min(net.gated_widths().values())
-    sample = Split(split.x[:64], split.y[:64], split.lengths[:64])
-    for k in range(n, 0, -1):
-        if accuracy(net, sample, GateSettings("static", keep_ratio=k / n, bucket=1))[1] <= budget:
-            return k / n
-    return 1 / n
+    sample = Split(split.x[:16], split.y[:16], split.lengths[:16])
+
+    def flops(k: int) -> float:
+        return accuracy(net, sample, GateSettings("static", keep_ratio=k / n, bucket=1))[1]
+
+    low, high = 1, n  # flops(low) is assumed within the budget
+    while low < high:
+        mid = (low + high + 1) // 2
+        if flops(mid) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low / n
 
 
 def one_seed(args: argparse.Namespace, config: dict[str, Any], seed: int, splits: dict[str, Split],
              train: Split) -> dict[str, Any]:
     start = time.monotonic()
-    hf = train_dense(config, train, args.epochs, seed)
-    folder = args.runs / f"seed{seed}" / "pretrained"
-    hf.save_pretrained(folder)
+    folder = args.runs / args.hf_config.stem / f"seed{seed}-e{args.epochs}" / "pretrained"
+    if not (args.reuse and (folder / "config.json").is_file()):
+        hf = train_dense(config, train, args.epochs, seed)
+        hf.save_pretrained(folder)
     trained_s = time.monotonic() - start
     nets = {}
     for variant in ("dynamic", "static"):
         net = retrofit(folder, GATES, max_length=40)
         fit(net, train, splits["test"], epochs=args.fit_epochs, keep_ratios=(1.0, 0.5, 0.25),
-            static_gates=variant == "static", predictors=variant == "dynamic", seed=seed,
-            progress=False)
+            static_gates=True, predictors=variant == "dynamic", seed=seed, progress=False)
         nets[variant] = net
     row: dict[str, Any] = {"seed": seed, "train_dense_s": round(trained_s, 1),
                            "total_s": round(time.monotonic() - start, 1)}
@@ -149,8 +158,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"# Retrofit accuracy: {meta['model']} on MNIST-1D ({len(rows)} seeds)",
         "",
         f"Dense training {meta['epochs']} epochs, then gated with the base frozen and fitted "
-        f"{meta['fit_epochs']} epochs by distillation (dynamic: predictors; static: static gates, "
-        "no predictor). Accuracy in % (mean ± population std over seeds); FLOPs: total "
+        f"{meta['fit_epochs']} epochs by distillation (dynamic: predictors and static gates; "
+        "static: static gates, no predictor). Accuracy in % (mean ± population std over seeds); FLOPs: total "
         "executed over dense, predictors included. Static runs at the largest keep ratio within "
         "the dynamic row's FLOPs.",
         "",
@@ -180,6 +189,9 @@ def main() -> int:
     p.add_argument("--fresh-data-seed", type=int, default=1234)
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "retrofit")
     p.add_argument("--ship", type=Path, help="write the first seed's fitted checkpoint here")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse a dense model this script trained before (same config, seed, "
+                   "epochs) from --runs")
     p.add_argument("--name", default="retrofit_accuracy")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)

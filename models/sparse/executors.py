@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -52,14 +53,18 @@ class Strategy:
     ``addmm``), chunk ≥ batch one batched call.
     """
 
-    kind: str  # "dense" | "gather"
+    kind: str  # "dense" | "gather" | "union"
     chunk: int = 1
 
     def __str__(self) -> str:
-        return "dense" if self.kind == "dense" else f"gather/{self.chunk}"
+        return self.kind if self.kind != "gather" else f"gather/{self.chunk}"
 
 
 DENSE = Strategy("dense")
+# The union of a batch's kept sets, one gather and one dense matmul over it, each request's own
+# channels selected by a gate that is zero elsewhere: for projection-by-projection calls, chosen
+# per batch when the union is small enough (requests of one batch often keep similar sets).
+UNION = Strategy("union")
 
 
 def static_keep_mask(layer: GatedFFN, settings: GateSettings) -> torch.Tensor:
@@ -154,6 +159,11 @@ class _Selection:
     gate: torch.Tensor | None  # (B, 1|T, n_dense) dense multiplier, dense paths
 
 
+def _nearest(table: Mapping[tuple[int, int], object], batch: int, k: int) -> tuple[int, int]:
+    """The calibrated (batch, k) nearest to ``batch`` (log scale) and ``k``."""
+    return min(table, key=lambda bk: (abs(math.log(bk[0] / batch)), abs(bk[1] - k), -bk[1]))
+
+
 class FFNExecutor:
     """One gated FFN compiled for one :class:`GateSettings` (see the module docstring)."""
 
@@ -173,6 +183,8 @@ class FFNExecutor:
         self.per_step = False
         self.k: int | None = None
         self.strategies: dict[tuple[int, int], Strategy] = {}
+        # Calibrated medians (ms) per (batch, k): the dense fallback's and the chosen strategy's.
+        self.timings: dict[tuple[int, int], tuple[float, float]] = {}
         self.forced: Strategy | None = None
         self.sides: list[torch.Tensor] | None = None  # dynamic: [W_in, (W_up), W_outᵀ] rows
         self.open_rows: torch.Tensor | None = None
@@ -255,11 +267,17 @@ class FFNExecutor:
             return self.forced
         if not self.strategies:
             return DENSE
-        key = min(
-            self.strategies,
-            key=lambda bk: (abs(math.log(bk[0] / batch)), abs(bk[1] - k), -bk[1]),
-        )
-        return self.strategies[key]
+        return self.strategies[_nearest(self.strategies, batch, k)]
+
+    def _union_pays(self, batch: int, k: int, union: int) -> bool:
+        """Whether the dense matmul over ``union`` channels (predicted from the calibrated
+        dense time, scaled by union / open channels) beats the calibrated strategy."""
+        if self.forced is not None:
+            return self.forced == UNION
+        if not self.timings or batch < 2:
+            return False
+        dense_ms, best_ms = self.timings[_nearest(self.timings, batch, k)]
+        return dense_ms * union / self.n_open < best_ms
 
     # ------------------------------------------------------------------ inputs
 
@@ -271,9 +289,10 @@ class FFNExecutor:
         return unfold(x_steps, p.kernel_size, ws, p.padding, p.stride, p.dilation)
 
     def _select(
-        self, x_steps: torch.Tensor, t_in: int, fwd: Forward, ws: Workspace
+        self, x_steps: torch.Tensor, t_in: int, fwd: Forward, ws: Workspace, split: bool = False
     ) -> tuple[_Selection, torch.Tensor, torch.Tensor, tuple[float, float] | None]:
-        """Run the gate for a batch -> selection, kept (B,), executed (B,), const counts."""
+        """Run the gate for a batch -> selection, kept (B,), executed (B,), const counts.
+        ``split``: called projection by projection, where the union strategy may run."""
         b = x_steps.shape[0]
         if self.predictor is None:  # dense, static, or dynamic without a predictor
             kept = cast(torch.Tensor, self.kept_vec).expand(b)
@@ -304,6 +323,11 @@ class FFNExecutor:
             ranked = final if self.closed is None else final.masked_fill(self.closed, -math.inf)
             values, idx = ranked.topk(self.k, dim=-1, sorted=False)  # (B, k)
             strat = self.strategy(b, self.k)
+            if split and b > 1 and (self.forced is None or self.forced == UNION):
+                union = self._union(idx, values)
+                if union is not None:
+                    size = float(cast(torch.Tensor, union.idx).numel())
+                    return union, kvec, kvec.new_full((b,), size), (float(self.k), size)
             if strat.kind == "gather":
                 k = float(self.k)
                 return _Selection(strat, idx, values, None), kvec, kvec, (k, k)
@@ -330,6 +354,19 @@ class FFNExecutor:
         if strat.kind == "gather":
             return _Selection(strat, idx, values, None), kept, kept.new_full((b,), kmax), None
         return _Selection(DENSE, None, None, self._dense_gate(idx, values)), kept, width, None
+
+    def _union(self, idx: torch.Tensor, values: torch.Tensor) -> _Selection | None:
+        """The union selection of a batch's kept sets (B, k), or None when it does not pay.
+        Reading the union's size is a host sync (free on CPU)."""
+        b, k = idx.shape
+        present = torch.zeros(self.layer.n, dtype=torch.bool, device=idx.device)
+        present[idx.reshape(-1)] = True
+        members = present.nonzero().flatten()  # (u,) sorted channel indices
+        if not self._union_pays(b, k, int(members.numel())):
+            return None
+        gate = values.new_zeros(b, members.numel())
+        gate.scatter_(1, torch.searchsorted(members, idx), values)
+        return _Selection(UNION, members, None, gate.unsqueeze(1))  # gate (B, 1, u)
 
     def _blend_terms(self, settings: GateSettings) -> tuple[torch.Tensor, torch.Tensor]:
         """((1 − w)·static, w·static) for the forward's blend weight (the model's default
@@ -509,11 +546,17 @@ class FFNExecutor:
         b, t, _ = u.shape
         if layer not in fwd.handoff:  # the first input side to run (GLU: gate or up) selects
             t_in = layer.steps_of(x, proj, fwd)
-            sel, kept, executed, const = self._select(x_steps, t_in, fwd, ws)
+            sel, kept, executed, const = self._select(x_steps, t_in, fwd, ws, split=True)
             self._record(fwd, kept, executed, t_in, t, const)
             fwd.handoff[layer] = sel
         sel = cast(_Selection, fwd.handoff[layer])
         which = 0 if proj.role == "in" else 1
+        if sel.strategy.kind == "union":  # the union's rows of this side, one dense matmul
+            members = cast(torch.Tensor, sel.idx)
+            w = torch.index_select(cast(list[torch.Tensor], self.sides)[which], 0, members)
+            bias = torch.index_select(self.b_in_all[which], 0, members)
+            h = torch.addmm(bias, u.reshape(b * t, -1), w.t())
+            return layer.from_steps(h.view(b, t, -1), x, proj)
         if sel.strategy.kind != "gather":
             # Dense path: the hidden channels of the dense weights (all, or the open ones).
             h = torch.addmm(self.b_in[which], u.reshape(b * t, -1), self.w_in[which].t())
@@ -534,6 +577,12 @@ class FFNExecutor:
             raise RuntimeError(f"gated layer {self.name}: output projection ran before its input")
         h = layer.to_steps(h_in, proj)  # (B, T, k) or (B, T, n)
         b, t, _ = h.shape
+        if sel.strategy.kind == "union":  # each request's own channels of the union, scaled
+            members = cast(torch.Tensor, sel.idx)
+            w_out_t = torch.index_select(cast(list[torch.Tensor], self.sides)[-1], 0, members)
+            h = h * cast(torch.Tensor, sel.gate)
+            y = torch.addmm(self.b_out, h.reshape(b * t, -1), w_out_t).view(b, t, -1)
+            return layer.from_steps(y, h_in, proj)
         if sel.strategy.kind != "gather":
             if sel.gate is not None:
                 _check_steps(sel.gate, h.shape[1], self.name)

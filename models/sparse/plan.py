@@ -221,6 +221,7 @@ def compile_plan(
                         cache[key] = _calibrate(ex, batch, k, length, reps)
                     best, times = cache[key]
                     ex.strategies[(batch, k)] = best
+                    ex.timings[(batch, k)] = (times["dense"], times[str(best)])
                     plan.report.setdefault(layer.name, {})[f"b{batch}/k{k}"] = {
                         "chosen": str(best),
                         **times,

@@ -184,3 +184,55 @@ def test_a_retrofitted_bert_serves_token_ids_and_refuses_bad_ones_alone(tmp_path
         with pytest.raises(triton_grpc.InferenceServerException, match="accepts \\[0, 49\\]"):
             grpc_client.infer("bert", inputs(triton_grpc, bads[0][0], True))
         grpc_client.close()
+
+
+ENCODER = Path(__file__).resolve().parents[2] / "models" / "encoders" / "mnist1d-wav2vec2"
+
+
+def test_the_shipped_encoder_serves_beside_a_bert(tmp_path: Path) -> None:
+    """The shipped retrofitted Wav2Vec2 and a retrofitted BERT in one repository: MNIST-1D
+    signals of three lengths (binary and JSON) batched together each equal their solo forward,
+    the full-length ones are classified as the checkpoint's accuracy says, and BERT answers
+    beside it."""
+    import shutil
+
+    from models.data import load_mnist1d
+
+    shutil.copytree(ENCODER, tmp_path / "repo" / "mnist1d-wav2vec2")
+    _bert(tmp_path)
+    reference = load_checkpoint(ENCODER)
+    settings = settings_for(reference.config, "dynamic")  # its own keep ratio, 0.25
+    _, test = load_mnist1d()
+    signals = [test.x[i : i + 1, :n, 0].numpy() for i, n in
+               zip(range(24), (40, 33, 27) * 8, strict=True)]
+
+    def solo(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = reference(torch.from_numpy(x)[:, :, None], torch.tensor([x.shape[1]]),
+                            settings)
+        return out.logits.numpy()
+
+    with serving(tmp_path / "repo", tmp_path, max_batch_size=8, max_queue_delay_ms=20) as srv:
+        client = triton.InferenceServerClient(srv.address, concurrency=8)
+        holder = socket.create_connection(("127.0.0.1", srv.port), timeout=30)  # see above
+        holder.sendall(b"POST /v2/models/mnist1d-wav2vec2/infer HTTP/1.1\r\nHost: t\r\n"
+                       b"Content-Length: 1000\r\n\r\n{")
+        pending = []
+        for i, x in enumerate(signals):
+            inp = triton.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=i % 2 == 0)
+            pending.append(client.async_infer("mnist1d-wav2vec2", [inp]))
+        ids = triton.InferInput("input_ids", [1, 5], "INT64")
+        ids.set_data_from_numpy(np.array([[3, 4, 5, 6, 7]], dtype=np.int64))
+        bert = client.infer("bert", [ids])
+        got = [request.get_result() for request in pending]
+        holder.close()
+        assert got[0].get_response()["parameters"]["keep_ratio"] == 0.25
+        client.close()
+        assert metric(srv.url, "gated_batch_size_count", model="mnist1d-wav2vec2") < len(signals)
+    assert bert.as_numpy("logits").shape == (1, 3)
+    logits = [r.as_numpy("logits") for r in got]
+    for x, out in zip(signals, logits, strict=True):
+        np.testing.assert_allclose(out, solo(x), atol=1e-4)
+    full = [int(out.argmax()) == int(test.y[i]) for i, out in enumerate(logits) if i % 3 == 0]
+    assert sum(full) >= 6, full  # 8 full-length signals; the checkpoint's accuracy is ~0.9

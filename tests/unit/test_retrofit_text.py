@@ -16,6 +16,7 @@ import torch
 from models import compile_plan, load_checkpoint, save_checkpoint, settings_for
 from models.errors import ConfigError
 from models.sparse import Strategy
+from models.sparse.executors import UNION
 
 if os.environ.get("CI") != "true":
     pytest.importorskip("transformers")  # CI installs the [hf] extra: there it must import
@@ -108,6 +109,12 @@ def test_text_dense_is_the_transformers_forward_and_plans_the_masked_reference(
             )
             torch.testing.assert_close(gathered.logits, reference.logits, atol=1e-4, rtol=0)
             assert bool((gathered.flops_ratio < 1).all())
+            # The union of the batch's kept sets, one matmul over it: the same logits; each
+            # request is charged the union's width.
+            union = compile_plan(net, settings, strategy=UNION)(ids, lengths, extras=extras)
+            torch.testing.assert_close(union.logits, reference.logits, atol=1e-4, rtol=0)
+            assert bool((union.macs >= gathered.macs).all())
+            assert bool((union.macs <= reference.dense_macs).all())
     # Padding is masked: a padded row equals its solo forward, in dynamic mode too.
     assert net.padding_invariant
     settings = settings_for(net.config, "dynamic")
