@@ -1,7 +1,7 @@
 """Accuracy of a retrofit: a `transformers` encoder trained dense, then gated with its base frozen.
 
     python benchmarks/retrofit_accuracy.py [--hf-config models/configs/mnist1d_wav2vec2_small.json]
-        [--seeds 0 1 2] [--epochs 40] [--fit-epochs 10] [--ship DIR]
+        [--seeds 0 1 2] [--epochs 40] [--fit-epochs 10] [--reuse] [--ship DIR]
 
 For each seed: a ``Wav2Vec2ForSequenceClassification`` (the config's size) is trained dense on
 MNIST-1D's training split (raw signal as audio; AdamW, cross-entropy) and written with
@@ -159,9 +159,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         f"Dense training {meta['epochs']} epochs, then gated with the base frozen and fitted "
         f"{meta['fit_epochs']} epochs by distillation (dynamic: predictors and static gates; "
-        "static: static gates, no predictor). Accuracy in % (mean ± population std over seeds); FLOPs: total "
-        "executed over dense, predictors included. Static runs at the largest keep ratio within "
-        "the dynamic row's FLOPs.",
+        "static: static gates, no predictor). Accuracy in % (mean ± population std over "
+        "seeds); FLOPs: total executed over dense, predictors included. Static runs at the "
+        "largest keep ratio within the dynamic row's FLOPs.",
         "",
         "| split | FFN keep | dynamic acc | dynamic FLOPs | static acc | static keep | static "
         "FLOPs | dense acc | dynamic − dense |",
