@@ -10,7 +10,8 @@ process start to ``/v2/health/ready`` (loaded, every plan compiled and calibrate
 warmed up at ``rows`` × ``max_length``), one request of ``max_length`` INT64 ids is answered,
 and the server's resident memory is read beside that of a plain ``transformers`` process that
 loads the same folder and runs one forward at the same batch. Writes
-``results/hf_ready_cpu.{json,md}``.
+``results/hf_ready_cpu[_keep_…].{json,md}``. ``--keep-ratios`` narrows the model's served
+keep ratios in its ``serving.yaml`` (fewer static plans, less memory).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--keep-ratios", type=float, nargs="+",
+                   help="the model's own keep ratios in its serving.yaml (default: the server's)")
     args = p.parse_args()
     import torch
     import transformers as tf
@@ -78,8 +81,10 @@ def main() -> int:
                        stdout=subprocess.DEVNULL)
         retrofit_s = time.monotonic() - start
         log(f"retrofitted in {retrofit_s:.1f} s")
-        serving = {"max_batch_rows": args.rows, "max_batch_size": args.rows,
-                   "max_request_rows": args.rows}
+        serving: dict[str, object] = {"max_batch_rows": args.rows, "max_batch_size": args.rows,
+                                      "max_request_rows": args.rows}
+        if args.keep_ratios:
+            serving["keep_ratios"] = list(args.keep_ratios)
         (root / "repo" / "bert-base" / "serving.yaml").write_text(
             "".join(f"{k}: {v}\n" for k, v in serving.items()))
         start = time.monotonic()
@@ -125,7 +130,9 @@ def main() -> int:
         "server_exit_code": code,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "hf_ready_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    stem = "hf_ready_cpu" + ("_keep_" + "_".join(f"{r:g}" for r in args.keep_ratios)
+                             if args.keep_ratios else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     text = (
         f"# A retrofitted bert-base: ready time and memory ({result['device_name']}, "
         f"{result['cpus']} CPUs)\n\n"
@@ -138,7 +145,7 @@ def main() -> int:
         f"[{args.rows}, {args.max_length}]: {result['transformers_rss_mib']} MiB (peak "
         f"{result['transformers_peak_rss_mib']}); weights file {result['weights_file_mib']} MiB\n"
     ) + "".join(f"    {line}\n" for line in result["server_log"])
-    (RESULTS / "hf_ready_cpu.md").write_text(text)
+    (RESULTS / f"{stem}.md").write_text(text)
     sys.stdout.write(text)
     return 0
 

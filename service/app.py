@@ -129,6 +129,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 engine.warm_up,
                 settings.max_batch_rows,
                 settings.served_keep_ratios(),
+                _required_ratios(settings),
             )
         for name, info in engine.models.items():
             state.serve(name, info)
@@ -289,7 +290,8 @@ def serve(settings: Settings) -> int:
         Engine.check_device(settings.device)
         engine = Engine.load(settings.model_repository, settings.device, settings.torch_threads)
         engine.executor.submit(
-            engine.warm_up, settings.max_batch_rows, settings.served_keep_ratios()
+            engine.warm_up, settings.max_batch_rows, settings.served_keep_ratios(),
+            _required_ratios(settings),
         ).result()
     except EngineError as err:
         logger.error("%s", err)
@@ -318,3 +320,8 @@ def serve(settings: Settings) -> int:
     server = _DrainingServer(config, app.state.service)
     server.run()
     return 0 if server.started else 2
+
+
+def _required_ratios(settings: Settings) -> tuple[float, ...]:
+    """Keep ratios every model serves, whatever its serving.yaml: the default one."""
+    return () if settings.default_keep_ratio is None else (settings.default_keep_ratio,)

@@ -177,6 +177,7 @@ class Engine:
         # a reloaded checkpoint of the same architecture times nothing while the server serves.
         self._timings: models.CalibrationCache = {}
         self._keep_ratios: tuple[float, ...] = DEFAULT_KEEP_RATIOS
+        self._required_ratios: tuple[float, ...] = ()
         self.models: Mapping[str, ModelInfo] = {}  # the models loaded now
         self._publish()
         # One thread: the forward is already parallel inside torch, and serialising batches is
@@ -273,7 +274,10 @@ class Engine:
         self.models = {n: m.info for n, m in self._models.items()}
 
     def warm_up(
-        self, max_batch_rows: int, keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS
+        self,
+        max_batch_rows: int,
+        keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS,
+        required: Sequence[float] = (),
     ) -> None:
         """Compile every served plan of each model, then run each model once per gate mode at
         batch 1 and ``max_batch_rows``, and once at the largest batch the server accepts
@@ -290,6 +294,7 @@ class Engine:
         """
         self._warm_rows = max(1, max_batch_rows)
         self._keep_ratios = tuple(sorted(set(keep_ratios)))
+        self._required_ratios = tuple(required)  # served by every model (the default one)
         for loaded in self._models.values():
             self._warm(loaded, self._warm_rows)
 
@@ -312,7 +317,10 @@ class Engine:
         loaded.calib_batches = tuple(sorted({1, min(8, rows_max), rows_max}))
         start = time.monotonic()
         own = info.config_gate.keep_ratio
-        loaded.keep_ratios = tuple(sorted({*self._keep_ratios, *([own] if own else [])}))
+        ratios = info.serving.keep_ratios or self._keep_ratios  # its serving.yaml's, if any
+        loaded.keep_ratios = tuple(
+            sorted({*ratios, *self._required_ratios, *([own] if own else [])})
+        )
         served = [self._resolve(loaded, "dynamic", threshold=0.5), self._resolve(loaded, "dense")]
         for mode in ("static", "dynamic"):
             for knobs in ({}, *({"keep_ratio": r} for r in loaded.keep_ratios)):
@@ -608,9 +616,13 @@ def _check_served(loaded: _Loaded, settings: models.GateSettings) -> None:
     keep = settings.keep_ratio
     if keep is None or any(abs(keep - r) <= 1e-9 for r in loaded.keep_ratios):
         return
+    where = (
+        f"keep_ratios of {loaded.info.name}/serving.yaml" if loaded.info.serving.keep_ratios
+        else "setting keep_ratios, GATED_KEEP_RATIOS"
+    )
     raise InvalidInput(
         f"parameter 'keep_ratio': got {keep:g}; this server serves keep_ratio in "
-        f"{{{_listed(loaded.keep_ratios)}}} (setting keep_ratios, GATED_KEEP_RATIOS)"
+        f"{{{_listed(loaded.keep_ratios)}}} ({where})"
     )
 
 

@@ -220,6 +220,10 @@ class ModelServing(BaseModel):
     max_batch_size: int | None = Field(None, ge=1, le=4096, description="requests per batch")
     max_batch_rows: int | None = Field(None, ge=1, le=65536, description="rows per forward")
     max_request_rows: int | None = Field(None, ge=1, description="batch dimension of a request")
+    # The keep ratios this model serves instead of the server's keep_ratios (its plans are
+    # compiled at warm-up: fewer ratios, less memory for a large model); the server's
+    # default_keep_ratio and the checkpoint's own are served too.
+    keep_ratios: tuple[KeepRatio, ...] | None = Field(None, min_length=1, max_length=32)
 
     def resolved(self, settings: Settings) -> ModelServing:
         """Every bound set: the model's where it has one, else the server's; a request's rows
@@ -229,6 +233,7 @@ class ModelServing(BaseModel):
             max_batch_size=self.max_batch_size or settings.max_batch_size,
             max_batch_rows=rows,
             max_request_rows=min(self.max_request_rows or settings.max_request_rows, rows),
+            keep_ratios=self.keep_ratios or settings.keep_ratios,
         )
 
 

@@ -351,15 +351,26 @@ def test_a_models_serving_file_bounds_its_own_batches_and_requests(
     from service.settings import ModelServing, load_settings
 
     repo = make_repository(tmp_path / "repo", ("tiny", "small"))
-    (repo / "small" / "serving.yaml").write_text("max_batch_rows: 2\nmax_batch_size: 2\n")
+    (repo / "small" / "serving.yaml").write_text(
+        "max_batch_rows: 2\nmax_batch_size: 2\nkeep_ratios: [0.5]\n")
     settings = load_settings(model_repository=repo, max_request_rows=8, max_batch_rows=16)
     assert ModelServing(max_batch_rows=2).resolved(settings) == ModelServing(
-        max_batch_size=settings.max_batch_size, max_batch_rows=2, max_request_rows=2)
+        max_batch_size=settings.max_batch_size, max_batch_rows=2, max_request_rows=2,
+        keep_ratios=settings.keep_ratios)
     with service_client(model_repository=repo) as client:
         big = client.post("/v2/models/small/infer", json=json_request(_x(3, 8)))
         assert big.status_code == 400 and "limit per request is 2" in big.json()["error"]
         assert client.post("/v2/models/small/infer", json=json_request(_x(2, 8))).status_code == 200
         assert client.post("/v2/models/tiny/infer", json=json_request(_x(3, 8))).status_code == 200
+        # Its own keep ratios (and the checkpoint's): 0.25 is the server's, not this model's.
+        narrowed = client.post("/v2/models/small/infer",
+                               json=json_request(_x(1, 8), keep_ratio=0.25))
+        assert narrowed.status_code == 400
+        assert "keep_ratios of small/serving.yaml" in narrowed.json()["error"]
+        assert client.post("/v2/models/tiny/infer", json=json_request(
+            _x(1, 8), keep_ratio=0.25)).status_code == 200
+        assert client.post("/v2/models/small/infer", json=json_request(
+            _x(1, 8), keep_ratio=0.5)).status_code == 200
     (repo / "small" / "serving.yaml").write_text("max_batch_rows: 0\nbatch: 3\n")
     with pytest.raises(EngineError, match=r"model 'small': .*serving.yaml: max_batch_rows: "
                        r"Input should be greater than or equal to 1; batch: Extra inputs"):
