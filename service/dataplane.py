@@ -24,7 +24,7 @@ import numpy as np
 from models.contract import TensorSpec
 from models.gate_config import GATE_PARAMETERS
 from service.batcher import Ticket
-from service.engine import NUMPY_DTYPES, GateConfig, ItemResult, ModelInfo, ModelInput
+from service.engine import GateConfig, ItemResult, ModelInfo, ModelInput, padding
 from service.errors import (
     CODES,
     AdminDisabled,
@@ -274,7 +274,7 @@ class DataPlane:
         if cached is not None and cached[0] is info:
             return cached[1]
         settings = self.state.settings
-        rows = info.serving.resolved(settings).max_request_rows or settings.max_request_rows
+        rows = info.serving.resolved(settings).max_request_rows
         steps = rows * info.max_length
         per_input = [steps * math.prod(spec.shape[2:]) for spec in info.contract.inputs]
         elements = sum(per_input)  # every input at its largest
@@ -563,15 +563,10 @@ def _model_input(
                 f"model {info.name!r} does not mask padding: the rows of {mask.name!r} must "
                 "all be ones, or send each row as its own request"
             )
-    data = []
-    for spec in contract.data_inputs:
-        sent = arrays.get(spec.name)
-        if sent is not None:
-            data.append(sent)
-        else:  # an optional input not sent: its pad value (token type 0)
-            data.append(np.full((rows, length, *spec.shape[2:]), spec.pad_value,
-                                dtype=NUMPY_DTYPES[spec.datatype]))
-    return ModelInput(tuple(data), lengths)
+    # An optional input not sent is its pad value (token type 0).
+    data = tuple(arrays[spec.name] if spec.name in arrays else padding(spec, rows, length)
+                 for spec in contract.data_inputs)
+    return ModelInput(data, lengths)
 
 
 def _declared(info: ModelInfo) -> str:

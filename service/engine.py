@@ -520,8 +520,7 @@ def _stack(
     total = sum(item.rows for item in inputs)
     arrays = []
     for j, spec in enumerate(specs):
-        dims = inputs[0].arrays[j].shape[2:]
-        out = np.full((total, longest, *dims), spec.pad_value, dtype=NUMPY_DTYPES[spec.datatype])
+        out = padding(spec, total, longest)
         row = 0
         for item in inputs:
             a = item.arrays[j]
@@ -536,14 +535,15 @@ def _stack(
     return arrays, lengths
 
 
+def padding(spec: models.TensorSpec, rows: int, length: int) -> npt.NDArray[np.generic]:
+    """``rows`` × ``length`` steps of input ``spec``'s pad value, in its datatype."""
+    return np.full((rows, length, *spec.shape[2:]), spec.pad_value,
+                   dtype=NUMPY_DTYPES[spec.datatype])
+
+
 def _padding_item(info: ModelInfo, rows: int, length: int) -> ModelInput:
     """A request of pad values: what the warm-up runs."""
-    arrays = []
-    for spec in info.contract.data_inputs:
-        dims = tuple(spec.shape[2:])
-        arrays.append(np.full((rows, length, *dims), spec.pad_value,
-                              dtype=NUMPY_DTYPES[spec.datatype]))
-    return ModelInput(tuple(arrays))
+    return ModelInput(tuple(padding(spec, rows, length) for spec in info.contract.data_inputs))
 
 
 def _resolve_device(device: str) -> torch.device:
