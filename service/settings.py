@@ -8,6 +8,7 @@ Nothing else in the service reads the environment; the validated object is passe
 from __future__ import annotations
 
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -225,16 +226,26 @@ class ModelServing(BaseModel):
     # default_keep_ratio and the checkpoint's own are served too.
     keep_ratios: tuple[KeepRatio, ...] | None = Field(None, min_length=1, max_length=32)
 
-    def resolved(self, settings: Settings) -> ModelServing:
+    def resolved(self, settings: Settings) -> ServingBounds:
         """Every bound set: the model's where it has one, else the server's; a request's rows
         never exceed a batch's."""
         rows = self.max_batch_rows or settings.max_batch_rows
-        return ModelServing(
+        return ServingBounds(
             max_batch_size=self.max_batch_size or settings.max_batch_size,
             max_batch_rows=rows,
             max_request_rows=min(self.max_request_rows or settings.max_request_rows, rows),
             keep_ratios=self.keep_ratios or settings.keep_ratios,
         )
+
+
+@dataclass(frozen=True)
+class ServingBounds:
+    """A model's batching bounds in force: its serving.yaml over the server's settings."""
+
+    max_batch_size: int
+    max_batch_rows: int
+    max_request_rows: int
+    keep_ratios: tuple[float, ...]
 
 
 def load_model_serving(folder: Path) -> ModelServing:

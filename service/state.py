@@ -116,7 +116,7 @@ class ServiceState:
                 compute=functools.partial(engine.infer, name),
                 executor=engine.executor,
                 metrics=metrics,
-                max_batch_size=int(bounds.max_batch_size or settings.max_batch_size),
+                max_batch_size=bounds.max_batch_size,
                 max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
                 max_queue_size=settings.max_queue_size,
                 max_batch_rows=bounds.max_batch_rows,

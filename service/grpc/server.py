@@ -134,7 +134,7 @@ class InferenceService:
         config.name = info.name
         config.platform = info.platform
         config.backend = "pytorch"
-        config.max_batch_size = int(info.serving.resolved(settings).max_request_rows or 1)
+        config.max_batch_size = info.serving.resolved(settings).max_request_rows
         for target, tensors in ((config.input, info.contract.inputs),
                                 (config.output, info.contract.outputs)):
             for t in tensors:

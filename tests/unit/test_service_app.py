@@ -348,13 +348,13 @@ def test_a_models_serving_file_bounds_its_own_batches_and_requests(
     tmp_path: Path, service_client: ClientFactory
 ) -> None:
     from service.engine import Engine, EngineError
-    from service.settings import ModelServing, load_settings
+    from service.settings import ModelServing, ServingBounds, load_settings
 
     repo = make_repository(tmp_path / "repo", ("tiny", "small"))
     (repo / "small" / "serving.yaml").write_text(
         "max_batch_rows: 2\nmax_batch_size: 2\nkeep_ratios: [0.5]\n")
     settings = load_settings(model_repository=repo, max_request_rows=8, max_batch_rows=16)
-    assert ModelServing(max_batch_rows=2).resolved(settings) == ModelServing(
+    assert ModelServing(max_batch_rows=2).resolved(settings) == ServingBounds(
         max_batch_size=settings.max_batch_size, max_batch_rows=2, max_request_rows=2,
         keep_ratios=settings.keep_ratios)
     with service_client(model_repository=repo) as client:
