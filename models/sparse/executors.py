@@ -154,7 +154,7 @@ class _Selection:
     """What the input side chose for a batch, handed to the output side."""
 
     strategy: Strategy
-    idx: torch.Tensor | None  # (B, k) kept channels (rows of the sides), gather only
+    idx: torch.Tensor | None  # (B, k) kept channels (rows of the sides); union: its (u,)
     values: torch.Tensor | None  # (B, k) their gate values, gather only
     gate: torch.Tensor | None  # (B, 1|T, n_dense) dense multiplier, dense paths
 
@@ -272,10 +272,8 @@ class FFNExecutor:
     def _union_pays(self, batch: int, k: int, union: int) -> bool:
         """Whether the dense matmul over ``union`` channels (predicted from the calibrated
         dense time, scaled by union / open channels) beats the calibrated strategy."""
-        if self.forced is not None:
-            return self.forced == UNION
-        if not self.timings or batch < 2:
-            return False
+        if self.forced == UNION:
+            return True
         dense_ms, best_ms = self.timings[_nearest(self.timings, batch, k)]
         return dense_ms * union / self.n_open < best_ms
 
@@ -323,7 +321,8 @@ class FFNExecutor:
             ranked = final if self.closed is None else final.masked_fill(self.closed, -math.inf)
             values, idx = ranked.topk(self.k, dim=-1, sorted=False)  # (B, k)
             strat = self.strategy(b, self.k)
-            if split and b > 1 and (self.forced is None or self.forced == UNION):
+            # The union is worth looking at for a batch whose strategy is calibrated (or forced).
+            if split and b > 1 and (self.forced == UNION or (self.forced is None and self.timings)):
                 union = self._union(idx, values)
                 if union is not None:
                     size = float(cast(torch.Tensor, union.idx).numel())
@@ -553,7 +552,7 @@ class FFNExecutor:
         which = 0 if proj.role == "in" else 1
         if sel.strategy.kind == "union":  # the union's rows of this side, one dense matmul
             members = cast(torch.Tensor, sel.idx)
-            w = torch.index_select(cast(list[torch.Tensor], self.sides)[which], 0, members)
+            w = self._gather_rows(which, members, ws, f"union{which}", u)  # (u, D_in)
             bias = torch.index_select(self.b_in_all[which], 0, members)
             h = torch.addmm(bias, u.reshape(b * t, -1), w.t())
             return layer.from_steps(h.view(b, t, -1), x, proj)
@@ -579,7 +578,7 @@ class FFNExecutor:
         b, t, _ = h.shape
         if sel.strategy.kind == "union":  # each request's own channels of the union, scaled
             members = cast(torch.Tensor, sel.idx)
-            w_out_t = torch.index_select(cast(list[torch.Tensor], self.sides)[-1], 0, members)
+            w_out_t = self._gather_rows(-1, members, ws, "union_out", h)  # (u, D_out)
             h = h * cast(torch.Tensor, sel.gate)
             y = torch.addmm(self.b_out, h.reshape(b * t, -1), w_out_t).view(b, t, -1)
             return layer.from_steps(y, h_in, proj)
