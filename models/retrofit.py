@@ -40,7 +40,7 @@ from torch import nn
 from models.config import ModelConfig, load_config, parse_config
 from models.contract import ModelContract, TensorSpec
 from models.errors import ArchitectureError, ConfigError
-from models.networks import GatedNetwork, attach_gates
+from models.networks import GatedNetwork, _masked_mean, attach_gates
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,7 @@ class HFEncoder(nn.Module):
         frames = mask
         if hidden.shape[1] != mask.shape[1]:  # audio: the front end's frames
             frames = cast(Any, self.hf)._get_feature_vector_attention_mask(hidden.shape[1], mask)
-        weights = frames.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return _masked_mean(hidden, frames.unsqueeze(-1).to(hidden.dtype))
 
     def ffn_paths(self, prefix: str = "") -> list[tuple[str, str]]:
         """Each encoder layer's FFN pair, as module paths."""
