@@ -101,8 +101,7 @@ def load_tensor_file(
     n, t, c = x.shape
     if in_channels is not None and c != in_channels:
         raise DataError(f"{where}: 'inputs' has {c} channels; the model takes {in_channels}")
-    if max_length is not None and t > max_length:
-        raise DataError(f"{where}: 'inputs' has {t} steps; the model's max_length is {max_length}")
+    _check_steps(t, max_length, where)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise DataError(f"{where}: 'inputs' holds NaN or infinite values")
@@ -120,8 +119,7 @@ def _token_split(arrays: dict[str, np.ndarray], where: str, max_length: int | No
         raise DataError(f"{where}: 'inputs' must be (N, T) integer token ids with N, T >= 1 "
                         f"(the model's {spec.name!r}), got shape {list(x.shape)} of {x.dtype}")
     n, t = x.shape
-    if max_length is not None and t > max_length:
-        raise DataError(f"{where}: 'inputs' has {t} steps; the model's max_length is {max_length}")
+    _check_steps(t, max_length, where)
     x = np.array(x, dtype=np.int64)
     lengths = _lengths(arrays, n, t, where)
     valid = np.arange(t)[None, :] < lengths[:, None]
@@ -134,6 +132,11 @@ def _token_split(arrays: dict[str, np.ndarray], where: str, max_length: int | No
     x[~valid] = int(spec.pad_value)  # padding is the pad token, as the server's
     return Split(torch.from_numpy(x), _labels(arrays, n, where, num_classes),
                  torch.from_numpy(lengths))
+
+
+def _check_steps(t: int, max_length: int | None, where: str) -> None:
+    if max_length is not None and t > max_length:
+        raise DataError(f"{where}: 'inputs' has {t} steps; the model's max_length is {max_length}")
 
 
 def _labels(arrays: dict[str, np.ndarray], n: int, where: str,
