@@ -139,7 +139,7 @@ def fit(
                 loss = distill
                 if label_weight and labelled:
                     loss = loss + label_weight * F.cross_entropy(student, y)
-                if l1:
+                if l1 and predictors:  # frozen predictors: a constant, no gradient
                     loss = loss + l1 * sum(p.abs().sum() for p in model.predictor_parameters())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
@@ -194,8 +194,7 @@ def _test_distill(
             lengths = split.lengths[start : start + batch_size].to(device)
             teacher = model(x, lengths, GateSettings(mode="dense")).logits
             for ratio in keep_ratios:
-                settings = GateSettings(mode=mode, keep_ratio=ratio,
-                                        bucket=bucket)
+                settings = GateSettings(mode=mode, keep_ratio=ratio, bucket=bucket)
                 student = model(x, lengths, settings).logits
                 total += _distill(student, teacher, temperature).item() * len(x)
     return total / (len(split) * len(keep_ratios))
