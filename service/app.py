@@ -129,7 +129,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 engine.warm_up,
                 settings.max_batch_rows,
                 settings.served_keep_ratios(),
-                _required_ratios(settings),
+                settings.required_keep_ratios(),
             )
         for name, info in engine.models.items():
             state.serve(name, info)
@@ -291,7 +291,7 @@ def serve(settings: Settings) -> int:
         engine = Engine.load(settings.model_repository, settings.device, settings.torch_threads)
         engine.executor.submit(
             engine.warm_up, settings.max_batch_rows, settings.served_keep_ratios(),
-            _required_ratios(settings),
+            settings.required_keep_ratios(),
         ).result()
     except EngineError as err:
         logger.error("%s", err)
@@ -320,8 +320,3 @@ def serve(settings: Settings) -> int:
     server = _DrainingServer(config, app.state.service)
     server.run()
     return 0 if server.started else 2
-
-
-def _required_ratios(settings: Settings) -> tuple[float, ...]:
-    """Keep ratios every model serves, whatever its serving.yaml: the default one."""
-    return () if settings.default_keep_ratio is None else (settings.default_keep_ratio,)

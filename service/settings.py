@@ -148,8 +148,11 @@ class Settings(BaseSettings):
 
     def served_keep_ratios(self) -> tuple[float, ...]:
         """The keep ratios compiled for every model: keep_ratios and default_keep_ratio."""
-        extra = () if self.default_keep_ratio is None else (self.default_keep_ratio,)
-        return tuple(sorted({*self.keep_ratios, *extra}))
+        return tuple(sorted({*self.keep_ratios, *self.required_keep_ratios()}))
+
+    def required_keep_ratios(self) -> tuple[float, ...]:
+        """Keep ratios every model serves, whatever its serving.yaml: the default one."""
+        return () if self.default_keep_ratio is None else (self.default_keep_ratio,)
 
     @field_validator("admin_token", mode="before")
     @classmethod
