@@ -529,9 +529,7 @@ def _model_input(
             raise InvalidInput(
                 f"unknown input {shown(tensor.name)}; model {info.name!r} takes {_declared(info)}"
             )
-        if tensor.name in given:
-            raise InvalidInput(f"input {shown(tensor.name)} appears more than once")
-        given[tensor.name] = tensor
+        given[tensor.name] = tensor  # names are unique: both codecs refuse a repeated one
     for spec in contract.inputs:
         if not spec.optional and spec.name not in given:
             raise InvalidInput(
