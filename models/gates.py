@@ -165,6 +165,8 @@ def apply_keep_policy(
 
     ``scores`` ranks channels for top-k (defaults to ``final``); ``open_mask`` (n,) marks the
     channels the static gate leaves open. Top-k: k = bucketed_k(ρ, n_open). Threshold: final ≥ τ.
+    A static ranking (``scores`` given) breaks ties by channel index, so every static keep set
+    is a prefix of :func:`static_order` (compiled plans read it as a slice of shared weights).
     """
     n_open = int(open_mask.sum())
     open_b = open_mask.expand_as(final)
@@ -174,11 +176,21 @@ def apply_keep_policy(
             return open_b.to(final.dtype)
         ranked = (final if scores is None else scores.expand_as(final)).detach()
         ranked = ranked.masked_fill(~open_b, float("-inf"))
-        idx = ranked.topk(k, dim=-1).indices
+        if scores is None:
+            idx = ranked.topk(k, dim=-1).indices
+        else:
+            idx = ranked.sort(dim=-1, descending=True, stable=True).indices[..., :k]
         return torch.zeros_like(final).scatter_(-1, idx, 1.0)
     if threshold is not None:
         return ((final >= threshold) & open_b).to(final.dtype)
     return open_b.to(final.dtype)
+
+
+def static_order(scores: torch.Tensor) -> torch.Tensor:
+    """(n,) channels by static score, highest first, ties by index: the open channels come
+    first (a static value is monotone in its score) and every static keep set of
+    :func:`apply_keep_policy` (top-k, threshold) is a prefix."""
+    return scores.detach().sort(descending=True, stable=True).indices
 
 
 def straight_through(final: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:

@@ -27,10 +27,8 @@ def calibrate(
     u = torch.randn(batch, length, ex.d_ins[0], generator=gen).to(dev)
     y0 = torch.randn(batch, length, ex.d_out, generator=gen).to(dev)
     y = y0.clone()
-    open_rows = ex.open_rows if ex.open_rows is not None else torch.arange(ex.layer.n, device=dev)
-    scores = torch.rand(batch, open_rows.numel(), generator=gen).to(dev)
-    values, pos = scores.topk(k, dim=-1)
-    idx = open_rows[pos]  # (B, k) full channel indices
+    scores = torch.rand(batch, ex.n_open, generator=gen).to(dev)
+    values, idx = scores.topk(k, dim=-1)  # (B, k) open rows of the sides
     cands = candidates(batch)
     ws = Workspace()
     # Small batches run in well under a millisecond: more repeats for the same noise.

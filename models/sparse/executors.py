@@ -1,15 +1,16 @@
 """Layer executors: what a compiled plan runs in place of each gated layer (docs/plans.md).
 
 - :class:`FFNExecutor` — a :class:`models.layers.GatedFFN` compiled for one gate setting:
-  ``dense`` reads the model's weights; ``static`` removes closed channels once and folds z into
-  the output projection; ``dynamic`` runs the predictor per request and computes only the kept
+  ``dense`` reads the model's weights; ``static`` reads only its kept channels and scales them
+  by z; ``dynamic`` runs the predictor per request and computes only the kept
   channels, by one of three strategies chosen per (batch size, k) by calibration: per-request
   gather + matmul, batched gather + ``baddbmm`` over chunks of requests, or the dense fallback.
-  Each projection of a layer is held hidden-channel-major, ``W_in``, ``(W_up)`` and ``W_outᵀ``
-  as (H, D) matrices, so a request's kept set is one ``index_select`` of contiguous rows per
-  side; the set is shared by every dynamic plan of the layer. Called projection by projection
-  (a user's ``fc2(act(fc1(x)))``), the input side returns a compact (B, T, k) tensor and the
-  output side gathers its own rows of the same kept indices;
+  Each projection of a layer is held once for all its static and dynamic plans (:class:`Sides`),
+  hidden-channel-major, ``W_in``, ``(W_up)`` and ``W_outᵀ`` as (H, D) matrices with the
+  channels in static-score order: a static plan's kept set is a leading slice of rows (no
+  copy), a request's kept set one ``index_select`` of contiguous rows per side. Called
+  projection by projection (a user's ``fc2(act(fc1(x)))``), the input side returns a compact
+  (B, T, k) tensor and the output side gathers its own rows of the same kept indices;
   called as a whole (``layer(x, residual)``), one fused loop keeps each request's gathered
   weights in cache and accumulates into the residual in place.
 - :class:`AttentionExecutor` — heads with z = 0 removed, z folded into the output projection.
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from models.errors import InvalidInputError
 from models.gate_config import GateSettings
-from models.gates import apply_keep_policy, bucketed_k
+from models.gates import apply_keep_policy, bucketed_k, static_order
 from models.layers import (
     Forward,
     GatedConv1d,
@@ -93,18 +94,42 @@ def _out_cols(p: _Projection) -> torch.Tensor:
     return w.squeeze(-1) if w.dim() == 3 else w
 
 
-def _shared_sides(
-    layer: GatedFFN, w_ins: list[torch.Tensor], w_out: torch.Tensor
-) -> list[torch.Tensor]:
-    """``[W_in, (W_up), W_outᵀ]`` of ``layer``, each (H, D) contiguous (one hidden channel per
-    row), made once per version of its weights (an in-place update, as training or loading
-    does, makes new ones)."""
-    weights = [*(p.weight for p in layer.inputs), layer.output.weight]
-    key = tuple((w.data_ptr(), w._version, w.device) for w in weights)
+@dataclass(frozen=True)
+class Sides:
+    """A gated FFN's weights as its static and dynamic plans read them, held once per layer.
+
+    Row r of each matrix is hidden channel ``order[r]``: channels by static score, highest first
+    (:func:`models.gates.static_order`), so the open channels are the first rows and every
+    static keep set is a leading slice.
+    """
+
+    order: torch.Tensor  # (H,) the channel of each row
+    pos: torch.Tensor  # (H,) the row of each channel
+    mats: list[torch.Tensor]  # [W_in, (W_up), W_outᵀ], each (H, D) contiguous
+    biases: list[torch.Tensor]  # the input sides' biases, (H,) in row order
+
+
+def shared_sides(layer: GatedFFN) -> Sides:
+    """The :class:`Sides` of ``layer``, made once per version of its weights and static scores
+    (an in-place update, as training or loading does, makes new ones)."""
+    scores = layer.gate.static_gate.scores()
+    tracked = [*(p.weight for p in layer.inputs), layer.output.weight, scores]
+    tracked += [p.bias for p in layer.inputs if p.bias is not None]
+    key = tuple((t.data_ptr(), t._version, t.device) for t in tracked)
     cached = layer.__dict__.get("_sides")
     if cached is not None and cached[0] == key:
-        return cast(list[torch.Tensor], cached[1])
-    sides = [w.contiguous() for w in w_ins] + [w_out.t().contiguous()]
+        return cast(Sides, cached[1])
+    order = static_order(scores)
+    rows = torch.arange(order.numel(), device=order.device)
+    pos = torch.empty_like(order)
+    pos[order] = rows
+    in_order = bool((order == rows).all())
+    w_ins = [_rows(p) for p in layer.inputs]
+    # Already in order (fresh gates): the input weights themselves where they are contiguous.
+    mats = [w.contiguous() if in_order else w.index_select(0, order) for w in w_ins]
+    mats.append(_out_cols(layer.output).t().index_select(0, order))  # (H, D_out)
+    biases = [_bias(p).index_select(0, order) for p in layer.inputs]
+    sides = Sides(order, pos, mats, biases)
     layer.__dict__["_sides"] = (key, sides)
     return sides
 
@@ -154,9 +179,9 @@ class _Selection:
     """What the input side chose for a batch, handed to the output side."""
 
     strategy: Strategy
-    idx: torch.Tensor | None  # (B, k) kept channels (rows of the sides); union: its (u,)
+    idx: torch.Tensor | None  # (B, k) kept rows of the sides; union: its (u,) rows
     values: torch.Tensor | None  # (B, k) their gate values, gather only
-    gate: torch.Tensor | None  # (B, 1|T, n_dense) dense multiplier, dense paths
+    gate: torch.Tensor | None  # (B|1, 1|T, width) multiplier of the dense path's rows
 
 
 def _nearest(table: Mapping[tuple[int, int], object], batch: int, k: int) -> tuple[int, int]:
@@ -186,72 +211,65 @@ class FFNExecutor:
         # Calibrated medians (ms) per (batch, k): the dense fallback's and the chosen strategy's.
         self.timings: dict[tuple[int, int], tuple[float, float]] = {}
         self.forced: Strategy | None = None
-        self.sides: list[torch.Tensor] | None = None  # dynamic: [W_in, (W_up), W_outᵀ] rows
-        self.open_rows: torch.Tensor | None = None
-        self.closed: torch.Tensor | None = None
-        self.dense_map: torch.Tensor | None = None
+        self.sides: list[torch.Tensor] | None = None  # static, dynamic: the layer's Sides
+        self.pos: torch.Tensor | None = None  # dynamic: the row of each channel
+        # dynamic: the channel of each open row (None: row r is channel r)
+        self.order_open: torch.Tensor | None = None
+        self.closed: torch.Tensor | None = None  # dynamic: (n,) channels the static gate closes
+        self.scale: torch.Tensor | None = None  # static: (1, 1, kept) z of the kept rows
         mode = settings.mode
         dynamic = mode == "dynamic" and gate.predictor is not None
-        rows: torch.Tensor | None = None  # channels of the dense path; None = all
-        scale: torch.Tensor | None = None
         if mode == "dense":
+            # The model's own weights, as views (BLAS takes row strides and transposes): a
+            # dense plan adds no copy of them.
             self.n_open = n
             self.kept_const: float | None = float(n)
-        elif not dynamic:
-            # Input-independent keep set: remove the others now, fold z into W_out's columns.
-            static = gate.static_values()
-            rows = (static_keep_mask(layer, settings) > 0).nonzero().flatten()
-            scale = static
-            self.n_open = int(rows.numel())
-            self.kept_const = float(self.n_open)
+            self.w_in = [_rows(p) for p in ins]
+            self.b_in = [_bias(p).contiguous() for p in ins]
+            self.w_out_t = _out_cols(layer.output).t()  # (H, D_out)
         else:
+            shared = shared_sides(layer)
             static = gate.static_values()
-            open_mask = static > 0
-            self.n_open = int(open_mask.sum())
-            self.kept_const = None
-            if self.n_open < n:
-                rows = open_mask.nonzero().flatten()
-                self.open_rows = rows
-                self.closed = ~open_mask
-                self.dense_map = torch.zeros(n, dtype=torch.long, device=static.device)
-                self.dense_map[rows] = torch.arange(self.n_open, device=static.device)
-            # The blend weight and a threshold are values, not structure: the plan runs any of
-            # them (the blend terms are remade when the weight changes, two (n,) products).
-            self.static = static
-            self._blend: tuple[float, torch.Tensor, torch.Tensor] | None = None
-            self.per_step = gate.per_step
-            assert gate.predictor is not None
-            self.predictor = _FastPredictor(gate.predictor)
-            if settings.keep_ratio is not None:
-                self.k = bucketed_k(settings.keep_ratio, self.n_open, settings.bucket)
-            elif settings.threshold is None:
-                self.k = self.n_open  # no policy: every open channel, scaled by its gate
-        w_ins = [_rows(p) for p in ins]
-        b_ins = [_bias(p) for p in ins]
-        w_out = _out_cols(layer.output)  # (D_out, H)
-        if scale is not None:
-            w_out = w_out * scale
-        if dynamic and not self.per_step:
-            # W_in, W_up and W_outᵀ as (H, D) rows, so top-k indices select contiguous rows of
-            # each. One set per layer, shared by every dynamic plan of it (any keep ratio,
-            # threshold or blend weight): a server holds them once, not once per plan.
-            self.sides = _shared_sides(layer, w_ins, w_out)
-            self.b_in_all = [b.contiguous() for b in b_ins]
-        # Weights are views wherever nothing is removed or folded (BLAS takes row strides and
-        # transposes): a dense plan adds no copy of the model's weights, and the dense path of
-        # a dynamic layer reads its shared rows, so its weights stay in cache once.
-        if rows is None and self.sides is not None:
-            self.w_in = self.sides[:-1]
-            self.w_out_t = self.sides[-1]  # (H, D_out)
-            self.b_in = self.b_in_all
-        elif rows is None:
-            self.w_in = w_ins
-            self.w_out_t = w_out.t()
-            self.b_in = [b.contiguous() for b in b_ins]
-        else:
-            self.w_in = [w[rows].contiguous() for w in w_ins]
-            self.b_in = [b[rows].contiguous() for b in b_ins]
-            self.w_out_t = w_out[:, rows].t().contiguous()  # (n, D_out)
+            if not dynamic:
+                # Input-independent keep set: a leading slice of the shared rows, z scaling
+                # the hidden channels (one multiply of the (B·T, kept) activations).
+                keep = static_keep_mask(layer, settings) > 0
+                self.n_open = int(keep.sum())
+                if not bool(keep[shared.order[: self.n_open]].all()):
+                    raise RuntimeError(f"gated layer {layer.name}: static keep set out of order")
+                self.kept_const = float(self.n_open)
+                z = static[shared.order[: self.n_open]]
+                if not bool((z == 1).all()):
+                    self.scale = z.view(1, 1, -1)
+            else:
+                open_mask = static > 0
+                self.n_open = int(open_mask.sum())  # the first rows of the sides
+                self.kept_const = None
+                self.pos = shared.pos
+                order_open = shared.order[: self.n_open]
+                rows = torch.arange(self.n_open, device=order_open.device)
+                if not bool((order_open == rows).all()):
+                    self.order_open = order_open  # else row r is channel r
+                if self.n_open < n:
+                    self.closed = ~open_mask
+                # The blend weight and a threshold are values, not structure: the plan runs
+                # any of them (the blend terms are remade when the weight changes).
+                self.static = static
+                self._blend: tuple[float, torch.Tensor, torch.Tensor] | None = None
+                self.per_step = gate.per_step
+                assert gate.predictor is not None
+                self.predictor = _FastPredictor(gate.predictor)
+                if settings.keep_ratio is not None:
+                    self.k = bucketed_k(settings.keep_ratio, self.n_open, settings.bucket)
+                elif settings.threshold is None:
+                    self.k = self.n_open  # no policy: every open channel, scaled by its gate
+            # One set of rows per layer, shared by every static and dynamic plan of it (any
+            # keep ratio, threshold or blend weight): a server holds them once, not per plan.
+            self.sides = shared.mats
+            self.b_in_all = shared.biases
+            self.w_in = [m[: self.n_open] for m in shared.mats[:-1]]
+            self.b_in = [b[: self.n_open] for b in shared.biases]
+            self.w_out_t = shared.mats[-1][: self.n_open]  # (open, D_out)
         self.width = int(self.w_in[0].shape[0])
         dev = layer.output.weight.device
         self.kept_vec = (
@@ -295,7 +313,7 @@ class FFNExecutor:
         if self.predictor is None:  # dense, static, or dynamic without a predictor
             kept = cast(torch.Tensor, self.kept_vec).expand(b)
             const = cast(float, self.kept_const)
-            return _Selection(DENSE, None, None, None), kept, kept, (const, const)
+            return _Selection(DENSE, None, None, self.scale), kept, kept, (const, const)
         width = self.width_vec.expand(b)
         if self.per_step:
             # Per-step gates differ at every time step: a token-level gather reads k rows of
@@ -304,8 +322,8 @@ class FFNExecutor:
             mask = fwd.mask_at(t_in, self.name)[0]
             gate, kept = self.layer.gate(x_steps, mask, fwd.settings)
             assert gate is not None
-            if self.open_rows is not None:
-                gate = gate[..., self.open_rows]
+            if self.order_open is not None:
+                gate = gate[..., self.order_open]  # the open rows' channels
             return _Selection(DENSE, None, None, gate), kept, width, None
         weights = fwd.mask_at(t_in, self.name)[3]
         dynamic = self.predictor(x_steps, weights, ws)  # (B, n)
@@ -315,11 +333,12 @@ class FFNExecutor:
         if self.k is not None:
             kvec = cast(torch.Tensor, self.k_vec).expand(b)
             if self.k >= self.n_open:
-                gate = final if self.open_rows is None else final[:, self.open_rows]
+                gate = final if self.order_open is None else final[:, self.order_open]
                 k = float(self.k)
                 return _Selection(DENSE, None, None, gate.unsqueeze(1)), kvec, kvec, (k, k)
             ranked = final if self.closed is None else final.masked_fill(self.closed, -math.inf)
-            values, idx = ranked.topk(self.k, dim=-1, sorted=False)  # (B, k)
+            values, idx = ranked.topk(self.k, dim=-1, sorted=False)  # (B, k) channels
+            idx = cast(torch.Tensor, self.pos)[idx]  # their rows in the sides
             strat = self.strategy(b, self.k)
             # The union is worth looking at for a batch whose strategy is calibrated (or forced).
             if split and b > 1 and (self.forced == UNION or (self.forced is None and self.timings)):
@@ -349,6 +368,7 @@ class FFNExecutor:
         ranked = final.masked_fill(~keep, -math.inf)
         values, idx = ranked.topk(kmax, dim=-1, sorted=False)
         values = values.clamp_min_(0.0)
+        idx = cast(torch.Tensor, self.pos)[idx]  # rows; a padding pick of a closed channel carries 0
         strat = self.strategy(b, kmax)
         if strat.kind == "gather":
             return _Selection(strat, idx, values, None), kept, kept.new_full((b,), kmax), None
@@ -360,7 +380,7 @@ class FFNExecutor:
         b, k = idx.shape
         present = torch.zeros(self.layer.n, dtype=torch.bool, device=idx.device)
         present[idx.reshape(-1)] = True
-        members = present.nonzero().flatten()  # (u,) sorted channel indices
+        members = present.nonzero().flatten()  # (u,) sorted rows
         if not self._union_pays(b, k, int(members.numel())):
             return None
         gate = values.new_zeros(b, members.numel())
@@ -379,12 +399,13 @@ class FFNExecutor:
             self._blend = blend
         return blend[1], blend[2]
 
-    def _dense_gate(self, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        gate = values.new_zeros(idx.shape[0], self.width)  # (B, n)
-        # Add, not assign: padding picks of a threshold policy carry 0 and may map (through a
-        # closed channel) onto the column of an open one, whose value must survive.
-        gate.scatter_add_(1, idx if self.dense_map is None else self.dense_map[idx], values)
-        return gate.unsqueeze(1)
+    def _dense_gate(self, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """(B, 1, width) multiplier of the dense path's rows from kept rows (B, k) and values.
+        Rows are distinct; a threshold policy's padding picks may be closed rows (beyond the
+        open width), carrying 0."""
+        gate = values.new_zeros(rows.shape[0], self.layer.n)  # (B, n) over every row
+        gate.scatter_(1, rows, values)
+        return gate[:, : self.width].unsqueeze(1)
 
     def _record(
         self,

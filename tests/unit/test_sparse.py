@@ -18,6 +18,7 @@ from models import (
 )
 from models.export import export_checkpoint, prune_static
 from models.sparse import Strategy, addmm_act, compile_plan
+from models.sparse.executors import static_keep_mask
 from tests.utils.models import TINY
 
 SETTINGS = [
@@ -169,6 +170,39 @@ def test_plans_read_the_models_weights_without_copies() -> None:
     assert next(iter(dynamic.attentions.values())).qkv_w.data_ptr() == enc.qkv.weight.data_ptr()
     assert_same(net, dense, GateSettings("dense"), 3)
     assert_same(net, dynamic, settings, 3, exact="dense")  # calibrate=False: the dense path
+
+
+def test_static_and_dynamic_plans_share_one_copy_of_the_ffn_rows() -> None:
+    """Static plans read a leading slice of the rows every dynamic plan gathers from (channels
+    in static-score order, ties by index): no copy per keep ratio, and still the reference."""
+    net = tiny("transformer")  # tied scores: closed, partly open and open channel groups
+    static = [
+        GateSettings("static", bucket=2),
+        GateSettings("static", keep_ratio=0.5, bucket=2),
+        GateSettings("static", keep_ratio=0.25, bucket=2),
+        GateSettings("static", threshold=0.99, bucket=2),
+    ]
+    dynamic = compile_plan(net, GateSettings("dynamic", keep_ratio=0.5, bucket=2),
+                           calibrate=False)
+    sides = dynamic.layers[0].sides
+    assert sides is not None
+    widths = []
+    for settings in static:
+        plan = compile_plan(net, settings, calibrate=False)
+        ex = plan.layers[0]
+        assert ex.sides is not None and ex.sides[0].data_ptr() == sides[0].data_ptr()
+        assert ex.w_in[0].data_ptr() == sides[0].data_ptr()  # rows [0, kept) of the shared rows
+        assert ex.w_out_t.data_ptr() == sides[-1].data_ptr()
+        assert ex.w_in[0].shape[0] == ex.width < ex.layer.n
+        widths.append(ex.width)
+        for size in (1, 3):
+            assert_same(net, plan, settings, size)
+    assert len(set(widths)) > 2  # the keep sets differ, the rows do not
+    layer = dynamic.layers[0].layer
+    order = layer.gate.static_gate.scores().sort(descending=True, stable=True).indices
+    for settings in static:  # each static keep set is a prefix of that order
+        hard = static_keep_mask(layer, settings) > 0
+        assert bool(hard[order[: int(hard.sum())]].all()), settings
 
 
 def test_plan_refuses_other_settings() -> None:
