@@ -368,7 +368,7 @@ class FFNExecutor:
         ranked = final.masked_fill(~keep, -math.inf)
         values, idx = ranked.topk(kmax, dim=-1, sorted=False)
         values = values.clamp_min_(0.0)
-        idx = cast(torch.Tensor, self.pos)[idx]  # rows; a padding pick of a closed channel carries 0
+        idx = cast(torch.Tensor, self.pos)[idx]  # rows (padding picks carry 0)
         strat = self.strategy(b, kmax)
         if strat.kind == "gather":
             return _Selection(strat, idx, values, None), kept, kept.new_full((b,), kmax), None
@@ -582,10 +582,14 @@ class FFNExecutor:
             h = torch.addmm(self.b_in[which], u.reshape(b * t, -1), self.w_in[which].t())
             return layer.from_steps(h.view(b, t, -1), x, proj)
         idx, k = cast(torch.Tensor, sel.idx), cast(torch.Tensor, sel.idx).shape[1]
-        # This side's kept rows only: the output side is gathered when its projection runs.
-        g = self._gather_rows(which, idx, ws, f"split{which}", u)  # (B, k, D_in)
+        # This side's kept rows only (the output side gathers its own when its projection
+        # runs), chunk by chunk as calibrated: a chunk's gathered rows are still in cache when
+        # its matmul reads them.
         bias = torch.index_select(self.b_in_all[which], 0, idx.reshape(-1)).view(b, 1, k)
-        h = torch.baddbmm(bias, u, g.transpose(1, 2))  # (B, T, k)
+        h = u.new_empty(b, t, k)  # fresh: it leaves the layer
+        for s, e in _chunks(b, sel.strategy.chunk):
+            g = self._gather_rows(which, idx[s:e], ws, f"split{which}", u)  # (c, k, D_in)
+            torch.baddbmm(bias[s:e], u[s:e], g.transpose(1, 2), out=h[s:e])
         return layer.from_steps(h, x, proj)
 
     def _split_out(
@@ -611,10 +615,12 @@ class FFNExecutor:
             return layer.from_steps(y, h_in, proj)
         values = cast(torch.Tensor, sel.values)
         idx = cast(torch.Tensor, sel.idx)
-        g = self._gather_rows(-1, idx, ws, "split_out", h)  # (B, k, D_out)
         scaled = ws.get("split_h", h.shape, h)
         torch.mul(h, values.unsqueeze(1), out=scaled)
-        y = torch.baddbmm(self.b_out.view(1, 1, -1), scaled, g)  # (B, T, D_out)
+        y = self.b_out.expand(b, t, self.d_out).clone()  # fresh: it leaves the layer
+        for s, e in _chunks(b, sel.strategy.chunk):
+            g = self._gather_rows(-1, idx[s:e], ws, "split_out", h)  # (c, k, D_out)
+            y[s:e].baddbmm_(scaled[s:e], g)
         return layer.from_steps(y, h_in, proj)
 
     # ------------------------------------------------------------------ calibration
@@ -694,6 +700,12 @@ class AttentionExecutor:
             a = ws.get("attn", a.shape, x).copy_(a)
         out.view(b * t, d).addmm_(a.reshape(b * t, width), self.proj_w.t())
         return out
+
+
+def _chunks(batch: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, end) of each chunk of ``chunk`` requests (at least one each)."""
+    step = max(1, chunk)
+    return [(s, min(batch, s + step)) for s in range(0, batch, step)]
 
 
 def _check_steps(gate: torch.Tensor, steps: int, name: str) -> None:
