@@ -28,6 +28,7 @@ import numpy.typing as npt
 import torch
 
 import models
+import models.sparse  # noqa: F401 - first: it bounds oneDNN's kernel cache before any forward
 from service.errors import InvalidInput
 from service.settings import ModelServing, SettingsError, load_model_serving
 

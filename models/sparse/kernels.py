@@ -2,10 +2,17 @@
 
 Inside a forward every kernel call costs several µs beyond its work (its code and data are
 cold after the big matmuls), so the plans call as few kernels as torch allows.
+
+oneDNN compiles and caches a kernel (a "primitive", with its scratch memory) per input shape,
+up to 1,024 of them by default: over requests of ever new lengths that cache grew a serving
+process by about 1 GB (the convolutional front end of an audio encoder, 150 lengths). Importing
+this module bounds it (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, unless already set; read when
+oneDNN first runs), and the plans' own kernels run ATen's (:class:`without_onednn`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import cast
@@ -14,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from models.sparse.workspace import Workspace
+
+ONEDNN_CACHE_CAPACITY = 32  # primitives: the modules a network runs itself (a front end's convs)
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
 
 
 def addmm_act(
@@ -43,12 +53,9 @@ def act_(h: torch.Tensor, act: str | None) -> torch.Tensor:
 
 
 class without_onednn:  # noqa: N801 - used like contextlib's context managers
-    """Run ATen's own CPU kernels instead of oneDNN's.
-
-    oneDNN compiles and caches a kernel per input shape (GELU is one of its ops here): a server
-    sees unboundedly many shapes, and that cache alone grew a serving process by hundreds of MB.
-    ATen's kernels cache nothing and are within noise at these sizes. The flag is process-wide;
-    a plan runs on one thread at a time and restores it.
+    """Run ATen's own CPU kernels instead of oneDNN's (the plans' gated layers and unfolded
+    convolutions: ATen's cache nothing and are within noise at these sizes). The flag is
+    process-wide; a plan runs on one thread at a time and restores it.
     """
 
     __slots__ = ("enabled",)

@@ -7,8 +7,9 @@ gated layer (:mod:`models.sparse.executors`); everything else runs as the networ
 The plan neither copies nor changes the network: the layers find the plan running them through
 the forward context (:mod:`models.layers`).
 
-Everything runs on the device of the model's weights, under ``torch.inference_mode``, with
-oneDNN off (it caches a kernel per input shape). The hot loop has no host-device
+Everything runs on the device of the model's weights, under ``torch.inference_mode``; the
+executors run ATen's kernels with oneDNN off (it caches a kernel per input shape), the rest of
+the network (a front end's convolutions) whatever torch picks. The hot loop has no host-device
 synchronisation except with a threshold policy, whose per-request kept counts decide the kernel
 shapes.
 """
@@ -53,8 +54,8 @@ class SparsePlan:
     ``layers`` are the FFN executors (strategies, kept counts); ``report`` lists the chosen
     strategies and the calibration timings (ms) per layer, batch size and k.
 
-    A plan reuses its buffers and switches oneDNN off process-wide while it runs: run plans
-    from one thread at a time (a server's compute thread). Where nothing is removed or folded
+    A plan reuses its buffers and switches oneDNN off process-wide while its executors run: run
+    plans from one thread at a time (a server's compute thread). Where nothing is removed or folded
     (dense mode, attention with every head open at z = 1) the plan reads the model's own weight
     tensors: compile a new plan after changing them, as after loading new weights.
     """
@@ -102,7 +103,7 @@ class SparsePlan:
             raise InvalidInputError(
                 "this model's results depend on padding: batch only requests of one length"
             )
-        with without_onednn(), torch.inference_mode(), forward_context(fwd):
+        with torch.inference_mode(), forward_context(fwd):
             logits = first_tensor(model.compute(x, lengths, **(extras or {})),
                                   type(model).__name__)
             full = fwd.lengths[fwd.full_length]
@@ -134,7 +135,8 @@ class SparsePlan:
     def ffn(
         self, layer: GatedFFN, proj: _Projection, x: torch.Tensor, fwd: Forward
     ) -> torch.Tensor:
-        return self._ffn(layer).project(proj, x, fwd, self._ws)
+        with without_onednn():
+            return self._ffn(layer).project(proj, x, fwd, self._ws)
 
     def ffn_fused(
         self,
@@ -144,7 +146,8 @@ class SparsePlan:
         fwd: Forward,
         steps: bool = False,
     ) -> torch.Tensor:
-        return self._ffn(layer).fused(x, residual, fwd, self._ws, steps)
+        with without_onednn():
+            return self._ffn(layer).fused(x, residual, fwd, self._ws, steps)
 
     def attention(
         self,
@@ -156,10 +159,12 @@ class SparsePlan:
         ex = self.attentions.get(layer)
         if ex is None:
             raise RuntimeError(f"gated layer {layer.name} is not in this plan: compile it again")
-        return ex(x, residual, fwd, self._ws)
+        with without_onednn():
+            return ex(x, residual, fwd, self._ws)
 
     def conv(self, conv: UnfoldConv1d, x: torch.Tensor) -> torch.Tensor:
-        return conv_unfolded(conv, x, self._ws)
+        with without_onednn():
+            return conv_unfolded(conv, x, self._ws)
 
 
 def compile_plan(

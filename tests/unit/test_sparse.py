@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,7 @@ from models import (
 from models.export import export_checkpoint, prune_static
 from models.sparse import Strategy, addmm_act, compile_plan
 from models.sparse.executors import static_keep_mask
+from models.sparse.kernels import ONEDNN_CACHE_CAPACITY
 from tests.utils.models import TINY
 
 SETTINGS = [
@@ -211,6 +216,17 @@ def test_plan_refuses_other_settings() -> None:
     x, lengths = batch(1)
     with pytest.raises(ValueError, match="compiled for"):
         plan(x, lengths, GateSettings("dense"))
+
+
+def test_importing_the_plans_bounds_onednns_kernel_cache() -> None:
+    """oneDNN caches a kernel with its scratch memory per input shape (1,024 by default: about
+    1 GB over an audio front end's 150 lengths); a user's own setting wins."""
+    code = "import os, models.sparse; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    run = partial(subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True,
+                  check=True, timeout=120)
+    assert run(env=env).stdout.strip() == str(ONEDNN_CACHE_CAPACITY)
+    assert run(env={**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "7"}).stdout.strip() == "7"
 
 
 @pytest.mark.parametrize("arch", ["conv", "transformer"])
