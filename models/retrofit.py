@@ -61,6 +61,9 @@ class Family:
     # (the encoder's layer list, from the encoder; the FFN pair, from one layer), in the order
     # tried: the first whose modules exist is used (releases of transformers differ).
     layouts: tuple[tuple[str, tuple[str, str]], ...]
+    # Whether the encoder without a head keeps its pooler. ``pooled`` never reads it; BERT's
+    # stays for the checkpoints that hold its weights, ViT's is left out (no compute spent).
+    pooler: bool = True
 
 
 _AUDIO = (("encoder.layers", ("feed_forward.intermediate_dense", "feed_forward.output_dense")),)
@@ -78,7 +81,8 @@ FAMILIES: dict[str, Family] = {
                    "BertModel", "bert", _BERT),
     "roberta": Family("text", "RobertaConfig", "RobertaForSequenceClassification",
                       "RobertaModel", "roberta", _BERT),
-    "vit": Family("image", "ViTConfig", "ViTForImageClassification", "ViTModel", "vit", _VIT),
+    "vit": Family("image", "ViTConfig", "ViTForImageClassification", "ViTModel", "vit", _VIT,
+                  pooler=False),
 }
 FACTORY = "models.retrofit:hf_encoder"
 
@@ -231,6 +235,11 @@ def _has_head(config: dict[str, Any], head: bool | None) -> bool:
     return any(str(n).endswith(heads) for n in names) or not names
 
 
+def _build_args(spec: Family, head: bool) -> dict[str, Any]:
+    """Keyword arguments of the model class: the encoder alone may go without its pooler."""
+    return {} if head or spec.pooler else {"add_pooling_layer": False}
+
+
 def hf_encoder(config: dict[str, Any], head: bool = True) -> HFEncoder:
     """The factory a retrofitted checkpoint names: ``config`` is the ``transformers`` config
     (its ``to_dict()``); random weights (the checkpoint's load them)."""
@@ -239,7 +248,7 @@ def hf_encoder(config: dict[str, Any], head: bool = True) -> HFEncoder:
     spec = FAMILIES[family]
     hf_config = getattr(tf, spec.config).from_dict(dict(config))
     model_cls = getattr(tf, spec.classifier if head else spec.base)
-    return HFEncoder(model_cls(hf_config).eval(), family, head)
+    return HFEncoder(model_cls(hf_config, **_build_args(spec, head)).eval(), family, head)
 
 
 def _load_source(source: Path | dict[str, Any], head: bool | None) -> HFEncoder:
@@ -256,7 +265,8 @@ def _load_source(source: Path | dict[str, Any], head: bool | None) -> HFEncoder:
     spec = FAMILIES[family]
     model_cls = getattr(tf, spec.classifier if with_head else spec.base)
     try:
-        hf = model_cls.from_pretrained(str(folder), local_files_only=True)
+        hf = model_cls.from_pretrained(str(folder), local_files_only=True,
+                                       **_build_args(spec, with_head))
     except (OSError, ValueError) as err:
         raise ConfigError(f"{folder}: cannot load the pretrained model: {err}") from None
     return HFEncoder(hf.eval(), family, with_head)

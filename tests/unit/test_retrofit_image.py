@@ -87,8 +87,11 @@ def test_vit_dense_is_the_transformers_forward_and_plans_the_masked_reference(
         want = out.logits if head else out.last_hidden_state.mean(1)
         dense = net(x, lengths, settings_for(net.config, "dense"))
     torch.testing.assert_close(dense.logits, want, atol=1e-4, rtol=0)
-    if head:  # with the pooler and head of the encoder alone, the sum differs: count the head
-        assert dense.dense_macs.tolist() == [float(_dense_macs())] * 3
+    # Every token counts; the head reads the CLS token; no pooler runs (the encoder alone is
+    # built without it: pooled averages the tokens).
+    assert net.module.encoder.pooler is None  # type: ignore[union-attr]
+    macs = _dense_macs() - (0 if head else HIDDEN * LABELS)
+    assert dense.dense_macs.tolist() == [float(macs)] * 3
     for mode, knobs in (("static", {}), ("dynamic", {"keep_ratio": 0.5}),
                         ("dynamic", {"keep_ratio": 0.25}), ("dynamic", {"threshold": 0.5})):
         settings = settings_for(net.config, mode, **knobs)  # type: ignore[arg-type]
