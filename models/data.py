@@ -8,7 +8,9 @@ A **tensor file** (``data: {dataset: file, path: ...}``) is an ``.npz`` (numpy) 
 ``.safetensors`` file holding:
 
 - ``inputs``: (N, T) or (N, T, C) floats, zero padded past each row's length; for a model
-  whose first input is token ids (a retrofitted BERT), (N, T) integer ids;
+  whose first input is token ids (a retrofitted BERT), (N, T) integer ids; for a model whose
+  input has a fixed shape (a retrofitted ViT's [batch, 3, H, W]), (N, 3, H, W) numbers of
+  exactly that shape (read as float32), with neither ``lengths`` nor ``mask``;
 - ``labels``: (N,) integers in [0, num_classes) (required to train from labels);
 - optionally ``lengths`` (N,) integers in [1, T], or ``mask`` (N, T) of 1s then 0s (a row's
   valid steps); neither: every row is T long.
@@ -38,7 +40,8 @@ MNIST1D_STANDARD_SEED = 42
 
 @dataclass(frozen=True)
 class Split:
-    """Sequences (N, T, 1) float32, labels (N,) int64 and lengths (N,) int64."""
+    """Inputs (N, T, C) float32 (or (N, T) token ids, or (N, *shape) of a fixed-shape input),
+    labels (N,) int64 and lengths (N,) int64."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -76,18 +79,25 @@ class DataError(ConfigError):
 def load_tensor_file(
     path: str | Path, in_channels: int | None = None, max_length: int | None = None,
     num_classes: int | None = None, tokens: TensorSpec | None = None,
+    fixed: TensorSpec | None = None,
 ) -> Split:
     """One split from an ``.npz`` or ``.safetensors`` tensor file (see the module docstring).
 
     ``in_channels``, ``max_length`` and ``num_classes`` are the model's, checked when given.
     ``tokens``: the model's first input when it takes integers (token ids): ``inputs`` must then
     be (N, T) integers within its value range, padded with its pad value, kept as int64.
+    ``fixed``: the model's input when it has a fixed shape (FP32, no length): ``inputs`` must
+    be (N, *shape) exactly, and every row is ``max_length`` (required then) steps long.
     """
     path = Path(path)
     arrays = _read_arrays(path)
     where = str(path)
     if "inputs" not in arrays:
         raise DataError(f"{where}: no 'inputs' (keys: {sorted(arrays)})")
+    if fixed is not None:
+        if max_length is None:
+            raise ValueError("a fixed-shape input needs the model's max_length (its rows' steps)")
+        return _fixed_split(arrays, where, max_length, num_classes, fixed)
     if tokens is not None:
         return _token_split(arrays, where, max_length, num_classes, tokens)
     x = arrays["inputs"]
@@ -134,6 +144,28 @@ def _token_split(arrays: dict[str, np.ndarray], where: str, max_length: int | No
                  torch.from_numpy(lengths))
 
 
+def _fixed_split(arrays: dict[str, np.ndarray], where: str, steps: int,
+                 num_classes: int | None, spec: TensorSpec) -> Split:
+    x = arrays["inputs"]
+    want = [int(d) for d in spec.shape[1:]]
+    if x.ndim != len(spec.shape) or list(x.shape[1:]) != want or x.shape[0] == 0:
+        shown = ", ".join(["N", *(str(d) for d in want)])
+        raise DataError(f"{where}: 'inputs' must be ({shown}) with N >= 1 (the model's "
+                        f"{spec.name!r}, a fixed shape), got shape {list(x.shape)}")
+    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+        raise DataError(f"{where}: 'inputs' must hold numbers, got {x.dtype}")
+    for key in ("lengths", "mask"):
+        if key in arrays:
+            raise DataError(f"{where}: {key!r} does not apply: the model's {spec.name!r} has a "
+                            "fixed shape, every row is whole")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{where}: 'inputs' holds NaN or infinite values")
+    n = x.shape[0]
+    return Split(torch.from_numpy(x), _labels(arrays, n, where, num_classes),
+                 torch.full((n,), steps, dtype=torch.int64))
+
+
 def _check_steps(t: int, max_length: int | None, where: str) -> None:
     if max_length is not None and t > max_length:
         raise DataError(f"{where}: 'inputs' has {t} steps; the model's max_length is {max_length}")
@@ -156,20 +188,30 @@ def _labels(arrays: dict[str, np.ndarray], n: int, where: str,
 
 def load_dataset(cfg: ModelConfig, first_input: TensorSpec | None = None) -> tuple[Split, Split]:
     """(train, test) splits of ``cfg.data``: MNIST-1D, or the tensor file(s) it names.
-    ``first_input``: the model's first input (its contract's); integer ones read token ids."""
+    ``first_input``: the model's first input (its contract's); integer ones read token ids,
+    fixed-shape ones (an image) rows of exactly their shape."""
     data: DataConfig = cfg.data
+    fixed = first_input if first_input is not None and first_input.length_dim is None else None
+    if fixed is not None and fixed.datatype != "FP32":
+        raise DataError(f"the model's {fixed.name!r} is {fixed.datatype} of a fixed shape: "
+                        "tensor files give fixed-shape inputs as floats only")
     tokens = first_input if first_input is not None and first_input.datatype != "FP32" else None
     if data.dataset == "mnist1d":
+        if fixed is not None:
+            shape = ", ".join(["N", *(str(d) for d in fixed.shape[1:])])
+            raise DataError(f"MNIST-1D is a float signal of 40 steps; the model takes "
+                            f"{fixed.name!r} {fixed.datatype} of a fixed shape: give a tensor "
+                            f"file of ({shape}) inputs")
         if tokens is not None:
             raise DataError(f"MNIST-1D is a float signal; the model takes {tokens.name!r} "
                             f"{tokens.datatype}: give a tensor file of token ids")
         return load_mnist1d(data.seed)
     m = cfg.model
     assert data.path is not None  # DataConfig requires it
-    train = load_tensor_file(data.path, m.in_channels, m.max_length, m.num_classes, tokens)
+    train = load_tensor_file(data.path, m.in_channels, m.max_length, m.num_classes, tokens, fixed)
     if data.test_path is not None:
         return train, load_tensor_file(data.test_path, m.in_channels, m.max_length,
-                                       m.num_classes, tokens)
+                                       m.num_classes, tokens, fixed)
     n = len(train)
     n_test = max(1, round(n * data.test_fraction))
     if n - n_test < 1:

@@ -93,7 +93,8 @@ def export_checkpoint(
     model = load_checkpoint(ckpt_dir)
     bucket = model.config.dynamic_pruning_config.bucket
     settings = GateSettings("static", keep_ratio=keep_ratio, threshold=threshold, bucket=bucket)
-    seq = length or min(model.config.model.max_length, 128)
+    # A fixed-shape input (an image) has one length, its max_length.
+    seq = length or model.fixed_length or min(model.config.model.max_length, 128)
     widths_before = model.gated_widths()
     params_before = sum(p.numel() for p in model.parameters())
     dense_before = _macs(model, GateSettings("dense"), seq)

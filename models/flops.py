@@ -6,10 +6,12 @@ over the channels they computed, the predictor's when it ran); everything else i
 is counted once, at first use, by torch's FLOP counter (``torch.utils.flop_counter``) run on the
 dense network at a few lengths and fitted as a quadratic in the length (every stride-1 layer,
 attention included, is one), one quadratic per residue class of the length when strided convs
-or pooling floor it, an exact table per length if even that does not hold. Nothing is traced
-on the serving path. Checkpoints record the fitted count (``mac_model`` in the weights file's
-metadata, with a fingerprint of the network's structure), so a server loading them never runs
-the counter: its first use imports torch's compiler stack, some 70 MB of resident memory.
+or pooling floor it, an exact table per length if even that does not hold. A network whose
+input has a fixed shape (an image) runs at one length, its ``max_length``: its rest is one
+count. Nothing is traced on the serving path. Checkpoints record the fitted count
+(``mac_model`` in the weights file's metadata, with a fingerprint of the network's structure),
+so a server loading them never runs the counter: its first use imports torch's compiler stack,
+some 70 MB of resident memory.
 
 Only matmuls and convolutions count (the FLOP counter's convention); element-wise work (norms,
 activations, gate multiplies) does not, as is usual.
@@ -65,7 +67,11 @@ class MacModel:
     def fit(cls, net: GatedNetwork) -> MacModel:
         """Count the rest of ``net`` with torch's FLOP counter at three lengths of each residue
         class and verify each quadratic at two more; if one fails, count every length up to
-        ``max_length`` (slow for long models: a warning says so)."""
+        ``max_length`` (slow for long models: a warning says so). A fixed-shape input has one
+        length, ``max_length``: the rest is counted once, a constant quadratic."""
+        fixed = net.fixed_length
+        if fixed is not None:  # one input shape (an image): the rest is one constant
+            return cls(torch.tensor([[_rest_at(net, fixed), 0.0, 0.0]], dtype=torch.float64), None)
         max_len = net.config.model.max_length
         period = max(1, int(getattr(net, "length_period", 1)))
         coefs = []

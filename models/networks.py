@@ -208,13 +208,28 @@ class GatedNetwork(nn.Module):
         m = self.config.model
         return ModelContract.default(m.in_channels, m.num_classes)
 
+    @property
+    def fixed_length(self) -> int | None:
+        """The steps of every request when the input has a fixed shape (no length dimension,
+        an image): ``max_length``, the resolution its gated layers run at (a ViT's tokens).
+        None when each request has its own length."""
+        return self.config.model.max_length if self.contract().fixed_shape else None
+
     def example_input(self, length: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeros (the pad value) shaped like the contract's first data input, and lengths."""
+        """Zeros (the pad value) shaped like the contract's first data input, and lengths. A
+        fixed-shape input has one shape: ``length`` must then be :attr:`fixed_length`."""
         dev = next(self.parameters()).device
         spec = self.contract().data_inputs[0]
-        dims = tuple(d for d in spec.shape[2:])
-        x = torch.full((batch, length, *dims), spec.pad_value, dtype=TORCH_DTYPES[spec.datatype],
-                       device=dev)
+        fixed = self.fixed_length
+        if fixed is None:
+            shape = (batch, length, *spec.shape[2:])
+        elif length != fixed:
+            raise ValueError(
+                f"{spec.name} has a fixed shape: every request is {fixed} steps, not {length}"
+            )
+        else:
+            shape = (batch, *spec.shape[1:])
+        x = torch.full(shape, spec.pad_value, dtype=TORCH_DTYPES[spec.datatype], device=dev)
         return x, torch.full((batch,), length, device=dev)
 
     # ------------------------------------------------------------------ running
@@ -222,6 +237,9 @@ class GatedNetwork(nn.Module):
     def check_input(self, x: torch.Tensor, lengths: torch.Tensor) -> None:
         cfg = self.config.model
         spec = self.contract().data_inputs[0]
+        if spec.length_dim is None:
+            self._check_fixed(x, lengths)
+            return
         want = [d if d != -1 else None for d in spec.shape]
         if x.dim() != len(want) or any(w is not None and x.shape[i] != w
                                        for i, w in enumerate(want) if i > 1):
@@ -238,6 +256,21 @@ class GatedNetwork(nn.Module):
         if x.shape[0] and (int(lengths.min()) < 1 or int(lengths.max()) > x.shape[1]):
             raise InvalidInputError(f"lengths must be in [1, {x.shape[1]}] (the padded T)")
 
+    def _check_fixed(self, x: torch.Tensor, lengths: torch.Tensor) -> None:
+        """A fixed-shape input: exactly the declared shape, every row the full length."""
+        spec = self.contract().data_inputs[0]
+        steps = self.config.model.max_length
+        if tuple(x.shape[1:]) != spec.shape[1:]:
+            shown = ", ".join(["batch", *(str(d) for d in spec.shape[1:])])
+            raise InvalidInputError(f"{spec.name} must have shape [{shown}], got {list(x.shape)}")
+        if lengths.shape != (x.shape[0],):
+            raise InvalidInputError(f"lengths must have shape [{x.shape[0]}]")
+        if x.shape[0] and bool((lengths != steps).any()):
+            raise InvalidInputError(
+                f"lengths must all be {steps}: {spec.name} has a fixed shape, every row is the "
+                "model's full length (max_length)"
+            )
+
     def compute(self, x: torch.Tensor, lengths: torch.Tensor, **extras: torch.Tensor) -> Any:
         """``extras``: the contract's other data inputs (token types), by name."""
         raise NotImplementedError
@@ -245,7 +278,9 @@ class GatedNetwork(nn.Module):
     def open_forward(
         self, x: torch.Tensor, lengths: torch.Tensor, settings: GateSettings, plan: Any = None
     ) -> Forward:
-        t = x.shape[1]
+        # A fixed-shape input has no length dimension: its rows are max_length steps long.
+        fixed = self.fixed_length
+        t = x.shape[1] if fixed is None else fixed
         # Host lengths say for free whether a request is padded; device lengths would sync.
         host = lengths if lengths.device.type == "cpu" else lengths.cpu()
         padded = bool((host != t).any()) if host.numel() else False
@@ -266,13 +301,14 @@ class GatedNetwork(nn.Module):
         extras: Mapping[str, torch.Tensor] | None = None,
     ) -> NetworkOutput:
         """The reference forward: x (B, T, C_in), lengths (B,) -> logits, kept and MACs;
-        ``extras``: the contract's other data inputs, by name, shaped (B, T, ...) like x."""
+        ``extras``: the contract's other data inputs, by name, shaped (B, T, ...) like x. A
+        fixed-shape input is x (B, *shape) with every length :attr:`fixed_length`."""
         self.check_input(x, lengths)
-        if not self.padding_invariant and bool((lengths != x.shape[1]).any()):
+        fwd = self.open_forward(x, lengths, settings)
+        if fwd.padded and not self.padding_invariant:
             raise InvalidInputError(
                 "this model's results depend on padding: batch only requests of one length"
             )
-        fwd = self.open_forward(x, lengths, settings)
         with forward_context(fwd):
             logits = first_tensor(self.compute(x, lengths, **(extras or {})),
                                   type(self).__name__)

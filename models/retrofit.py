@@ -1,8 +1,9 @@
 """Retrofit pretrained Hugging Face encoders: gate every FFN of a ``transformers`` model in place.
 
-Supported families (the HF config's ``model_type``), with a sequence classification head
-(``<Family>ForSequenceClassification``: output ``logits``) or without (``<Family>Model``: output
-``pooled``, the encoder's last hidden states averaged over the valid steps):
+Supported families (the HF config's ``model_type``), with a classification head
+(``<Family>ForSequenceClassification``, ViT's ``ViTForImageClassification``: output ``logits``)
+or without (``<Family>Model``: output ``pooled``, the encoder's last hidden states averaged over
+the valid steps; for ViT over every token, the CLS token's included):
 
 - **Audio: Wav2Vec2, HuBERT, WavLM.** Raw audio, the server's default contract: FP32 ``input``
   [batch, samples] (or [batch, samples, 1]); each request's samples are its length, and the
@@ -15,6 +16,11 @@ Supported families (the HF config's ``model_type``), with a sequence classificat
 - **Text: BERT, RoBERTa.** INT64 ``input_ids`` [batch, T] (each id inside the vocabulary),
   optional ``attention_mask`` [batch, T] (ones then zeros: a row's length) and optional
   ``token_type_ids``; the server pads ids with the model's pad token.
+- **Image: ViT.** FP32 ``pixel_values`` [batch, num_channels, image_size, image_size], an input
+  of fixed shape (no length, no mask, never padded: :mod:`models.contract`). Every request puts
+  the same tokens through the encoder, (image_size / patch_size)² patches and the CLS token:
+  that count is the model's ``max_length``, the resolution its gated layers run at, so their
+  predictors pool over every token and the MAC count is that of the whole sequence.
 
 The model comes from a local folder written by ``save_pretrained`` (``from_pretrained`` on a
 path, never a download) or from a ``transformers`` config (random weights, for speed work).
@@ -47,28 +53,36 @@ from models.networks import GatedNetwork, _masked_mean, attach_gates
 class Family:
     """How one ``transformers`` family is built and where its FFNs are."""
 
-    kind: str  # "audio" (raw samples in) or "text" (token ids in)
+    kind: str  # "audio" (raw samples in), "text" (token ids in) or "image" (pixels in)
     config: str  # the config class
-    classifier: str  # the sequence classification model class
+    classifier: str  # the classification model class
     base: str  # the encoder model class (no head)
     attribute: str  # the encoder's attribute inside the classifier
-    layers: str  # the encoder's layer list, from the encoder
-    ffn: tuple[str, str]  # the FFN pair, from one layer
+    # (the encoder's layer list, from the encoder; the FFN pair, from one layer), in the order
+    # tried: the first whose modules exist is used (releases of transformers differ).
+    layouts: tuple[tuple[str, tuple[str, str]], ...]
+    # Whether the encoder without a head keeps its pooler. ``pooled`` never reads it; BERT's
+    # stays for the checkpoints that hold its weights, ViT's is left out (no compute spent).
+    pooler: bool = True
 
 
-_AUDIO_FFN = ("feed_forward.intermediate_dense", "feed_forward.output_dense")
-_TEXT_FFN = ("intermediate.dense", "output.dense")
+_AUDIO = (("encoder.layers", ("feed_forward.intermediate_dense", "feed_forward.output_dense")),)
+_BERT = (("encoder.layer", ("intermediate.dense", "output.dense")),)
+# transformers 5 gives ViT its own layout; before, it was BERT's.
+_VIT = (("layers", ("mlp.fc1", "mlp.fc2")), *_BERT)
 FAMILIES: dict[str, Family] = {
     "wav2vec2": Family("audio", "Wav2Vec2Config", "Wav2Vec2ForSequenceClassification",
-                       "Wav2Vec2Model", "wav2vec2", "encoder.layers", _AUDIO_FFN),
+                       "Wav2Vec2Model", "wav2vec2", _AUDIO),
     "hubert": Family("audio", "HubertConfig", "HubertForSequenceClassification",
-                     "HubertModel", "hubert", "encoder.layers", _AUDIO_FFN),
+                     "HubertModel", "hubert", _AUDIO),
     "wavlm": Family("audio", "WavLMConfig", "WavLMForSequenceClassification",
-                    "WavLMModel", "wavlm", "encoder.layers", _AUDIO_FFN),
+                    "WavLMModel", "wavlm", _AUDIO),
     "bert": Family("text", "BertConfig", "BertForSequenceClassification",
-                   "BertModel", "bert", "encoder.layer", _TEXT_FFN),
+                   "BertModel", "bert", _BERT),
     "roberta": Family("text", "RobertaConfig", "RobertaForSequenceClassification",
-                      "RobertaModel", "roberta", "encoder.layer", _TEXT_FFN),
+                      "RobertaModel", "roberta", _BERT),
+    "vit": Family("image", "ViTConfig", "ViTForImageClassification", "ViTModel", "vit", _VIT,
+                  pooler=False),
 }
 FACTORY = "models.retrofit:hf_encoder"
 
@@ -83,12 +97,31 @@ def _transformers() -> Any:
     return transformers
 
 
+def _pair(value: Any) -> tuple[int, int]:
+    """A ViT config's ``image_size`` / ``patch_size``: an int, or (height, width)."""
+    if isinstance(value, int):
+        return value, value
+    height, width = value
+    return int(height), int(width)
+
+
+def image_geometry(config: Any) -> tuple[tuple[int, int, int], int]:
+    """A ViT config's input (channels, height, width) and the tokens its encoder sees: one per
+    patch, and the CLS token."""
+    height, width = _pair(config.image_size)
+    patch_h, patch_w = _pair(config.patch_size)
+    tokens = (height // patch_h) * (width // patch_w) + 1
+    return (int(config.num_channels), height, width), tokens
+
+
 class HFEncoder(nn.Module):
     """A ``transformers`` encoder behind the server's contract: ``forward(x, lengths, **extras)
     -> logits (B, labels)`` (with a head) or ``pooled`` (B, hidden) (without one).
 
     Audio: ``x`` (B, samples, 1) FP32. Text: ``x`` (B, T) INT64 token ids, ``token_type_ids``
-    among the extras. The attention mask is built from ``lengths`` (valid steps first).
+    among the extras. The attention mask is built from ``lengths`` (valid steps first). Image:
+    ``x`` (B, C, H, W) FP32 pixels of the config's size; no mask (every token is valid, the
+    lengths are all the token count).
     """
 
     def __init__(self, hf: nn.Module, family: str, head: bool) -> None:
@@ -105,6 +138,12 @@ class HFEncoder(nn.Module):
         if spec.kind == "audio":
             self.gated_contract = ModelContract(
                 inputs=(TensorSpec("input", "FP32", (-1, -1, 1), length_dim=1),),
+                outputs=(output,),
+            )
+        elif spec.kind == "image":
+            (channels, height, width), _ = image_geometry(config)
+            self.gated_contract = ModelContract(
+                inputs=(TensorSpec("pixel_values", "FP32", (-1, channels, height, width)),),
                 outputs=(output,),
             )
         else:
@@ -130,6 +169,8 @@ class HFEncoder(nn.Module):
     def forward(
         self, x: torch.Tensor, lengths: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if FAMILIES[self.family].kind == "image":
+            return self._image(x)
         steps = torch.arange(x.shape[1], device=x.device)
         mask = (steps[None, :] < lengths[:, None]).to(torch.long)
         if FAMILIES[self.family].kind == "audio":
@@ -148,13 +189,31 @@ class HFEncoder(nn.Module):
             frames = cast(Any, self.hf)._get_feature_vector_attention_mask(hidden.shape[1], mask)
         return _masked_mean(hidden, frames.unsqueeze(-1).to(hidden.dtype))
 
+    def _image(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> logits (B, labels) or pooled (B, hidden): every token is valid."""
+        out = self.hf(pixel_values=x)
+        if self.head:
+            return cast(torch.Tensor, out.logits)
+        hidden = cast(torch.Tensor, out.last_hidden_state)  # (B, tokens, H), layer normed
+        return hidden.mean(1)
+
     def ffn_paths(self, prefix: str = "") -> list[tuple[str, str]]:
         """Each encoder layer's FFN pair, as module paths."""
         spec = FAMILIES[self.family]
-        layers = cast(nn.ModuleList, self.encoder.get_submodule(spec.layers))
-        root = f"{prefix}hf.{spec.attribute + '.' if self.head else ''}{spec.layers}"
-        return [(f"{root}.{i}.{spec.ffn[0]}", f"{root}.{i}.{spec.ffn[1]}")
-                for i in range(len(layers))]
+        for path, ffn in spec.layouts:
+            try:
+                layers = cast(nn.ModuleList, self.encoder.get_submodule(path))
+                for name in ffn:
+                    layers[0].get_submodule(name)
+            except (AttributeError, IndexError):
+                continue
+            root = f"{prefix}hf.{spec.attribute + '.' if self.head else ''}{path}"
+            return [(f"{root}.{i}.{ffn[0]}", f"{root}.{i}.{ffn[1]}") for i in range(len(layers))]
+        tried = ", ".join(f"{path}.N.{{{', '.join(ffn)}}}" for path, ffn in spec.layouts)
+        raise ArchitectureError(
+            f"{type(self.encoder).__name__}: no encoder layer FFNs at {tried} (this transformers "
+            "release lays the model out otherwise)"
+        )
 
 
 def _family(config: dict[str, Any]) -> str:
@@ -172,7 +231,13 @@ def _has_head(config: dict[str, Any], head: bool | None) -> bool:
     if head is not None:
         return head
     names = config.get("architectures") or []
-    return any(str(n).endswith("ForSequenceClassification") for n in names) or not names
+    heads = ("ForSequenceClassification", "ForImageClassification")
+    return any(str(n).endswith(heads) for n in names) or not names
+
+
+def _build_args(spec: Family, head: bool) -> dict[str, Any]:
+    """Keyword arguments of the model class: the encoder alone may go without its pooler."""
+    return {} if head or spec.pooler else {"add_pooling_layer": False}
 
 
 def hf_encoder(config: dict[str, Any], head: bool = True) -> HFEncoder:
@@ -183,7 +248,7 @@ def hf_encoder(config: dict[str, Any], head: bool = True) -> HFEncoder:
     spec = FAMILIES[family]
     hf_config = getattr(tf, spec.config).from_dict(dict(config))
     model_cls = getattr(tf, spec.classifier if head else spec.base)
-    return HFEncoder(model_cls(hf_config).eval(), family, head)
+    return HFEncoder(model_cls(hf_config, **_build_args(spec, head)).eval(), family, head)
 
 
 def _load_source(source: Path | dict[str, Any], head: bool | None) -> HFEncoder:
@@ -200,7 +265,8 @@ def _load_source(source: Path | dict[str, Any], head: bool | None) -> HFEncoder:
     spec = FAMILIES[family]
     model_cls = getattr(tf, spec.classifier if with_head else spec.base)
     try:
-        hf = model_cls.from_pretrained(str(folder), local_files_only=True)
+        hf = model_cls.from_pretrained(str(folder), local_files_only=True,
+                                       **_build_args(spec, with_head))
     except (OSError, ValueError) as err:
         raise ConfigError(f"{folder}: cannot load the pretrained model: {err}") from None
     return HFEncoder(hf.eval(), family, with_head)
@@ -218,7 +284,8 @@ def retrofit(
     ``model_type``; random weights). ``gates``: a model config file (or mapping) whose gate
     keys (``use_dynamic_pruning``, ``dynamic_pruning_config``, ...) apply; its ``model``
     section, if any, is replaced. ``max_length``: the longest request, in samples (audio,
-    default 4 s at 16 kHz) or tokens (text, default and at most the position embeddings').
+    default 4 s at 16 kHz) or tokens (text, default and at most the position embeddings'); for
+    ViT the tokens every image becomes (patches and the CLS token), its only allowed value.
     ``head``: keep (True) or drop (False) the classification head; default: as the source's
     ``architectures`` say. The gates' parameters start at the configuration's initial values;
     fit them afterwards.
@@ -226,8 +293,17 @@ def retrofit(
     module = _load_source(source if isinstance(source, dict) else Path(source), head)
     config: Any = module.hf.config  # a transformers PretrainedConfig
     hf_config = config.to_dict()
-    text = FAMILIES[module.family].kind == "text"
-    if text:
+    kind = FAMILIES[module.family].kind
+    in_channels = 1
+    if kind == "image":
+        (in_channels, _, _), tokens = image_geometry(config)
+        if max_length is not None and max_length != tokens:
+            raise ConfigError(
+                f"max_length {max_length}: every image is {tokens} tokens (its patches and the "
+                "CLS token), the model's only length; leave max_length unset"
+            )
+        max_length = tokens
+    if kind == "text":
         positions = int(config.max_position_embeddings)
         if module.family == "roberta":  # positions start after the pad token's
             positions -= int(config.pad_token_id) + 1
@@ -246,7 +322,7 @@ def retrofit(
     base["model"] = {
         "name": FACTORY,
         "args": {"config": hf_config, "head": module.head},
-        "in_channels": 1,
+        "in_channels": in_channels,
         "num_classes": int(output.shape[1]),
         "max_length": int(max_length),
         "ffns": [list(pair) for pair in module.ffn_paths()],

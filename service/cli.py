@@ -73,7 +73,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint, resolve_device(args.device))
     data = model.config.data
     first = model.contract().data_inputs[0]
-    if data.dataset == "mnist1d" and first.datatype != "FP32":
+    if data.dataset == "mnist1d" and (first.datatype != "FP32" or first.length_dim is None):
         load_dataset(model.config, first)  # says why MNIST-1D does not fit this model
     if data.dataset == "mnist1d":
         seed = data.seed if args.data_seed is None else args.data_seed
@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "retrofit",
-        help="gate the FFNs of a Hugging Face encoder (BERT, RoBERTa, Wav2Vec2, HuBERT, WavLM)",
+        help="gate the FFNs of a Hugging Face encoder (BERT, RoBERTa, Wav2Vec2, HuBERT, WavLM, "
+        "ViT)",
         description="Reads a local save_pretrained folder (or, with --hf-config, a transformers "
         "config.json for random weights) and writes a checkpoint the other commands load. "
         "Needs pip install 'gated-serve[hf]'.",
@@ -252,12 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="model config YAML with the gate keys")
     p.add_argument("--max-length", type=int, default=None,
                    help="longest request: samples (audio; default 64000) or tokens (text; "
-                   "default the model's positions)")
+                   "default the model's positions); ViT: leave unset (its patches + 1)")
     head = p.add_mutually_exclusive_group()
     head.add_argument("--head", dest="head", action="store_true", default=None,
                       help="keep the classification head (output logits)")
     head.add_argument("--no-head", dest="head", action="store_false",
-                      help="the encoder alone (output pooled: mean of the last hidden states)")
+                      help="the encoder alone (output pooled: mean of the last hidden states "
+                      "over the valid steps; ViT: over every token)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     p.set_defaults(func=_cmd_retrofit)
 

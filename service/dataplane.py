@@ -276,7 +276,8 @@ class DataPlane:
         settings = self.state.settings
         rows = info.serving.resolved(settings).max_request_rows
         steps = rows * info.max_length
-        per_input = [steps * math.prod(spec.shape[2:]) for spec in info.contract.inputs]
+        per_input = [rows * math.prod(spec.shape[1:]) if spec.length_dim is None
+                     else steps * math.prod(spec.shape[2:]) for spec in info.contract.inputs]
         elements = sum(per_input)  # every input at its largest
         limits = Limits(
             max_inputs=MAX_INPUTS,
@@ -518,9 +519,10 @@ def _model_input(
     decoded: DecodedRequest, info: ModelInfo, max_rows: int, allow_non_finite: bool
 ) -> ModelInput:
     """The request's tensors, validated against the model's contract: every input named and
-    typed as declared, of one [rows, T], values in range; the mask read as row lengths (and
-    columns past the longest row dropped); optional inputs not sent filled with their pad
-    value. Any error here is the request's own, before it meets batch mates."""
+    typed as declared, of one [rows, T] (a fixed-shape input: exactly its shape), values in
+    range; the mask read as row lengths (and columns past the longest row dropped); optional
+    inputs not sent filled with their pad value. Any error here is the request's own, before
+    it meets batch mates."""
     contract = info.contract
     specs = {spec.name: spec for spec in contract.inputs}
     given: dict[str, Tensor] = {}
@@ -539,6 +541,8 @@ def _model_input(
     arrays = {name: _input_array(t, specs[name], info, max_rows, allow_non_finite)
               for name, t in given.items()}
     first = contract.data_inputs[0]
+    if contract.fixed_shape:  # the one input, of its declared shape: no lengths, no padding
+        return ModelInput((arrays[first.name],))
     rows, length = arrays[first.name].shape[:2]
     for name, array in arrays.items():
         if array.shape[:2] != (rows, length):
@@ -599,6 +603,9 @@ def _input_array(
     array = tensor.array
     if tensor.datatype != spec.datatype:
         raise InvalidInput(f"input {name!r} must be {spec.datatype}, got {tensor.datatype}")
+    if spec.length_dim is None:
+        _check_fixed_shape(array, spec, max_rows)
+        return _checked_values(array, spec, info, allow_non_finite)
     fixed = tuple(spec.shape[2:])
     if array.ndim == 2 and fixed == (1,):  # [batch, T] for one channel
         array = array.reshape(array.shape[0], array.shape[1], 1)
@@ -626,6 +633,28 @@ def _input_array(
             f"input {name!r} has sequence length {length}; model {info.name!r} needs at "
             f"least {info.min_length}"
         )
+    return _checked_values(array, spec, info, allow_non_finite)
+
+
+def _check_fixed_shape(array: np.ndarray, spec: TensorSpec, max_rows: int) -> None:
+    """An input without a length: [rows, *shape], every dimension after the batch exact."""
+    if array.ndim != len(spec.shape) or tuple(array.shape[1:]) != spec.shape[1:]:
+        allowed = "[" + ", ".join(["batch", *(str(d) for d in spec.shape[1:])]) + "]"
+        raise InvalidInput(f"input {spec.name!r} must be {allowed}, got {list(array.shape)}")
+    if array.shape[0] < 1:
+        raise InvalidInput(f"input {spec.name!r} is empty: shape {list(array.shape)}")
+    if array.shape[0] > max_rows:
+        raise InvalidInput(
+            f"input {spec.name!r} has batch size {array.shape[0]}; the limit per request is "
+            f"{max_rows}"
+        )
+
+
+def _checked_values(
+    array: np.ndarray, spec: TensorSpec, info: ModelInfo, allow_non_finite: bool
+) -> np.ndarray:
+    """``array``, once its values are what ``spec`` allows: finite floats, integers in range."""
+    name = spec.name
     if spec.datatype == "FP32":
         # Any NaN or Inf makes the float64 sum non-finite: one pass, no temporary mask.
         if not allow_non_finite and not math.isfinite(float(np.sum(array, dtype=np.float64))):

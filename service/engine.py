@@ -1,8 +1,9 @@
 """The inference engine: the only module of the service that touches torch and ``models``.
 
 It loads every checkpoint of a model repository, warms each model up, and runs one batch of
-requests at a time: pad to the longest sequence, pass true lengths, forward under
-``torch.inference_mode`` on the model's device, and split the result back per request.
+requests at a time: pad to the longest sequence (images of a fixed shape are only stacked),
+pass true lengths, forward under ``torch.inference_mode`` on the model's device, and split the
+result back per request.
 
 The interface is deliberately narrow (numpy in, numpy and floats out, frozen gate
 configurations whose ``key`` says which compiled plan runs them): every batch runs through the
@@ -47,7 +48,8 @@ NUMPY_DTYPES = {"FP32": np.float32, "INT64": np.int64, "INT32": np.int32}
 class ModelInput:
     """One request's tensors, validated against its model's contract: the network's data
     inputs in contract order, each (rows, T, ...), and each row's length (None: every row is
-    T long; from an attention mask otherwise)."""
+    T long; from an attention mask otherwise). A fixed-shape input (an image) is (rows,
+    *shape) and has no length: its rows are the model's full length."""
 
     arrays: tuple[npt.NDArray[np.generic], ...]
     lengths: IntArray | None = None
@@ -343,7 +345,8 @@ class Engine:
                 self._infer(loaded, gate, [_padding_item(info, rows, length)])
         # Every served plan once at the largest batch, padded (two lengths) when it can be: the
         # shared buffers reach their final size now, whatever keep ratio comes first later.
-        padded = rows_max > 1 and info.max_length > 1 and info.mixed_lengths
+        padded = (rows_max > 1 and info.max_length > 1 and info.mixed_lengths
+                  and not info.contract.fixed_shape)
         if padded:
             batch = [_padding_item(info, rows_max - 1, info.max_length),
                      _padding_item(info, 1, info.max_length - 1)]
@@ -472,7 +475,9 @@ class Engine:
             )
         plan = self._plan(loaded, gate)
         rows = [item.rows for item in inputs]
-        arrays, lengths = _stack(loaded.info.contract.data_inputs, inputs)
+        info = loaded.info
+        full = info.max_length if info.contract.fixed_shape else None
+        arrays, lengths = _stack(info.contract.data_inputs, inputs, full)
         names = [spec.name for spec in loaded.info.contract.data_inputs[1:]]
         dev = loaded.device
         with torch.inference_mode():
@@ -508,17 +513,21 @@ class Engine:
 
 
 def _stack(
-    specs: Sequence[models.TensorSpec], inputs: Sequence[ModelInput]
+    specs: Sequence[models.TensorSpec], inputs: Sequence[ModelInput], full: int | None = None
 ) -> tuple[list[npt.NDArray[np.generic]], IntArray]:
     """The batch's data inputs, each padded to the longest T with its pad value, and each
-    row's length."""
-    longest = max(item.length for item in inputs)
+    row's length. ``full``: the model's full length when its input has a fixed shape: nothing
+    is padded, the rows are stacked, and every row is ``full`` steps long."""
+    longest = max(item.length for item in inputs) if full is None else full
     if len(inputs) == 1 and inputs[0].lengths is None and all(
         a.flags.c_contiguous for a in inputs[0].arrays
     ):
         item = inputs[0]
         return list(item.arrays), np.full(item.rows, longest, dtype=np.int64)
     total = sum(item.rows for item in inputs)
+    if full is not None:
+        stacked = [np.concatenate([item.arrays[j] for item in inputs]) for j in range(len(specs))]
+        return stacked, np.full(total, full, dtype=np.int64)
     arrays = []
     for j, spec in enumerate(specs):
         out = padding(spec, total, longest)
@@ -537,9 +546,11 @@ def _stack(
 
 
 def padding(spec: models.TensorSpec, rows: int, length: int) -> npt.NDArray[np.generic]:
-    """``rows`` × ``length`` steps of input ``spec``'s pad value, in its datatype."""
-    return np.full((rows, length, *spec.shape[2:]), spec.pad_value,
-                   dtype=NUMPY_DTYPES[spec.datatype])
+    """``rows`` × ``length`` steps of input ``spec``'s pad value, in its datatype (a
+    fixed-shape input: ``rows`` of its shape, whatever ``length``)."""
+    shape = (rows, *spec.shape[1:]) if spec.length_dim is None else (
+        rows, length, *spec.shape[2:])
+    return np.full(shape, spec.pad_value, dtype=NUMPY_DTYPES[spec.datatype])
 
 
 def _padding_item(info: ModelInfo, rows: int, length: int) -> ModelInput:

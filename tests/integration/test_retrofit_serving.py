@@ -1,10 +1,12 @@
-"""A retrofitted Hugging Face audio classifier (tiny HuBERT) behind a real server: tritonclient
-sends raw audio of different lengths concurrently, binary and JSON; each answer equals the
-request's solo forward, whatever it was batched with."""
+"""Retrofitted Hugging Face encoders behind a real server (tiny HuBERT, BERT and ViT configs):
+tritonclient sends raw audio of different lengths, token ids or images of the model's fixed
+shape concurrently, binary and JSON; each answer equals the request's solo forward, whatever it
+was batched with, and malformed requests beside them get their 400s."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -240,3 +242,113 @@ def test_the_shipped_encoder_serves_beside_a_bert(tmp_path: Path) -> None:
         np.testing.assert_allclose(out, solo(x), atol=1e-4)
     full = [int(out.argmax()) == int(test.y[i]) for i, out in enumerate(logits) if i % 3 == 0]
     assert sum(full) >= 6, full  # 8 full-length signals; the checkpoint's accuracy is ~0.9
+
+
+OUTPUTS = {"vit": "logits", "vit-encoder": "pooled"}
+
+
+def _vit(tmp_path: Path, head: bool) -> Path:
+    torch.manual_seed(0)
+    config = tf.ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=64, num_labels=3)
+    model = (tf.ViTForImageClassification if head else tf.ViTModel)(config)
+    model.save_pretrained(tmp_path / f"vit-src-{head}")
+    net = retrofit(tmp_path / f"vit-src-{head}", {"dynamic_pruning_config": {"keep_ratio": 0.5}})
+    out = tmp_path / "repo" / ("vit" if head else "vit-encoder")
+    save_checkpoint(net, out)
+    return out
+
+
+def test_a_retrofitted_vit_serves_images_and_refuses_bad_ones_alone(tmp_path: Path) -> None:
+    """A ViT classifier and a headless ViT behind one server: tritonclient sends FP32 images
+    of the model's fixed shape (one and two per request), binary and JSON over HTTP, and gRPC,
+    concurrently with malformed ones; every good one equals its solo forward, whatever it was
+    batched with, and every bad one is a 400 naming its problem. Metadata shows the shape."""
+    import tritonclient.grpc as triton_grpc
+
+    references = {name: load_checkpoint(_vit(tmp_path, head))
+                  for name, head in (("vit", True), ("vit-encoder", False))}
+    rng = np.random.default_rng(0)
+
+    def solo(name: str, images: np.ndarray) -> np.ndarray:
+        reference = references[name]
+        settings = settings_for(reference.config, "dynamic", keep_ratio=0.5)
+        lengths = torch.full((images.shape[0],), 5)  # 4 patches and the CLS token, every row
+        with torch.no_grad():
+            return reference(torch.from_numpy(images), lengths, settings).logits.numpy()
+
+    goods = []  # (model, images, expected)
+    for i in range(12):
+        name = "vit" if i % 3 else "vit-encoder"
+        images = rng.standard_normal((1 + i % 2, 3, 16, 16)).astype(np.float32)
+        goods.append((name, images, solo(name, images)))
+    nan = np.zeros((1, 3, 16, 16), np.float32)
+    nan[0, 1, 4, 4] = np.nan
+    bads = [
+        ({"pixel_values": np.zeros((1, 3, 14, 16), np.float32)},
+         "input 'pixel_values' must be [batch, 3, 16, 16], got [1, 3, 14, 16]"),
+        ({"pixel_values": np.zeros((1, 16, 16), np.float32)}, "got [1, 16, 16]"),
+        ({"pixel_values": np.zeros((1, 3, 16, 16), np.float64)},
+         "input 'pixel_values' must be FP32, got FP64"),
+        ({"pixel_values": nan}, "input 'pixel_values' contains NaN or infinite values"),
+        ({"input": np.zeros((1, 3, 16, 16), np.float32)},
+         "unknown input 'input'; model 'vit' takes 'pixel_values'"),
+        ({}, "missing input 'pixel_values'"),
+    ]
+
+    def inputs(module: object, named: dict[str, np.ndarray], binary: bool = True) -> list[object]:
+        out = []
+        for key, value in named.items():
+            datatype = {np.float32: "FP32", np.float64: "FP64"}[value.dtype.type]
+            inp = module.InferInput(key, list(value.shape), datatype)  # type: ignore[attr-defined]
+            if module is triton:
+                inp.set_data_from_numpy(value, binary_data=binary)
+            else:
+                inp.set_data_from_numpy(value)
+            out.append(inp)
+        return out
+
+    with serving(tmp_path / "repo", tmp_path, max_batch_size=8, max_queue_delay_ms=20) as srv:
+        client = triton.InferenceServerClient(srv.address, concurrency=8)
+        grpc_client = triton_grpc.InferenceServerClient(srv.grpc_address)
+        for name, width in (("vit", 3), ("vit-encoder", 32)):
+            meta = client.get_model_metadata(name)
+            assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
+                ("pixel_values", "FP32", [-1, 3, 16, 16])]
+            assert meta["outputs"][0]["shape"] == [-1, width]
+            grpc_meta = grpc_client.get_model_metadata(name)
+            assert list(grpc_meta.inputs[0].shape) == [-1, 3, 16, 16]
+            assert list(grpc_client.get_model_config(name).config.input[0].dims) == [3, 16, 16]
+        assert meta["outputs"][0]["name"] == "pooled"
+        holder = socket.create_connection(("127.0.0.1", srv.port), timeout=30)  # see above
+        holder.sendall(b"POST /v2/models/vit/infer HTTP/1.1\r\nHost: t\r\n"
+                       b"Content-Length: 1000\r\n\r\n{")
+        sent = [(n, {"pixel_values": x}) for n, x, _ in goods] + [("vit", b) for b, _ in bads]
+        pending = [(OUTPUTS[name], client.async_infer(name, inputs(triton, named, i % 2 == 0),
+                                                      parameters={"keep_ratio": 0.5}))
+                   for i, (name, named) in enumerate(sent)]  # binary and JSON
+        results = []
+        for output, request in pending:
+            try:
+                results.append(request.get_result().as_numpy(output))
+            except InferenceServerException as err:
+                results.append(str(err))
+        holder.close()
+        for (_, _, want), got in zip(goods, results, strict=False):
+            assert not isinstance(got, str), got
+            np.testing.assert_allclose(got, want, atol=1e-4)
+        for (_, message), got in zip(bads, results[len(goods):], strict=True):
+            assert isinstance(got, str) and message in got, (message, got)
+        client.close()
+        # Fewer batches than requests: images were computed together.
+        assert metric(srv.url, "gated_batch_size_count", model="vit") < sum(
+            n == "vit" for n, _, _ in goods)
+
+        for name, images, want in goods[:2]:
+            reply = grpc_client.infer(name, inputs(triton_grpc, {"pixel_values": images}),
+                                      parameters={"keep_ratio": 0.5})
+            np.testing.assert_allclose(reply.as_numpy(OUTPUTS[name]), want, atol=1e-4)
+        for named, message in bads[:4]:
+            with pytest.raises(triton_grpc.InferenceServerException, match=re.escape(message)):
+                grpc_client.infer("vit", inputs(triton_grpc, named))
+        grpc_client.close()

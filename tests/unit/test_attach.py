@@ -635,6 +635,48 @@ def test_the_contract_is_declared_and_refused_when_not_served(tmp_path: Path) ->
         factories.TinyUserNet.__init__ = original  # type: ignore[method-assign]
 
 
+def test_a_fixed_shape_input_is_served_alone_and_fully_fixed() -> None:
+    """An input without a length (an image) is served when it is the contract's one input and
+    every dimension after the batch is fixed; anything else is refused, naming the problem."""
+    from models import ModelContract, TensorSpec
+
+    image = TensorSpec("pixel_values", "FP32", (-1, 3, 32, 32))
+    out = (TensorSpec("logits", "FP32", (-1, 10)),)
+    served = ModelContract(inputs=(image,), outputs=out)
+    assert served.unservable() is None and served.fixed_shape
+    assert not ModelContract.default(1, 10).fixed_shape
+    ids = TensorSpec("input_ids", "INT64", (-1, -1), length_dim=1)
+    mask = TensorSpec("attention_mask", "INT64", (-1, -1), optional=True, length_dim=1,
+                      role="mask")
+    refused = {
+        "beside a length input": ((image, ids), "has a fixed shape [-1, 3, 32, 32] (no length) "
+                                  "beside inputs ['input_ids']; this server serves a fixed-shape "
+                                  "input only as the model's one input"),
+        "after a length input": ((ids, image), "beside inputs ['input_ids']"),
+        "with a mask": ((image, mask), "beside inputs ['attention_mask']"),
+        "two images": ((image, TensorSpec("depth", "FP32", (-1, 1, 32, 32))),
+                       "beside inputs ['depth']"),
+        "a dynamic dimension": ((TensorSpec("x", "FP32", (-1, 3, -1, 32)),),
+                                "input 'x' has a dynamic dimension but no length_dim: "
+                                "[-1, 3, -1, 32]"),
+        "no dimension after the batch": ((TensorSpec("x", "FP32", (-1,)),),
+                                         "input 'x' has no dimension after the batch: [-1]"),
+        "a fixed batch": ((TensorSpec("x", "FP32", (4, 3, 32, 32)),),
+                          "must have the batch (-1) as its first dimension, got [4, 3, 32, 32]"),
+        "a mask without a length": ((ids, TensorSpec("m", "INT64", (-1, 8), role="mask")),
+                                    "mask input 'm' must be INT64 or INT32 [batch, T] with T "
+                                    "its length"),
+        "optional": ((TensorSpec("x", "FP32", (-1, 3, 8, 8), optional=True),),
+                     "declares no required data input"),
+    }
+    for case, (inputs, message) in refused.items():
+        why = ModelContract(inputs=inputs, outputs=out).unservable()
+        assert why is not None and message in why, (case, why)
+    # Integers of a fixed shape are served too, with their value range.
+    codes = TensorSpec("codes", "INT64", (-1, 16), value_range=(0, 255))
+    assert ModelContract(inputs=(codes,), outputs=out).unservable() is None
+
+
 def test_per_step_gates_after_a_strided_gated_conv_are_a_clear_error() -> None:
     """Per-step gates are computed at the conv's input resolution: with a strided conv they do
     not cover the hidden steps, and both the reference and the plans say so (no 500)."""
