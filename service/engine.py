@@ -338,7 +338,7 @@ class Engine:
             time.monotonic() - start,
             ", ".join(f"{r:g}" for r in loaded.keep_ratios),
         )
-        length = min(info.max_length, 64)
+        length = _calib_length(info)
         for mode in GATE_MODES:
             gate = self._resolve(loaded, mode)
             for rows in sorted({1, rows_max}):
@@ -438,7 +438,7 @@ class Engine:
             loaded.network,
             _settings_of(gate, loaded.bucket),
             batch_sizes=loaded.calib_batches,
-            calib_length=min(loaded.info.max_length, 64),
+            calib_length=_calib_length(loaded.info),
             workspace=self._workspace,
             timings=self._timings,
         )
@@ -551,6 +551,12 @@ def padding(spec: models.TensorSpec, rows: int, length: int) -> npt.NDArray[np.g
     shape = (rows, *spec.shape[1:]) if spec.length_dim is None else (
         rows, length, *spec.shape[2:])
     return np.full(shape, spec.pad_value, dtype=NUMPY_DTYPES[spec.datatype])
+
+
+def _calib_length(info: ModelInfo) -> int:
+    """The steps plans are calibrated and first warmed up at: a short request (64 steps at
+    most), or the one length of a fixed-shape input (a ViT's tokens)."""
+    return info.max_length if info.contract.fixed_shape else min(info.max_length, 64)
 
 
 def _padding_item(info: ModelInfo, rows: int, length: int) -> ModelInput:

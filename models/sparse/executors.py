@@ -604,24 +604,30 @@ class FFNExecutor:
         if sel.strategy.kind == "union":  # each request's own channels of the union, scaled
             members = cast(torch.Tensor, sel.idx)
             w_out_t = self._gather_rows(-1, members, ws, "union_out", h)  # (u, D_out)
-            h = h * cast(torch.Tensor, sel.gate)
+            h = self._scaled(h, cast(torch.Tensor, sel.gate), ws)
             y = torch.addmm(self.b_out, h.reshape(b * t, -1), w_out_t).view(b, t, -1)
             return layer.from_steps(y, h_in, proj)
         if sel.strategy.kind != "gather":
             if sel.gate is not None:
                 _check_steps(sel.gate, h.shape[1], self.name)
-                h = h * sel.gate
+                h = self._scaled(h, sel.gate, ws)
             y = torch.addmm(self.b_out, h.reshape(b * t, -1), self.w_out_t).view(b, t, -1)
             return layer.from_steps(y, h_in, proj)
         values = cast(torch.Tensor, sel.values)
         idx = cast(torch.Tensor, sel.idx)
-        scaled = ws.get("split_h", h.shape, h)
-        torch.mul(h, values.unsqueeze(1), out=scaled)
+        scaled = self._scaled(h, values.unsqueeze(1), ws)
         y = self.b_out.expand(b, t, self.d_out).clone()  # fresh: it leaves the layer
         for s, e in _chunks(b, sel.strategy.chunk):
             g = self._gather_rows(-1, idx[s:e], ws, "split_out", h)  # (c, k, D_out)
             y[s:e].baddbmm_(scaled[s:e], g)
         return layer.from_steps(y, h_in, proj)
+
+    @staticmethod
+    def _scaled(h: torch.Tensor, gate: torch.Tensor, ws: Workspace) -> torch.Tensor:
+        """h · gate in a reused buffer (the output matmul reads it at once; a fresh tensor of
+        that size costs its page faults on every call)."""
+        out = ws.get("split_h", h.shape, h)  # gate broadcasts over h
+        return torch.mul(h, gate, out=out)
 
     # ------------------------------------------------------------------ calibration
 
