@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import compile_plan, load_checkpoint, save_checkpoint, settings_for
+from models import load_checkpoint, save_checkpoint, settings_for
 from models.errors import ArchitectureError, ConfigError
-from models.sparse import Strategy
 from service.cli import main
 
 if os.environ.get("CI") != "true":
@@ -23,6 +22,7 @@ if os.environ.get("CI") != "true":
 import transformers as tf  # noqa: E402
 
 from models.retrofit import retrofit  # noqa: E402
+from tests.utils.models import assert_plans_match_reference
 
 FAMILIES = {
     "wav2vec2": (tf.Wav2Vec2Config, tf.Wav2Vec2ForSequenceClassification),
@@ -72,19 +72,7 @@ def test_dense_is_the_transformers_forward_and_plans_the_masked_reference(
         want = original(x[..., 0], attention_mask=mask).logits
         dense = net(x, lengths, settings_for(net.config, "dense")).logits
     torch.testing.assert_close(dense, want, atol=1e-4, rtol=0)
-    for mode, knobs in (("static", {}), ("dynamic", {"keep_ratio": 0.5}),
-                        ("dynamic", {"keep_ratio": 0.25}), ("dynamic", {"threshold": 0.5})):
-        settings = settings_for(net.config, mode, **knobs)  # type: ignore[arg-type]
-        with torch.no_grad():
-            reference = net(x, lengths, settings)
-            planned = compile_plan(net, settings)(x, lengths)
-        torch.testing.assert_close(planned.logits, reference.logits, atol=1e-4, rtol=0)
-        if mode == "dynamic" and "keep_ratio" in knobs:
-            # Calibration may choose the dense fallback on so small a model; gathering the kept
-            # channels computes only them: the same logits, fewer MACs.
-            gathered = compile_plan(net, settings, strategy=Strategy("gather", 1))(x, lengths)
-            torch.testing.assert_close(gathered.logits, reference.logits, atol=1e-4, rtol=0)
-            assert bool((gathered.flops_ratio < 1).all())
+    assert_plans_match_reference(net, x, lengths)
     # Layer-norm front ends keep padding out: a padded row equals its solo forward.
     assert net.padding_invariant
     settings = settings_for(net.config, "dynamic")

@@ -13,16 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from models import compile_plan, load_checkpoint, save_checkpoint, settings_for
+from models import load_checkpoint, save_checkpoint, settings_for
 from models.errors import ConfigError
-from models.sparse import Strategy
-from models.sparse.executors import UNION
 
 if os.environ.get("CI") != "true":
     pytest.importorskip("transformers")  # CI installs the [hf] extra: there it must import
 import transformers as tf  # noqa: E402
 
 from models.retrofit import retrofit  # noqa: E402
+from tests.utils.models import assert_plans_match_reference
 
 GATES = {"use_dynamic_pruning": True, "dynamic_pruning_config": {"keep_ratio": 0.5, "bucket": 8}}
 TEXT = {
@@ -96,25 +95,7 @@ def test_text_dense_is_the_transformers_forward_and_plans_the_masked_reference(
         with torch.no_grad():
             untyped = net(ids, lengths, settings_for(net.config, "dense")).logits
         assert float((untyped - dense).abs().max()) > 1e-5
-    for mode, knobs in (("static", {}), ("dynamic", {"keep_ratio": 0.5}),
-                        ("dynamic", {"keep_ratio": 0.25}), ("dynamic", {"threshold": 0.5})):
-        settings = settings_for(net.config, mode, **knobs)  # type: ignore[arg-type]
-        with torch.no_grad():
-            reference = net(ids, lengths, settings, extras)
-            planned = compile_plan(net, settings)(ids, lengths, extras=extras)
-        torch.testing.assert_close(planned.logits, reference.logits, atol=1e-4, rtol=0)
-        if mode == "dynamic" and "keep_ratio" in knobs:
-            gathered = compile_plan(net, settings, strategy=Strategy("gather", 1))(
-                ids, lengths, extras=extras
-            )
-            torch.testing.assert_close(gathered.logits, reference.logits, atol=1e-4, rtol=0)
-            assert bool((gathered.flops_ratio < 1).all())
-            # The union of the batch's kept sets, one matmul over it: the same logits; each
-            # request is charged the union's width.
-            union = compile_plan(net, settings, strategy=UNION)(ids, lengths, extras=extras)
-            torch.testing.assert_close(union.logits, reference.logits, atol=1e-4, rtol=0)
-            assert bool((union.macs >= gathered.macs).all())
-            assert bool((union.macs <= reference.dense_macs).all())
+    assert_plans_match_reference(net, ids, lengths, extras)
     # Padding is masked: a padded row equals its solo forward, in dynamic mode too.
     assert net.padding_invariant
     settings = settings_for(net.config, "dynamic")
