@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from models import load_checkpoint, save_checkpoint, settings_for
 from tests.integration.conftest import serving
@@ -25,6 +25,22 @@ if os.environ.get("CI") != "true":
 import transformers as tf  # noqa: E402
 
 from models.retrofit import retrofit  # noqa: E402
+
+
+def inputs(module: object, named: dict[str, np.ndarray], binary: bool = True) -> list[object]:
+    """tritonclient inputs (``module``: its http or grpc client module) of named arrays, each
+    in its own datatype; binary over HTTP unless ``binary`` is False."""
+    out = []
+    for name, value in named.items():
+        inp = module.InferInput(  # type: ignore[attr-defined]
+            name, list(value.shape), np_to_triton_dtype(value.dtype)
+        )
+        if module is triton:
+            inp.set_data_from_numpy(value, binary_data=binary)
+        else:
+            inp.set_data_from_numpy(value)
+        out.append(inp)
+    return out
 
 
 def test_a_retrofitted_encoder_serves_mixed_lengths(tmp_path: Path) -> None:
@@ -137,18 +153,6 @@ def test_a_retrofitted_bert_serves_token_ids_and_refuses_bad_ones_alone(tmp_path
         ({"input_ids": np.ones((1, 41), np.int64)}, "accepts at most 40"),
         ({"input_ids": ok_ids, "token_type_ids": ok_ids * 2}, "'token_type_ids' has values"),
     ]
-
-    def inputs(module: object, named: dict[str, np.ndarray], binary: bool) -> list[object]:
-        out = []
-        for name, value in named.items():
-            inp = module.InferInput(name, list(value.shape),  # type: ignore[attr-defined]
-                                    "FP32" if value.dtype == np.float32 else "INT64")
-            if module is triton:
-                inp.set_data_from_numpy(value, binary_data=binary)
-            else:
-                inp.set_data_from_numpy(value)
-            out.append(inp)
-        return out
 
     with serving(tmp_path / "repo", tmp_path, max_batch_size=8, max_queue_delay_ms=20) as srv:
         client = triton.InferenceServerClient(srv.address, concurrency=8)
@@ -295,18 +299,6 @@ def test_a_retrofitted_vit_serves_images_and_refuses_bad_ones_alone(tmp_path: Pa
          "unknown input 'input'; model 'vit' takes 'pixel_values'"),
         ({}, "missing input 'pixel_values'"),
     ]
-
-    def inputs(module: object, named: dict[str, np.ndarray], binary: bool = True) -> list[object]:
-        out = []
-        for key, value in named.items():
-            datatype = {np.float32: "FP32", np.float64: "FP64"}[value.dtype.type]
-            inp = module.InferInput(key, list(value.shape), datatype)  # type: ignore[attr-defined]
-            if module is triton:
-                inp.set_data_from_numpy(value, binary_data=binary)
-            else:
-                inp.set_data_from_numpy(value)
-            out.append(inp)
-        return out
 
     with serving(tmp_path / "repo", tmp_path, max_batch_size=8, max_queue_delay_ms=20) as srv:
         client = triton.InferenceServerClient(srv.address, concurrency=8)
