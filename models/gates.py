@@ -176,10 +176,7 @@ def apply_keep_policy(
             return open_b.to(final.dtype)
         ranked = (final if scores is None else scores.expand_as(final)).detach()
         ranked = ranked.masked_fill(~open_b, float("-inf"))
-        if scores is None:
-            idx = ranked.topk(k, dim=-1).indices
-        else:
-            idx = ranked.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+        idx = ranked.topk(k, dim=-1).indices if scores is None else static_order(ranked)[..., :k]
         return torch.zeros_like(final).scatter_(-1, idx, 1.0)
     if threshold is not None:
         return ((final >= threshold) & open_b).to(final.dtype)
@@ -187,7 +184,7 @@ def apply_keep_policy(
 
 
 def static_order(scores: torch.Tensor) -> torch.Tensor:
-    """(n,) channels by static score, highest first, ties by index: the open channels come
+    """(…, n) channels by static score, highest first, ties by index: the open channels come
     first (a static value is monotone in its score) and every static keep set of
     :func:`apply_keep_policy` (top-k, threshold) is a prefix."""
     return scores.detach().sort(descending=True, stable=True).indices

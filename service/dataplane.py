@@ -616,13 +616,8 @@ def _input_array(
         raise InvalidInput(
             f"input {name!r} must have shape {allowed}, got {list(tensor.array.shape)}"
         )
-    rows, length = array.shape[0], array.shape[1]
-    if rows < 1 or length < 1:
-        raise InvalidInput(f"input {name!r} is empty: shape {list(tensor.array.shape)}")
-    if rows > max_rows:
-        raise InvalidInput(
-            f"input {name!r} has batch size {rows}; the limit per request is {max_rows}"
-        )
+    length = array.shape[1]
+    _check_rows(name, array.shape[0], length, list(tensor.array.shape), max_rows)
     if length > info.max_length:
         raise InvalidInput(
             f"input {name!r} has sequence length {length}; model {info.name!r} accepts "
@@ -641,12 +636,17 @@ def _check_fixed_shape(array: np.ndarray, spec: TensorSpec, max_rows: int) -> No
     if array.ndim != len(spec.shape) or tuple(array.shape[1:]) != spec.shape[1:]:
         allowed = "[" + ", ".join(["batch", *(str(d) for d in spec.shape[1:])]) + "]"
         raise InvalidInput(f"input {spec.name!r} must be {allowed}, got {list(array.shape)}")
-    if array.shape[0] < 1:
-        raise InvalidInput(f"input {spec.name!r} is empty: shape {list(array.shape)}")
-    if array.shape[0] > max_rows:
+    _check_rows(spec.name, array.shape[0], 1, list(array.shape), max_rows)
+
+
+def _check_rows(name: str, rows: int, steps: int, shape: list[int], max_rows: int) -> None:
+    """A request's ``rows`` of ``steps`` each (a fixed-shape input: 1): not empty, and at most
+    ``max_rows`` rows."""
+    if rows < 1 or steps < 1:
+        raise InvalidInput(f"input {name!r} is empty: shape {shape}")
+    if rows > max_rows:
         raise InvalidInput(
-            f"input {spec.name!r} has batch size {array.shape[0]}; the limit per request is "
-            f"{max_rows}"
+            f"input {name!r} has batch size {rows}; the limit per request is {max_rows}"
         )
 
 

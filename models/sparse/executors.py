@@ -529,8 +529,7 @@ class FFNExecutor:
                 h.mul_(values[i])  # (T, k)
                 y[i].addmm_(h, g[-1])  # (T, D_out)
             return
-        for s in range(0, b, chunk):
-            e = min(b, s + chunk)
+        for s, e in _chunks(b, chunk):
             rows = idx[s:e]
             g = [self._gather_rows(j, rows, ws, f"g{j}", y) for j in range(len(sides))]
             h = ws.get("hk", (e - s, t, k), y)
