@@ -44,6 +44,12 @@ class TensorSpec:
     # Integer inputs: the allowed values, inclusive (token ids inside the vocabulary).
     value_range: tuple[int, int] | None = None
 
+    @property
+    def shape_text(self) -> str:
+        """The shape as errors name it: ``[batch, T, 1]``, ``[batch, 3, 32, 32]``."""
+        dims = ["T" if i == self.length_dim else str(d) for i, d in enumerate(self.shape) if i]
+        return "[" + ", ".join(["batch", *dims]) + "]"
+
 
 @dataclass(frozen=True)
 class ModelContract:

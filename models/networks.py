@@ -243,9 +243,8 @@ class GatedNetwork(nn.Module):
         want = [d if d != -1 else None for d in spec.shape]
         if x.dim() != len(want) or any(w is not None and x.shape[i] != w
                                        for i, w in enumerate(want) if i > 1):
-            shown = ", ".join(["batch", "T", *(str(d) for d in spec.shape[2:])])
             raise InvalidInputError(
-                f"{spec.name} must have shape [{shown}], got {list(x.shape)}"
+                f"{spec.name} must have shape {spec.shape_text}, got {list(x.shape)}"
             )
         if x.shape[1] > cfg.max_length:
             raise InvalidInputError(
@@ -261,8 +260,9 @@ class GatedNetwork(nn.Module):
         spec = self.contract().data_inputs[0]
         steps = self.config.model.max_length
         if tuple(x.shape[1:]) != spec.shape[1:]:
-            shown = ", ".join(["batch", *(str(d) for d in spec.shape[1:])])
-            raise InvalidInputError(f"{spec.name} must have shape [{shown}], got {list(x.shape)}")
+            raise InvalidInputError(
+                f"{spec.name} must have shape {spec.shape_text}, got {list(x.shape)}"
+            )
         if lengths.shape != (x.shape[0],):
             raise InvalidInputError(f"lengths must have shape [{x.shape[0]}]")
         if x.shape[0] and bool((lengths != steps).any()):

@@ -610,7 +610,7 @@ def _input_array(
     if array.ndim == 2 and fixed == (1,):  # [batch, T] for one channel
         array = array.reshape(array.shape[0], array.shape[1], 1)
     if array.ndim != len(spec.shape) or tuple(array.shape[2:]) != fixed:
-        allowed = "[" + ", ".join(["batch", "T", *(str(d) for d in fixed)]) + "]"
+        allowed = spec.shape_text
         if fixed == (1,):
             allowed += " or [batch, T]"
         raise InvalidInput(
@@ -634,8 +634,9 @@ def _input_array(
 def _check_fixed_shape(array: np.ndarray, spec: TensorSpec, max_rows: int) -> None:
     """An input without a length: [rows, *shape], every dimension after the batch exact."""
     if array.ndim != len(spec.shape) or tuple(array.shape[1:]) != spec.shape[1:]:
-        allowed = "[" + ", ".join(["batch", *(str(d) for d in spec.shape[1:])]) + "]"
-        raise InvalidInput(f"input {spec.name!r} must be {allowed}, got {list(array.shape)}")
+        raise InvalidInput(
+            f"input {spec.name!r} must be {spec.shape_text}, got {list(array.shape)}"
+        )
     _check_rows(spec.name, array.shape[0], 1, list(array.shape), max_rows)
 
 
