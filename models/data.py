@@ -112,9 +112,7 @@ def load_tensor_file(
     if in_channels is not None and c != in_channels:
         raise DataError(f"{where}: 'inputs' has {c} channels; the model takes {in_channels}")
     _check_steps(t, max_length, where)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise DataError(f"{where}: 'inputs' holds NaN or infinite values")
+    x = _finite_floats(x, where)
     lengths = _lengths(arrays, n, t, where)
     x[np.arange(t)[None, :] >= lengths[:, None]] = 0.0  # padding is zeros, as the server's
     return Split(torch.from_numpy(x), _labels(arrays, n, where, num_classes),
@@ -147,10 +145,8 @@ def _token_split(arrays: dict[str, np.ndarray], where: str, max_length: int | No
 def _fixed_split(arrays: dict[str, np.ndarray], where: str, steps: int,
                  num_classes: int | None, spec: TensorSpec) -> Split:
     x = arrays["inputs"]
-    want = [int(d) for d in spec.shape[1:]]
-    if x.ndim != len(spec.shape) or list(x.shape[1:]) != want or x.shape[0] == 0:
-        shown = ", ".join(["N", *(str(d) for d in want)])
-        raise DataError(f"{where}: 'inputs' must be ({shown}) with N >= 1 (the model's "
+    if x.ndim != len(spec.shape) or x.shape[1:] != spec.shape[1:] or x.shape[0] == 0:
+        raise DataError(f"{where}: 'inputs' must be {_rows_of(spec)} with N >= 1 (the model's "
                         f"{spec.name!r}, a fixed shape), got shape {list(x.shape)}")
     if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
         raise DataError(f"{where}: 'inputs' must hold numbers, got {x.dtype}")
@@ -158,12 +154,23 @@ def _fixed_split(arrays: dict[str, np.ndarray], where: str, steps: int,
         if key in arrays:
             raise DataError(f"{where}: {key!r} does not apply: the model's {spec.name!r} has a "
                             "fixed shape, every row is whole")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise DataError(f"{where}: 'inputs' holds NaN or infinite values")
+    x = _finite_floats(x, where)
     n = x.shape[0]
     return Split(torch.from_numpy(x), _labels(arrays, n, where, num_classes),
                  torch.full((n,), steps, dtype=torch.int64))
+
+
+def _rows_of(spec: TensorSpec) -> str:
+    """The (N, ...) shape a tensor file holds for a fixed-shape input."""
+    return "(" + ", ".join(["N", *(str(d) for d in spec.shape[1:])]) + ")"
+
+
+def _finite_floats(x: np.ndarray, where: str) -> np.ndarray:
+    """``x`` as contiguous float32, refused if any value is NaN or infinite."""
+    out = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise DataError(f"{where}: 'inputs' holds NaN or infinite values")
+    return out
 
 
 def _check_steps(t: int, max_length: int | None, where: str) -> None:
@@ -186,25 +193,38 @@ def _labels(arrays: dict[str, np.ndarray], n: int, where: str,
     return torch.full((n,), -1, dtype=torch.int64)  # unlabelled: -1
 
 
-def load_dataset(cfg: ModelConfig, first_input: TensorSpec | None = None) -> tuple[Split, Split]:
-    """(train, test) splits of ``cfg.data``: MNIST-1D, or the tensor file(s) it names.
-    ``first_input``: the model's first input (its contract's); integer ones read token ids,
-    fixed-shape ones (an image) rows of exactly their shape."""
-    data: DataConfig = cfg.data
+def _input_kind(first_input: TensorSpec | None) -> tuple[TensorSpec | None, TensorSpec | None]:
+    """(tokens, fixed): ``first_input`` where it is integer ids, where it has a fixed shape
+    (float only: a tensor file cannot give others)."""
     fixed = first_input if first_input is not None and first_input.length_dim is None else None
     if fixed is not None and fixed.datatype != "FP32":
         raise DataError(f"the model's {fixed.name!r} is {fixed.datatype} of a fixed shape: "
                         "tensor files give fixed-shape inputs as floats only")
     tokens = first_input if first_input is not None and first_input.datatype != "FP32" else None
+    return tokens, fixed
+
+
+def refuse_mnist1d(first_input: TensorSpec | None) -> None:
+    """Raise DataError saying why MNIST-1D cannot feed a model whose first input is
+    ``first_input`` (token ids, a fixed shape); nothing for a float signal."""
+    tokens, fixed = _input_kind(first_input)
+    if fixed is not None:
+        raise DataError(f"MNIST-1D is a float signal of 40 steps; the model takes "
+                        f"{fixed.name!r} {fixed.datatype} of a fixed shape: give a tensor "
+                        f"file of {_rows_of(fixed)} inputs")
+    if tokens is not None:
+        raise DataError(f"MNIST-1D is a float signal; the model takes {tokens.name!r} "
+                        f"{tokens.datatype}: give a tensor file of token ids")
+
+
+def load_dataset(cfg: ModelConfig, first_input: TensorSpec | None = None) -> tuple[Split, Split]:
+    """(train, test) splits of ``cfg.data``: MNIST-1D, or the tensor file(s) it names.
+    ``first_input``: the model's first input (its contract's); integer ones read token ids,
+    fixed-shape ones (an image) rows of exactly their shape."""
+    data: DataConfig = cfg.data
+    tokens, fixed = _input_kind(first_input)
     if data.dataset == "mnist1d":
-        if fixed is not None:
-            shape = ", ".join(["N", *(str(d) for d in fixed.shape[1:])])
-            raise DataError(f"MNIST-1D is a float signal of 40 steps; the model takes "
-                            f"{fixed.name!r} {fixed.datatype} of a fixed shape: give a tensor "
-                            f"file of ({shape}) inputs")
-        if tokens is not None:
-            raise DataError(f"MNIST-1D is a float signal; the model takes {tokens.name!r} "
-                            f"{tokens.datatype}: give a tensor file of token ids")
+        refuse_mnist1d(first_input)
         return load_mnist1d(data.seed)
     m = cfg.model
     assert data.path is not None  # DataConfig requires it
