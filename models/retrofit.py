@@ -235,9 +235,11 @@ def _has_head(config: dict[str, Any], head: bool | None) -> bool:
     return any(str(n).endswith(heads) for n in names) or not names
 
 
-def _build_args(spec: Family, head: bool) -> dict[str, Any]:
-    """Keyword arguments of the model class: the encoder alone may go without its pooler."""
-    return {} if head or spec.pooler else {"add_pooling_layer": False}
+def _model_class(spec: Family, head: bool) -> tuple[Any, dict[str, Any]]:
+    """The ``transformers`` class to build (with the head, or the encoder alone) and its
+    keyword arguments: the encoder alone may go without its pooler."""
+    model_cls = getattr(_transformers(), spec.classifier if head else spec.base)
+    return model_cls, ({} if head or spec.pooler else {"add_pooling_layer": False})
 
 
 def hf_encoder(config: dict[str, Any], head: bool = True) -> HFEncoder:
@@ -247,12 +249,11 @@ def hf_encoder(config: dict[str, Any], head: bool = True) -> HFEncoder:
     family = _family(config)
     spec = FAMILIES[family]
     hf_config = getattr(tf, spec.config).from_dict(dict(config))
-    model_cls = getattr(tf, spec.classifier if head else spec.base)
-    return HFEncoder(model_cls(hf_config, **_build_args(spec, head)).eval(), family, head)
+    model_cls, kwargs = _model_class(spec, head)
+    return HFEncoder(model_cls(hf_config, **kwargs).eval(), family, head)
 
 
 def _load_source(source: Path | dict[str, Any], head: bool | None) -> HFEncoder:
-    tf = _transformers()
     if isinstance(source, dict):
         return hf_encoder(source, _has_head(source, head))
     folder = Path(source)
@@ -263,10 +264,9 @@ def _load_source(source: Path | dict[str, Any], head: bool | None) -> HFEncoder:
     family = _family(config)
     with_head = _has_head(config, head)
     spec = FAMILIES[family]
-    model_cls = getattr(tf, spec.classifier if with_head else spec.base)
+    model_cls, kwargs = _model_class(spec, with_head)
     try:
-        hf = model_cls.from_pretrained(str(folder), local_files_only=True,
-                                       **_build_args(spec, with_head))
+        hf = model_cls.from_pretrained(str(folder), local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{folder}: cannot load the pretrained model: {err}") from None
     return HFEncoder(hf.eval(), family, with_head)
