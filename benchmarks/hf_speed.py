@@ -1,7 +1,7 @@
 """A retrofitted Hugging Face encoder against the ``transformers`` forward users run today.
 
     python benchmarks/hf_speed.py [--models bert-base hubert-base] [--batches 1 8]
-                                  [--rounds 5] [--threads 2]
+                                  [--rounds 7] [--threads 2]
 
 Both models are the ``transformers`` config defaults with random weights (random predictors:
 each request keeps its own channel set): ``bert-base`` on 128 tokens, ``hubert-base`` on 2 s
@@ -9,7 +9,9 @@ of 16 kHz audio. Per batch size, one process times, interleaved round by round: 
 ``transformers`` forward (eager, dense, the same weights), the retrofit's dense plan, and its
 dynamic plans at keep 1.0 / 0.5 / 0.25. Realized speedup: dense plan time over dynamic time;
 ideal: the dense MACs over the MACs the keep policy leaves (FFN channels kept + predictors,
-everything else dense). Writes ``results/hf_speed_<device>.{json,md}``.
+everything else dense). Ratios are paired: the median over rounds of each round's own ratio
+(the two forwards of a round run back to back, so a slow spell of a shared machine falls on
+both); times are medians. Writes ``results/hf_speed_<device>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -100,24 +102,29 @@ def bench(name: str, batches: list[int], rounds: int, log: Callable[[str], None]
             policy = {f"dynamic {keep:g}": net(x, lengths, GateSettings(
                 "dynamic", keep_ratio=keep, bucket=8)).macs for keep in KEEPS}
         med = {k: statistics.median(v) for k, v in times.items()}
-        dense_ms = med["dense"]
+
+        def paired(num: str, den: str) -> float:
+            return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+
         row = {
             "model": name, "batch": batch, "length": length,
             "transformers_ms": round(med["transformers"], 1),
-            "dense_ms": round(dense_ms, 1),
-            "dense_vs_transformers": round(med["transformers"] / dense_ms, 3),
+            "dense_ms": round(med["dense"], 1),
+            "dense_vs_transformers": round(paired("transformers", "dense"), 3),
             "dense_max_abs_diff": float((outs["dense"].logits - want).abs().max()),
             "rounds": rounds,
         }
         for keep in KEEPS:
             key = f"dynamic {keep:g}"
             ideal = float((outs[key].dense_macs / policy[key]).mean())
-            realized = dense_ms / med[key]
+            realized = paired("dense", key)
             row[f"keep_{keep:g}"] = {
                 "ms": round(med[key], 1), "realized_speedup": round(realized, 3),
+                "realized_per_round": [round(a / b, 3) for a, b in zip(times["dense"], times[key],
+                                                                         strict=True)],
                 "ran_over_kept_macs": round(float((outs[key].macs / policy[key]).mean()), 3),
                 "ideal_speedup": round(ideal, 3), "realized_over_ideal": round(realized / ideal, 3),
-                "vs_transformers": round(med["transformers"] / med[key], 3),
+                "vs_transformers": round(paired("transformers", key), 3),
             }
         cells.append(row)
         log(json.dumps(row))
@@ -129,7 +136,8 @@ def markdown(meta: dict[str, Any], cells: list[dict]) -> str:
         f"# Retrofitted encoders vs the `transformers` forward ({meta['device_name']})",
         "",
         f"torch {meta['torch']}, transformers {meta['transformers']}, {meta['threads']} "
-        f"threads, median of {cells[0]['rounds']} interleaved rounds; random weights and "
+        f"threads, {cells[0]['rounds']} interleaved rounds: times are medians, ratios the "
+        "median of each round's own ratio; random weights and "
         "predictors (config defaults). Realized: dense plan / dynamic; ideal: dense MACs / "
         "MACs left by the keep policy; ran: the MACs the plan ran over those (above 1 where "
         "the union strategy ran a batch's union of kept channels).",
@@ -156,7 +164,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["bert-base", "hubert-base"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

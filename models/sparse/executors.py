@@ -383,8 +383,12 @@ class FFNExecutor:
         members = present.nonzero().flatten()  # (u,) sorted rows
         if not self._union_pays(b, k, int(members.numel())):
             return None
-        gate = values.new_zeros(b, members.numel())
-        gate.scatter_(1, torch.searchsorted(members, idx), values)
+        # Each request's values over every row, then the union's columns: a scatter and a
+        # gather of (B, n), where locating each pick among the members (searchsorted) cost
+        # ten times more.
+        full = values.new_zeros(b, self.layer.n)
+        full.scatter_(1, idx, values)
+        gate = full.index_select(1, members)
         return _Selection(UNION, members, None, gate.unsqueeze(1))  # gate (B, 1, u)
 
     def _blend_terms(self, settings: GateSettings) -> tuple[torch.Tensor, torch.Tensor]:
