@@ -269,7 +269,23 @@ def _load_source(source: Path | dict[str, Any], head: bool | None) -> HFEncoder:
         hf = model_cls.from_pretrained(str(folder), local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{folder}: cannot load the pretrained model: {err}") from None
+    _own_memory(hf)
     return HFEncoder(hf.eval(), family, with_head)
+
+
+def _own_memory(module: nn.Module) -> None:
+    """Copy every parameter and buffer that ``from_pretrained`` left in a copy-on-write map of
+    the weights file into memory of the process (tied tensors stay tied), as a loaded
+    checkpoint's are: the kernel may drop a file map's pages under page-cache pressure and read
+    them back from disk in the middle of a forward, and the plans read these weights for as
+    long as the process runs."""
+    copies: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            ptr = t.data_ptr()
+            if ptr not in copies:
+                copies[ptr] = t.data.clone()
+            t.data = copies[ptr]
 
 
 def retrofit(
