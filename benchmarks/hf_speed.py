@@ -103,7 +103,7 @@ def bench(name: str, batches: list[int], rounds: int, log: Callable[[str], None]
                 "dynamic", keep_ratio=keep, bucket=8)).macs for keep in KEEPS}
         med = {k: statistics.median(v) for k, v in times.items()}
 
-        def paired(num: str, den: str) -> float:
+        def paired(num: str, den: str, times: dict[str, list[float]] = times) -> float:
             return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
         row = {

@@ -7,6 +7,7 @@ docs/gates.md states the math (static gates, the blend, the keep policy); the te
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -52,6 +53,88 @@ def bucketed_k(keep_ratio: float, n_open: int, bucket: int) -> int:
         return 0
     k = max(1, math.ceil(keep_ratio * n_open - 1e-9))
     return min(math.ceil(k / bucket) * bucket, n_open)
+
+
+class RunValues:
+    """The knobs a compiled plan takes at run time (the blend weight, a dynamic threshold) for
+    one forward: the settings' values for every row, or each row's own where the requests of a
+    batch asked for different ones. Requests that differ only in these share a plan, so they
+    share a batch too.
+
+    ``rows``: one :class:`GateSettings` per row of the batch (None: every row runs
+    ``settings``). Rows may differ from ``settings`` only in ``dynamic_weight`` and, with a
+    dynamic threshold policy, ``threshold``; anything else is a different plan (ValueError).
+    """
+
+    __slots__ = ("_rows", "_weights", "settings", "threshold")
+
+    def __init__(
+        self,
+        settings: GateSettings,
+        rows: Sequence[GateSettings] | None = None,
+        batch: int = 0,
+        device: torch.device | None = None,
+    ) -> None:
+        self.settings = settings
+        self._rows: tuple[GateSettings, ...] = ()
+        self._weights: dict[float, float | torch.Tensor] = {}
+        # The threshold: a float, None (no threshold policy), or (B, 1) per row.
+        self.threshold: float | torch.Tensor | None = settings.threshold
+        if rows is None:
+            return
+        if len(rows) != batch:
+            raise ValueError(f"{len(rows)} per-row gate settings for a batch of {batch}")
+        for row in rows:
+            if not _same_plan(row, settings):
+                raise ValueError(
+                    f"per-row gate settings {row} differ from the batch's {settings} in more "
+                    "than the blend weight and a dynamic threshold"
+                )
+        if len({r.dynamic_weight for r in rows}) > 1:
+            self._rows = tuple(rows)
+        taus = {r.threshold for r in rows}
+        if settings.threshold is not None and len(taus) > 1:
+            self.threshold = torch.tensor(
+                [[r.threshold] for r in rows], dtype=torch.float32, device=device
+            )
+        elif taus:
+            self.threshold = next(iter(taus))
+        if len({r.dynamic_weight for r in rows}) == 1 and rows[0].dynamic_weight is not None:
+            self.settings = settings.model_copy(update={"dynamic_weight": rows[0].dynamic_weight})
+
+    def weight(self, default: float, device: torch.device) -> float | torch.Tensor:
+        """The blend weight w: a float, or (B, 1) per row (a row without one: ``default``, the
+        layer's configured weight)."""
+        if not self._rows:
+            w = self.settings.dynamic_weight
+            return default if w is None else w
+        got = self._weights.get(default)
+        if got is None:
+            values = [[default if r.dynamic_weight is None else r.dynamic_weight]
+                      for r in self._rows]
+            got = torch.tensor(values, dtype=torch.float32, device=device)
+            self._weights[default] = got
+        return got
+
+
+def _same_plan(row: GateSettings, settings: GateSettings) -> bool:
+    """Whether ``row`` runs the plan of ``settings`` with other run-time values."""
+    if row.mode != settings.mode or row.keep_ratio != settings.keep_ratio:
+        return False
+    if row.bucket != settings.bucket:
+        return False
+    if row.threshold != settings.threshold:
+        dynamic_threshold = settings.mode == "dynamic" and settings.keep_ratio is None
+        if not dynamic_threshold or row.threshold is None or settings.threshold is None:
+            return False
+    return True
+
+
+def per_row(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A (B, 1) per-row value shaped to broadcast over ``like`` (B, …, n); floats as they are."""
+    if isinstance(value, torch.Tensor) and like.dim() > 2:
+        return value.view(value.shape[0], *([1] * (like.dim() - 1)))
+    return value
 
 
 def temperature_at(step: int, temperature: float, decay: float, freq: int, minimum: float) -> float:
@@ -157,14 +240,15 @@ def apply_keep_policy(
     final: torch.Tensor,
     open_mask: torch.Tensor,
     keep_ratio: float | None,
-    threshold: float | None,
+    threshold: float | torch.Tensor | None,
     bucket: int,
     scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hard keep mask (same shape as ``final``, float 0/1) among statically open channels.
 
     ``scores`` ranks channels for top-k (defaults to ``final``); ``open_mask`` (n,) marks the
-    channels the static gate leaves open. Top-k: k = bucketed_k(ρ, n_open). Threshold: final ≥ τ.
+    channels the static gate leaves open. Top-k: k = bucketed_k(ρ, n_open). Threshold: final ≥ τ
+    (a float, or per row shaped to broadcast over ``final``).
     A static ranking (``scores`` given) breaks ties by channel index, so every static keep set
     is a prefix of :func:`static_order` (compiled plans read it as a slice of shared weights).
     """
@@ -234,10 +318,17 @@ class DynamicStructuredGate(nn.Module):
         return values
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, settings: GateSettings
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        settings: GateSettings,
+        values: RunValues | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """x (B, T, C_in), mask (B, T) -> (gate (B, 1, n) or (B, T, n) or None, kept (B,))."""
+        """x (B, T, C_in), mask (B, T) -> (gate (B, 1, n) or (B, T, n) or None, kept (B,)).
+        ``values``: the blend weight and threshold of each row (default: the settings')."""
         batch = x.shape[0]
+        if values is None:
+            values = RunValues(settings)
         if settings.mode == "dense":
             return None, torch.full((batch,), float(self.n), device=x.device)
         static = self.static_values()  # (n,)
@@ -249,15 +340,21 @@ class DynamicStructuredGate(nn.Module):
         )
         if use_dynamic:
             assert self.predictor is not None
-            w = self.dynamic_weight if settings.dynamic_weight is None else settings.dynamic_weight
             dynamic = self.predictor(x, mask)  # (B, n) or (B, T, n)
+            w = per_row(values.weight(self.dynamic_weight, x.device), dynamic)
             final = (1.0 - w) * static + w * (static * dynamic)
             scores = None
         else:
             final = static.expand(batch, self.n)  # (B, n)
             scores = self.static_gate.scores()
+        threshold = values.threshold
         hard = apply_keep_policy(
-            final, open_mask, settings.keep_ratio, settings.threshold, settings.bucket, scores
+            final,
+            open_mask,
+            settings.keep_ratio,
+            None if threshold is None else per_row(threshold, final),
+            settings.bucket,
+            scores,
         )
         gate = straight_through(final, hard) if self.training else final * hard
         if gate.dim() == 2:

@@ -45,7 +45,7 @@ from torch import nn
 from models.config import ModelConfig
 from models.errors import ArchitectureError, InvalidInputError
 from models.gate_config import GateSettings
-from models.gates import DynamicStructuredGate, StaticGate
+from models.gates import DynamicStructuredGate, RunValues, StaticGate
 from models.predictor import time_mask
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ class Forward:
         "plan",
         "records",
         "settings",
+        "values",
     )
 
     def __init__(
@@ -97,8 +98,12 @@ class Forward:
         lengths: dict[int, torch.Tensor],
         padded: bool,
         plan: SparsePlan | None = None,
+        rows: Sequence[GateSettings] | None = None,
     ) -> None:
         self.settings = settings
+        # The blend weight and threshold of each row (``rows``: one settings per row, for a
+        # batch whose requests asked for different values of one plan).
+        self.values = RunValues(settings, rows, batch, lengths[full_length].device)
         self.batch = batch
         self.full_length = full_length  # padded T of the network input
         self.lengths = lengths  # padded time size -> (B,) lengths
@@ -612,7 +617,7 @@ class GatedFFN(GatedLayer):
             t = self.steps_of(x, proj, fwd)
             lengths = self.lengths(t, fwd)
             mask = time_mask(lengths, steps.shape[1])
-            gate, kept = self.gate(steps, mask, fwd.settings)
+            gate, kept = self.gate(steps, mask, fwd.settings, fwd.values)
             y = proj.dense(x)
             t_hidden = self.steps_of(y, proj, fwd)
             h_len = self.lengths(t_hidden, fwd) if t_hidden != t else lengths

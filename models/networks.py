@@ -276,7 +276,12 @@ class GatedNetwork(nn.Module):
         raise NotImplementedError
 
     def open_forward(
-        self, x: torch.Tensor, lengths: torch.Tensor, settings: GateSettings, plan: Any = None
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor,
+        settings: GateSettings,
+        plan: Any = None,
+        rows: Sequence[GateSettings] | None = None,
     ) -> Forward:
         # A fixed-shape input has no length dimension: its rows are max_length steps long.
         fixed = self.fixed_length
@@ -291,6 +296,7 @@ class GatedNetwork(nn.Module):
             lengths={t: lengths.to(x.device)},
             padded=padded,
             plan=plan,
+            rows=rows,
         )
 
     def forward(
@@ -299,12 +305,15 @@ class GatedNetwork(nn.Module):
         lengths: torch.Tensor,
         settings: GateSettings,
         extras: Mapping[str, torch.Tensor] | None = None,
+        rows: Sequence[GateSettings] | None = None,
     ) -> NetworkOutput:
         """The reference forward: x (B, T, C_in), lengths (B,) -> logits, kept and MACs;
         ``extras``: the contract's other data inputs, by name, shaped (B, T, ...) like x. A
-        fixed-shape input is x (B, *shape) with every length :attr:`fixed_length`."""
+        fixed-shape input is x (B, *shape) with every length :attr:`fixed_length`. ``rows``:
+        one settings per row where the rows' blend weights or dynamic thresholds differ
+        (:class:`models.gates.RunValues`)."""
         self.check_input(x, lengths)
-        fwd = self.open_forward(x, lengths, settings)
+        fwd = self.open_forward(x, lengths, settings, rows=rows)
         if fwd.padded and not self.padding_invariant:
             raise InvalidInputError(
                 "this model's results depend on padding: batch only requests of one length"

@@ -1,10 +1,11 @@
 """Dynamic batching of inference requests, one batcher per served model.
 
 Requests queue per batch key: the plan their gate configuration runs (configurations that
-execute the same plan share it) and, for a model whose results depend on padding, their
-sequence length. A batch holds requests of one key only, so a runtime gate switch takes effect
-between batches and never inside one. A batch holds at most
-``max_batch_size`` requests and ``max_batch_rows`` rows (a request is never split), and is
+execute the same plan share it, each request with its own blend weight and threshold) and, for
+a model whose results depend on padding, their sequence length. A batch holds requests of one
+key only, so a runtime gate switch takes effect between batches and never inside one. A batch
+holds at most ``max_batch_size`` requests and ``max_batch_rows`` rows (a request is never
+split), and is
 dispatched as soon as the oldest queued request has a full batch of compatible mates or has
 waited ``max_queue_delay`` (``time.monotonic()``), whichever comes first; at light load it does not
 wait when no other request for the model is in flight (``inflight``). Batches run one at a time on
@@ -40,7 +41,8 @@ from service.tracing import BatchTiming, Tracing
 
 logger = logging.getLogger(__name__)
 
-Compute = Callable[[GateConfig, Sequence[ModelInput]], list[ItemResult]]
+# A batch: each request's gate configuration (one batch key) and its input.
+Compute = Callable[[Sequence[GateConfig], Sequence[ModelInput]], list[ItemResult]]
 
 
 class Ticket:
@@ -355,7 +357,8 @@ class DynamicBatcher:
             self._queue_seconds.observe(start - ticket.enqueued)
             ticket.batch = timing
         try:
-            results = await loop.run_in_executor(self._executor, self._compute, gate, items)
+            gates = [t.gate for t in batch]
+            results = await loop.run_in_executor(self._executor, self._compute, gates, items)
         except InvalidInput as err:
             for ticket in batch:
                 _fail(ticket, err)

@@ -93,10 +93,9 @@ class GateConfig:
 
     @property
     def batch_key(self) -> tuple[object, ...]:
-        """Requests of one batch key may share a batch: one plan, run with one set of the values
-        a plan takes at run time (a dynamic threshold, the blend weight)."""
-        values = (self.threshold, self.dynamic_weight) if self.mode == "dynamic" else ()
-        return (self.generation, self.key, *values)
+        """Requests of one batch key may share a batch: they run one plan, each with its own
+        values of the knobs a plan takes at run time (a dynamic threshold, the blend weight)."""
+        return (self.generation, self.key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,7 +341,7 @@ class Engine:
         for mode in GATE_MODES:
             gate = self._resolve(loaded, mode)
             for rows in sorted({1, rows_max}):
-                self._infer(loaded, gate, [_padding_item(info, rows, length)])
+                self._infer(loaded, [gate], [_padding_item(info, rows, length)])
         # Every served plan once at the largest batch, padded (two lengths) when it can be: the
         # shared buffers reach their final size now, whatever keep ratio comes first later.
         padded = (rows_max > 1 and info.max_length > 1 and info.mixed_lengths
@@ -353,7 +352,7 @@ class Engine:
         else:
             batch = [_padding_item(info, rows_max, info.max_length)]
         for gate in {gate.key: gate for gate in served}.values():
-            self._infer(loaded, gate, batch)
+            self._infer(loaded, [gate] * len(batch), batch)
         logger.info("warmed up model %s in %.2f s", info.name, time.monotonic() - start)
 
     def close(self) -> None:
@@ -454,25 +453,45 @@ class Engine:
     # ------------------------------------------------------------------ compute
 
     def infer(
-        self, model: str, gate: GateConfig, inputs: Sequence[ModelInput | FloatArray]
+        self,
+        model: str,
+        gates: GateConfig | Sequence[GateConfig],
+        inputs: Sequence[ModelInput | FloatArray],
     ) -> list[ItemResult]:
         """Run one batch: one :class:`ModelInput` per request (or, for a model of one input,
-        its (rows_i, T_i, C) array).
+        its (rows_i, T_i, C) array), and one gate configuration for all of them or one per
+        request (of one :attr:`GateConfig.batch_key`: one plan, each request with its own
+        blend weight and threshold).
 
         Each input is padded to the longest T with its contract's pad value and the true
         lengths passed, so a request's result does not depend on its batch mates. Blocking;
         call it on :attr:`executor`.
         """
         items = [i if isinstance(i, ModelInput) else ModelInput.of(i) for i in inputs]
-        return self._infer(self._models[model], gate, items)
+        per_item = [gates] * len(items) if isinstance(gates, GateConfig) else list(gates)
+        if len(per_item) != len(items):
+            raise ValueError(f"{len(per_item)} gate configurations for {len(items)} requests")
+        return self._infer(self._models[model], per_item, items)
 
     def _infer(
-        self, loaded: _Loaded, gate: GateConfig, inputs: Sequence[ModelInput]
+        self, loaded: _Loaded, gates: Sequence[GateConfig], inputs: Sequence[ModelInput]
     ) -> list[ItemResult]:
-        if gate.generation != loaded.generation:  # resolved before a hot reload: again
-            gate = self._resolve(
-                loaded, gate.mode, gate.keep_ratio, gate.threshold, gate.dynamic_weight
+        gates = [  # resolved before a hot reload: again
+            g if g.generation == loaded.generation else self._resolve(
+                loaded, g.mode, g.keep_ratio, g.threshold, g.dynamic_weight
             )
+            for g in gates
+        ]
+        gate = gates[0]
+        if any(g.batch_key != gate.batch_key for g in gates):
+            raise ValueError("one batch runs one plan: its requests' gate configurations differ")
+        row_settings = None
+        if any(g != gate for g in gates):  # other blend weights or thresholds, row by row
+            row_settings = [
+                _settings_of(g, loaded.bucket)
+                for g, item in zip(gates, inputs, strict=True)
+                for _ in range(item.rows)
+            ]
         plan = self._plan(loaded, gate)
         rows = [item.rows for item in inputs]
         info = loaded.info
@@ -486,7 +505,7 @@ class Engine:
             extras = {n: torch.from_numpy(a).to(dev, non_blocking=True)
                       for n, a in zip(names, arrays[1:], strict=True)}
             try:
-                out = plan(xt, lt, _settings_of(gate, loaded.bucket), extras)
+                out = plan(xt, lt, _settings_of(gate, loaded.bucket), extras, row_settings)
             except models.InvalidInputError as err:
                 raise InvalidInput(str(err)) from None
             kept = torch.stack(

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from models.errors import InvalidInputError
 from models.gate_config import GateSettings
-from models.gates import apply_keep_policy, bucketed_k, static_order
+from models.gates import RunValues, apply_keep_policy, bucketed_k, static_order
 from models.layers import (
     Forward,
     GatedConv1d,
@@ -320,7 +320,7 @@ class FFNExecutor:
             # weights per token, more than the dense matmul; the reference gate runs and its
             # hard mask multiplies.
             mask = fwd.mask_at(t_in, self.name)[0]
-            gate, kept = self.layer.gate(x_steps, mask, fwd.settings)
+            gate, kept = self.layer.gate(x_steps, mask, fwd.settings, fwd.values)
             assert gate is not None
             if self.order_open is not None:
                 gate = gate[..., self.order_open]  # the open rows' channels
@@ -328,7 +328,7 @@ class FFNExecutor:
         weights = fwd.mask_at(t_in, self.name)[3]
         dynamic = self.predictor(x_steps, weights, ws)  # (B, n)
         # final = (1 − w)·static + w·(static·dynamic), one fused multiply-add.
-        static_part, weighted_static = self._blend_terms(fwd.settings)
+        static_part, weighted_static = self._blend_terms(fwd.values, dynamic.device)
         final = torch.addcmul(static_part, dynamic, weighted_static)
         if self.k is not None:
             kvec = cast(torch.Tensor, self.k_vec).expand(b)
@@ -355,7 +355,7 @@ class FFNExecutor:
                 width,
                 (float(self.k), float(self.width)),
             )
-        tau = cast(float, fwd.settings.threshold)
+        tau = cast("float | torch.Tensor", fwd.values.threshold)  # a float or (B, 1)
         keep = final >= tau  # (B, n)
         if self.closed is not None:
             keep &= ~self.closed
@@ -391,12 +391,15 @@ class FFNExecutor:
         gate = full.index_select(1, members)
         return _Selection(UNION, members, None, gate.unsqueeze(1))  # gate (B, 1, u)
 
-    def _blend_terms(self, settings: GateSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    def _blend_terms(
+        self, values: RunValues, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """((1 − w)·static, w·static) for the forward's blend weight (the model's default
-        where the settings give none), remade only when the weight changes."""
-        w = settings.dynamic_weight
-        if w is None:
-            w = self.layer.gate.dynamic_weight
+        where the settings give none), remade only when the weight changes; (B, n) each when
+        the rows have weights of their own."""
+        w = values.weight(self.layer.gate.dynamic_weight, device)
+        if isinstance(w, torch.Tensor):  # (B, 1)
+            return (1.0 - w) * self.static, w * self.static
         blend = self._blend
         if blend is None or blend[0] != w:
             blend = (w, (1.0 - w) * self.static, w * self.static)

@@ -94,11 +94,15 @@ class SparsePlan:
         lengths: torch.Tensor,
         settings: GateSettings | None = None,
         extras: Mapping[str, torch.Tensor] | None = None,
+        rows: Sequence[GateSettings] | None = None,
     ) -> NetworkOutput:
         settings = self.settings if settings is None else self._check(settings)
         model = self.model
         model.check_input(x, lengths)
-        fwd = model.open_forward(x, lengths, settings, plan=self)
+        try:
+            fwd = model.open_forward(x, lengths, settings, plan=self, rows=rows)
+        except ValueError as err:  # rows that are not this plan's
+            raise ValueError(f"plan compiled for {self.settings}: {err}") from None
         if fwd.padded and not model.padding_invariant:
             raise InvalidInputError(
                 "this model's results depend on padding: batch only requests of one length"

@@ -28,7 +28,11 @@ class FakeEngine:
         self.batches: list[tuple[GateConfig, list[float]]] = []
         self.delay_s = delay_s
 
-    def __call__(self, gate: GateConfig, items: Sequence[ModelInput]) -> list[ItemResult]:
+    def __call__(
+        self, gates: Sequence[GateConfig], items: Sequence[ModelInput]
+    ) -> list[ItemResult]:
+        assert len(gates) == len(items) and len({g.batch_key for g in gates}) == 1, gates
+        gate = gates[0]
         time.sleep(self.delay_s)
         arrays = [item.arrays[0] for item in items]
         self.batches.append((gate, [float(a.ravel()[0]) for a in arrays]))
@@ -298,7 +302,7 @@ def test_drain_timeout_fails_the_computing_and_queued_requests() -> None:
 
 
 def test_compute_failure_fails_the_batch_with_500() -> None:
-    def broken(gate: GateConfig, items: Sequence[ModelInput]) -> list[ItemResult]:
+    def broken(gates: Sequence[GateConfig], items: Sequence[ModelInput]) -> list[ItemResult]:
         raise RuntimeError("boom")
 
     async def scenario(pool: ThreadPoolExecutor) -> None:

@@ -110,16 +110,20 @@ def test_blend_weights_and_thresholds_are_run_time_values_of_one_plan(
     weights = [engine.resolve_gate("tiny", "dynamic", 0.5, None, w) for w in (0.2, 0.6, 1.0)]
     taus = [engine.resolve_gate("tiny", "dynamic", None, t) for t in (0.3, 0.5, 0.7)]
     assert len({g.key for g in weights}) == 1 and len({g.key for g in taus}) == 1
-    # ...but never one batch: each runs with its own values.
-    assert len({g.batch_key for g in weights + taus}) == 6
-    for gate in weights + taus:
-        [result] = engine.infer("tiny", gate, [x])
-        knobs = {"keep_ratio": gate.keep_ratio, "threshold": gate.threshold,
-                 "dynamic_weight": gate.dynamic_weight}
-        np.testing.assert_allclose(
-            result.logits, reference_logits(net, x, "dynamic", **knobs), atol=1e-5
-        )
+    # ...and one batch: each request runs with its own values, alone or beside the others.
+    assert len({g.batch_key for g in weights}) == 1 and len({g.batch_key for g in taus}) == 1
+    for gates in (weights, taus):
+        together = engine.infer("tiny", gates, [x, x[:1], x])
+        for gate, item, result in zip(gates, [x, x[:1], x], together, strict=True):
+            [alone] = engine.infer("tiny", gate, [item])
+            knobs = {"keep_ratio": gate.keep_ratio, "threshold": gate.threshold,
+                     "dynamic_weight": gate.dynamic_weight}
+            want = reference_logits(net, item, "dynamic", **knobs)
+            np.testing.assert_allclose(alone.logits, want, atol=1e-5)
+            np.testing.assert_allclose(result.logits, want, atol=1e-5)
     assert len({id(plans[g.key]) for g in weights + taus}) == 2
+    with pytest.raises(ValueError, match="one batch runs one plan"):
+        engine.infer("tiny", [weights[0], taus[0]], [x, x])
 
 
 @pytest.fixture
