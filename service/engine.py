@@ -485,10 +485,15 @@ class Engine:
         gate = gates[0]
         if any(g.batch_key != gate.batch_key for g in gates):
             raise ValueError("one batch runs one plan: its requests' gate configurations differ")
+        settings = _settings_of(gate, loaded.bucket)
         row_settings = None
         if any(g != gate for g in gates):  # other blend weights or thresholds, row by row
+            # Only the run-time values are a row's own: configurations of one key may still
+            # differ in a keep ratio that buckets to the same counts.
             row_settings = [
-                _settings_of(g, loaded.bucket)
+                settings.model_copy(
+                    update={"threshold": g.threshold, "dynamic_weight": g.dynamic_weight}
+                )
                 for g, item in zip(gates, inputs, strict=True)
                 for _ in range(item.rows)
             ]
@@ -505,7 +510,7 @@ class Engine:
             extras = {n: torch.from_numpy(a).to(dev, non_blocking=True)
                       for n, a in zip(names, arrays[1:], strict=True)}
             try:
-                out = plan(xt, lt, _settings_of(gate, loaded.bucket), extras, row_settings)
+                out = plan(xt, lt, settings, extras, row_settings)
             except models.InvalidInputError as err:
                 raise InvalidInput(str(err)) from None
             kept = torch.stack(

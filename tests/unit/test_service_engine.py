@@ -124,6 +124,14 @@ def test_blend_weights_and_thresholds_are_run_time_values_of_one_plan(
     assert len({id(plans[g.key]) for g in weights + taus}) == 2
     with pytest.raises(ValueError, match="one batch runs one plan"):
         engine.infer("tiny", [weights[0], taus[0]], [x, x])
+    # Keep ratios that bucket to the same counts are one plan, so one batch too.
+    near = engine.resolve_gate("tiny", "dynamic", 0.4999, None, 0.6)
+    assert near.key == weights[0].key and near.keep_ratio != weights[0].keep_ratio
+    mixed = engine.infer("tiny", [weights[0], near], [x, x])
+    np.testing.assert_allclose(
+        mixed[1].logits, reference_logits(net, x, "dynamic", keep_ratio=0.5, dynamic_weight=0.6),
+        atol=1e-5,
+    )
 
 
 @pytest.fixture
