@@ -99,7 +99,7 @@ class RunValues:
             )
         elif taus:
             self.threshold = next(iter(taus))
-        if len({r.dynamic_weight for r in rows}) == 1 and rows[0].dynamic_weight is not None:
+        if rows and not self._rows:  # one weight for every row (None: each layer's own)
             self.settings = settings.model_copy(update={"dynamic_weight": rows[0].dynamic_weight})
 
     def weight(self, default: float, device: torch.device) -> float | torch.Tensor:

@@ -279,13 +279,16 @@ def _own_memory(module: nn.Module) -> None:
     checkpoint's are: the kernel may drop a file map's pages under page-cache pressure and read
     them back from disk in the middle of a forward, and the plans read these weights for as
     long as the process runs."""
-    copies: dict[int, torch.Tensor] = {}
+    copies: dict[tuple[object, ...], torch.Tensor] = {}
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
-            ptr = t.data_ptr()
-            if ptr not in copies:
-                copies[ptr] = t.data.clone()
-            t.data = copies[ptr]
+            if t.numel() == 0:
+                continue
+            # The same memory seen the same way: one tensor (a tie); any other view its own.
+            key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+            if key not in copies:
+                copies[key] = t.data.clone()
+            t.data = copies[key]
 
 
 def retrofit(

@@ -476,24 +476,32 @@ class Engine:
     def _infer(
         self, loaded: _Loaded, gates: Sequence[GateConfig], inputs: Sequence[ModelInput]
     ) -> list[ItemResult]:
-        gates = [  # resolved before a hot reload: again
-            g if g.generation == loaded.generation else self._resolve(
-                loaded, g.mode, g.keep_ratio, g.threshold, g.dynamic_weight
-            )
-            for g in gates
-        ]
+        if any(g.generation != loaded.generation for g in gates):
+            gates = [  # resolved before a hot reload: again
+                g if g.generation == loaded.generation else self._resolve(
+                    loaded, g.mode, g.keep_ratio, g.threshold, g.dynamic_weight
+                )
+                for g in gates
+            ]
+            groups: dict[tuple[object, ...], list[int]] = {}
+            for i, g in enumerate(gates):
+                groups.setdefault(g.batch_key, []).append(i)
+            if len(groups) > 1:  # one plan before the reload, several now: a batch each
+                by_index: dict[int, ItemResult] = {}
+                for members in groups.values():
+                    got = self._infer(
+                        loaded, [gates[i] for i in members], [inputs[i] for i in members]
+                    )
+                    by_index.update(zip(members, got, strict=True))
+                return [by_index[i] for i in range(len(inputs))]
         gate = gates[0]
         if any(g.batch_key != gate.batch_key for g in gates):
             raise ValueError("one batch runs one plan: its requests' gate configurations differ")
         settings = _settings_of(gate, loaded.bucket)
         row_settings = None
-        if any(g != gate for g in gates):  # other blend weights or thresholds, row by row
-            # Only the run-time values are a row's own: configurations of one key may still
-            # differ in a keep ratio that buckets to the same counts.
+        if any(g != gate for g in gates):
             row_settings = [
-                settings.model_copy(
-                    update={"threshold": g.threshold, "dynamic_weight": g.dynamic_weight}
-                )
+                _row_settings(settings, g)
                 for g, item in zip(gates, inputs, strict=True)
                 for _ in range(item.rows)
             ]
@@ -670,6 +678,19 @@ def _check_served(loaded: _Loaded, settings: models.GateSettings) -> None:
 
 def _listed(values: Sequence[float]) -> str:
     return ", ".join(f"{v:g}" for v in values)
+
+
+def _row_settings(settings: models.GateSettings, gate: GateConfig) -> models.GateSettings:
+    """The batch's settings with a request's own run-time values: its blend weight in dynamic
+    mode, its threshold under a dynamic threshold policy. Everything else is the batch's
+    (configurations of one plan may differ in a keep ratio that buckets to the same counts, or,
+    statically, in a threshold that keeps the same channels)."""
+    update: dict[str, object] = {}
+    if settings.mode == "dynamic":
+        update["dynamic_weight"] = gate.dynamic_weight
+        if settings.keep_ratio is None and settings.threshold is not None:
+            update["threshold"] = gate.threshold
+    return settings.model_copy(update=update)
 
 
 def _settings_of(gate: GateConfig, bucket: int) -> models.GateSettings:

@@ -97,6 +97,8 @@ class SparsePlan:
         rows: Sequence[GateSettings] | None = None,
     ) -> NetworkOutput:
         settings = self.settings if settings is None else self._check(settings)
+        for row in dict.fromkeys(rows or ()):  # each distinct row's settings run this plan
+            self._check(row)
         model = self.model
         model.check_input(x, lengths)
         try:

@@ -52,7 +52,8 @@ def test_each_row_runs_its_own_values_in_the_reference_and_every_plan(
             assert float(ref.kept[name][i]) == float(alone.kept[name][0]), (i, name)
     # The values act: the same batch at the batch's own values differs.
     assert (ref.logits - uniform.logits).abs().max() > 1e-3
-    strategies = [None, Strategy("dense"), Strategy("gather", 1), Strategy("gather", 8)]
+    strategies = [None, Strategy("dense"), Strategy("gather", 1), Strategy("gather", 8),
+                  Strategy("union")]
     for strategy in strategies:
         plan = compile_plan(net, base, calibrate=False, strategy=strategy)
         with torch.inference_mode():
@@ -68,10 +69,26 @@ def test_rows_of_another_plan_are_refused() -> None:
     base = GateSettings("dynamic", keep_ratio=0.5, bucket=2)
     plan = compile_plan(net, base, calibrate=False)
     other = [base, base, GateSettings("dynamic", keep_ratio=0.25, bucket=2)]
-    with pytest.raises(ValueError, match="differ from the batch's"):
+    with pytest.raises(ValueError, match="plan compiled for .* called with .*keep_ratio=0.25"):
         plan(x, lengths, rows=other)
+    with pytest.raises(ValueError, match="differ from the batch's"):
+        net(x, lengths, base, rows=other)
     with pytest.raises(ValueError, match="differ from the batch's"):  # a static threshold is
         static = GateSettings("static", threshold=0.5, bucket=2)  # a keep set, not a value
         net(x, lengths, static, rows=[static, static, static.model_copy(update={"threshold": 0.6})])
     with pytest.raises(ValueError, match="2 per-row gate settings for a batch of 3"):
         plan(x, lengths, rows=[base, base])
+
+
+def test_a_threshold_that_is_structure_is_not_a_row_value() -> None:
+    """Without predictors a dynamic threshold picks a static keep set: its count is part of
+    the plan, so rows of another count are another plan's."""
+    net = tiny("conv", use_input_gating=False)
+    assert all(layer.gate.predictor is None for layer in net.gated())
+    x, lengths = batch(3)
+    base = GateSettings("dynamic", threshold=0.01, bucket=2)  # every open channel
+    plan = compile_plan(net, base, calibrate=False)
+    other = GateSettings("dynamic", threshold=1.0, bucket=2)  # the fully open ones
+    assert net.plan_key(other) != net.plan_key(base)
+    with pytest.raises(ValueError, match="plan compiled for"):
+        plan(x, lengths, rows=[base, other, base])

@@ -134,6 +134,42 @@ def test_blend_weights_and_thresholds_are_run_time_values_of_one_plan(
     )
 
 
+def test_static_configurations_of_one_plan_share_a_batch(
+    engine: Engine, tiny_repository: Path
+) -> None:
+    """Static mode with no threshold and with one that keeps every open channel (static
+    values of the tiny model are 0 or 1) are one plan; a blend weight does not act there."""
+    net = load_checkpoint(tiny_repository / "tiny")
+    x = np.random.default_rng(4).standard_normal((1, 17, 1)).astype(np.float32)
+    gates = [engine.resolve_gate("tiny", "static"),
+             engine.resolve_gate("tiny", "static", None, 0.5),
+             engine.resolve_gate("tiny", "static", None, 0.025, 0.3)]
+    assert len({g.batch_key for g in gates}) == 1
+    want = reference_logits(net, x, "static")
+    for result in engine.infer("tiny", gates, [x, x, x]):
+        np.testing.assert_allclose(result.logits, want, atol=1e-5)
+
+
+def test_a_reload_that_splits_a_batch_runs_each_plan(engine: Engine, tiny_repository: Path) -> None:
+    """Configurations resolved before a hot reload as one plan may be several after it: the
+    batch runs as one batch per plan, each request answered as alone."""
+    import dataclasses
+
+    net = load_checkpoint(tiny_repository / "tiny")
+    x = np.random.default_rng(5).standard_normal((1, 17, 1)).astype(np.float32)
+    keep = engine.resolve_gate("tiny", "dynamic", 0.5, None, 0.2)
+    tau = engine.resolve_gate("tiny", "dynamic", None, 0.4)
+    stale = [dataclasses.replace(g, key=keep.key, generation=g.generation - 1)
+             for g in (keep, tau, keep)]
+    assert len({g.batch_key for g in stale}) == 1  # one batch before the "reload"
+    got = engine.infer("tiny", stale, [x, x, x[:, :9]])
+    knobs = [{"keep_ratio": 0.5, "dynamic_weight": 0.2}, {"threshold": 0.4},
+             {"keep_ratio": 0.5, "dynamic_weight": 0.2}]
+    for result, item, k in zip(got, [x, x, x[:, :9]], knobs, strict=True):
+        np.testing.assert_allclose(result.logits, reference_logits(net, item, "dynamic", **k),
+                                   atol=1e-5)
+
+
 @pytest.fixture
 def sealed(tiny_repository: Path) -> Engine:
     engine = Engine.load(tiny_repository, "cpu", torch_threads=1)
