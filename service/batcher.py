@@ -41,8 +41,11 @@ from service.tracing import BatchTiming, Tracing
 
 logger = logging.getLogger(__name__)
 
-# A batch: each request's gate configuration (one batch key) and its input.
-Compute = Callable[[Sequence[GateConfig], Sequence[ModelInput]], list[ItemResult]]
+# A batch: each request's gate configuration (one batch key) and its input -> each request's
+# result, or the error of that request alone.
+Compute = Callable[
+    [Sequence[GateConfig], Sequence[ModelInput]], Sequence["ItemResult | InvalidInput"]
+]
 
 
 class Ticket:
@@ -383,7 +386,9 @@ class DynamicBatcher:
             self._tracing.record_batch(self.model, gate.mode, timing, [t.span for t in batch])
         self._batch_size.observe(len(batch))
         for ticket, result in zip(batch, results, strict=True):
-            if not ticket.future.done():
+            if isinstance(result, InvalidInput):
+                _fail(ticket, result)
+            elif not ticket.future.done():
                 ticket.future.set_result(result)
 
 

@@ -412,7 +412,10 @@ class DataPlane:
         results = await loop.run_in_executor(
             engine.executor, engine.infer, runtime.info.name, gate, [array]
         )
-        return results[0]
+        result = results[0]
+        if isinstance(result, InvalidInput):
+            raise result
+        return result
 
     def _request_options(
         self, runtime: ModelRuntime, params: dict[str, ParameterValue]

@@ -457,11 +457,12 @@ class Engine:
         model: str,
         gates: GateConfig | Sequence[GateConfig],
         inputs: Sequence[ModelInput | FloatArray],
-    ) -> list[ItemResult]:
+    ) -> list[ItemResult | InvalidInput]:
         """Run one batch: one :class:`ModelInput` per request (or, for a model of one input,
         its (rows_i, T_i, C) array), and one gate configuration for all of them or one per
         request (of one :attr:`GateConfig.batch_key`: one plan, each request with its own
-        blend weight and threshold).
+        blend weight and threshold). Each request's result, or, for a configuration resolved
+        before a hot reload that the new model does not serve, its error.
 
         Each input is padded to the longest T with its contract's pad value and the true
         lengths passed, so a request's result does not depend on its batch mates. Blocking;
@@ -475,25 +476,29 @@ class Engine:
 
     def _infer(
         self, loaded: _Loaded, gates: Sequence[GateConfig], inputs: Sequence[ModelInput]
-    ) -> list[ItemResult]:
+    ) -> list[ItemResult | InvalidInput]:
         if any(g.generation != loaded.generation for g in gates):
-            gates = [  # resolved before a hot reload: again
-                g if g.generation == loaded.generation else self._resolve(
-                    loaded, g.mode, g.keep_ratio, g.threshold, g.dynamic_weight
-                )
-                for g in gates
-            ]
-            groups: dict[tuple[object, ...], list[int]] = {}
+            # Resolved before a hot reload: again, request by request. One plan before may be
+            # several now (a batch each), and a configuration the new model does not serve
+            # fails its own request only.
+            outcomes: dict[int, ItemResult | InvalidInput] = {}
+            groups: dict[tuple[object, ...], list[tuple[int, GateConfig]]] = {}
             for i, g in enumerate(gates):
-                groups.setdefault(g.batch_key, []).append(i)
-            if len(groups) > 1:  # one plan before the reload, several now: a batch each
-                by_index: dict[int, ItemResult] = {}
-                for members in groups.values():
-                    got = self._infer(
-                        loaded, [gates[i] for i in members], [inputs[i] for i in members]
-                    )
-                    by_index.update(zip(members, got, strict=True))
-                return [by_index[i] for i in range(len(inputs))]
+                if g.generation != loaded.generation:
+                    try:
+                        g = self._resolve(
+                            loaded, g.mode, g.keep_ratio, g.threshold, g.dynamic_weight
+                        )
+                    except InvalidInput as err:
+                        outcomes[i] = err
+                        continue
+                groups.setdefault(g.batch_key, []).append((i, g))
+            for members in groups.values():
+                got = self._infer(
+                    loaded, [g for _, g in members], [inputs[i] for i, _ in members]
+                )
+                outcomes.update(zip([i for i, _ in members], got, strict=True))
+            return [outcomes[i] for i in range(len(inputs))]
         gate = gates[0]
         if any(g.batch_key != gate.batch_key for g in gates):
             raise ValueError("one batch runs one plan: its requests' gate configurations differ")
@@ -528,7 +533,7 @@ class Engine:
             flops = out.flops_ratio.cpu().numpy()  # (B,)
             # A copy: plans reuse their buffers, and results outlive this batch.
             logits = out.logits.float().cpu().numpy().copy()  # (B, classes)
-        results: list[ItemResult] = []
+        results: list[ItemResult | InvalidInput] = []
         row = 0
         for n in rows:
             layers = layer_ratio[row : row + n].mean(0)

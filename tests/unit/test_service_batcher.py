@@ -13,7 +13,14 @@ from prometheus_client import CollectorRegistry
 
 from service.batcher import DynamicBatcher
 from service.engine import GATE_MODES, GateConfig, ItemResult, ModelInput
-from service.errors import ClientDisconnected, QueueFull, RequestTimeout, ServerNotReady, codes
+from service.errors import (
+    ClientDisconnected,
+    InvalidInput,
+    QueueFull,
+    RequestTimeout,
+    ServerNotReady,
+    codes,
+)
 from service.metrics import Metrics
 
 DYNAMIC = GateConfig("dynamic", 0.5, key=("dynamic", (8,), 0.5))
@@ -314,6 +321,36 @@ def test_compute_failure_fails_the_batch_with_500() -> None:
         with pytest.raises(Exception, match="internal error") as info:
             await ticket.future
         assert codes(info.value) == (500, "INTERNAL")
+        await b.stop(1.0)
+
+    _run(scenario)
+
+
+def test_one_request_failing_in_compute_fails_alone() -> None:
+    """A compute that answers one request with its InvalidInput (a configuration the model no
+    longer serves after a hot reload) fails that request with a 400, the others get results."""
+    engine = FakeEngine()
+
+    def partly(
+        gates: Sequence[GateConfig], items: Sequence[ModelInput]
+    ) -> list[ItemResult | InvalidInput]:
+        results: list[ItemResult | InvalidInput] = list(engine(gates, items))
+        results[1] = InvalidInput("parameter 'keep_ratio': got 0.5; not served")
+        return results
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        metrics = Metrics(CollectorRegistry(), {"m": ()}, GATE_MODES, "test")
+        b = DynamicBatcher(model="m", compute=partly, executor=pool, metrics=metrics,
+                           max_batch_size=3, max_queue_delay_s=0.2, max_queue_size=4)
+        b.start()
+        tickets = [b.submit(DYNAMIC, _x(v), 5.0) for v in (0.0, 1.0, 2.0)]
+        first = await tickets[0].future
+        with pytest.raises(InvalidInput) as info:
+            await tickets[1].future
+        assert codes(info.value)[0] == 400
+        third = await tickets[2].future
+        assert float(first.logits.ravel()[0]) == 0.0 and float(third.logits.ravel()[0]) == 2.0
+        assert len(engine.batches) == 1  # one batch
         await b.stop(1.0)
 
     _run(scenario)

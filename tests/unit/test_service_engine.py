@@ -270,3 +270,23 @@ def test_a_gate_resolved_before_a_reload_is_resolved_again(engine: Engine) -> No
     [old] = engine.infer("tiny", gate, [x])
     [new] = engine.infer("tiny", fresh, [x])
     np.testing.assert_array_equal(old.logits, new.logits)
+
+
+def test_a_configuration_the_reloaded_model_does_not_serve_fails_its_request_only(
+    sealed: Engine,
+) -> None:
+    """A request resolved before a hot reload whose keep ratio the new model does not serve
+    gets its 400; its batch mates are answered."""
+    import dataclasses
+
+    x = np.random.default_rng(6).standard_normal((1, 17, 1)).astype(np.float32)
+    served = sealed.resolve_gate("tiny", "dynamic", 0.25)
+    old = served.generation - 1
+    ok = dataclasses.replace(served, generation=old)
+    gone = dataclasses.replace(served, keep_ratio=0.75, generation=old)  # not served now
+    first, second, third = sealed.infer("tiny", [ok, gone, ok], [x, x, x])
+    assert isinstance(second, InvalidInput) and "keep_ratio" in str(second)
+    [alone] = sealed.infer("tiny", served, [x])
+    for result in (first, third):
+        assert not isinstance(result, InvalidInput)
+        np.testing.assert_allclose(result.logits, alone.logits, atol=1e-6)
