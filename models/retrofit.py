@@ -46,6 +46,7 @@ from torch import nn
 from models.config import ModelConfig, load_config, parse_config
 from models.contract import ModelContract, TensorSpec
 from models.errors import ArchitectureError, ConfigError
+from models.layers import current
 from models.networks import GatedNetwork, _masked_mean, attach_gates
 
 
@@ -179,7 +180,11 @@ class HFEncoder(nn.Module):
             inputs = {"input_ids": x}
             if token_type_ids is not None:
                 inputs["token_type_ids"] = token_type_ids
-        out = self.hf(**inputs, attention_mask=mask)
+        # A batch without padding runs without a mask: the same result, and transformers then
+        # builds no attention masks (0.7 ms of a 6.8 ms forward of the shipped encoder).
+        fwd = current()
+        padded = fwd.padded if fwd is not None else bool((lengths != x.shape[1]).any())
+        out = self.hf(**inputs, attention_mask=mask) if padded else self.hf(**inputs)
         if self.head:
             logits: torch.Tensor = out.logits
             return logits
