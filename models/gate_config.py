@@ -58,7 +58,8 @@ GATE_PARAMETERS: tuple[str, ...] = ("gate_mode", "keep_ratio", "threshold", "dyn
 
 
 class GateSettings(BaseModel):
-    """How the gates act for one forward pass; the same for every request of a batch.
+    """How the gates act for one forward pass: one plan for every request of a batch, each
+    request with its own run-time values where it brings them (:meth:`with_values_of`).
 
     ``keep_ratio`` and ``threshold`` are alternatives (``keep_ratio`` wins); both None keeps
     every statically open channel. ``dynamic_weight`` None uses the model's configured weight.
@@ -98,6 +99,17 @@ class GateSettings(BaseModel):
         threshold = None if self.keep_ratio is not None else self.threshold
         weight = self.dynamic_weight if self.mode == "dynamic" else None
         return self.model_copy(update={"threshold": threshold, "dynamic_weight": weight})
+
+
+    def with_values_of(self, row: GateSettings) -> GateSettings:
+        """These settings with ``row``'s values of the knobs a compiled plan takes at run time:
+        its blend weight, and under a dynamic threshold policy its threshold (when it has
+        one). ``row`` runs the plan of these settings exactly when the result equals it."""
+        update: dict[str, Any] = {"dynamic_weight": row.dynamic_weight}
+        dynamic_threshold = self.mode == "dynamic" and self.keep_ratio is None
+        if dynamic_threshold and self.threshold is not None and row.threshold is not None:
+            update["threshold"] = row.threshold
+        return self.model_copy(update=update)
 
 
 def describe(err: ValidationError, source: str = "config") -> str:

@@ -85,7 +85,7 @@ class RunValues:
         if len(rows) != batch:
             raise ValueError(f"{len(rows)} per-row gate settings for a batch of {batch}")
         for row in rows:
-            if not _same_plan(row, settings):
+            if settings.with_values_of(row) != row:
                 raise ValueError(
                     f"per-row gate settings {row} differ from the batch's {settings} in more "
                     "than the blend weight and a dynamic threshold"
@@ -115,19 +115,6 @@ class RunValues:
             got = torch.tensor(values, dtype=torch.float32, device=device)
             self._weights[default] = got
         return got
-
-
-def _same_plan(row: GateSettings, settings: GateSettings) -> bool:
-    """Whether ``row`` runs the plan of ``settings`` with other run-time values."""
-    if row.mode != settings.mode or row.keep_ratio != settings.keep_ratio:
-        return False
-    if row.bucket != settings.bucket:
-        return False
-    if row.threshold != settings.threshold:
-        dynamic_threshold = settings.mode == "dynamic" and settings.keep_ratio is None
-        if not dynamic_threshold or row.threshold is None or settings.threshold is None:
-            return False
-    return True
 
 
 def per_row(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:

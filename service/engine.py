@@ -505,8 +505,11 @@ class Engine:
         settings = _settings_of(gate, loaded.bucket)
         row_settings = None
         if any(g != gate for g in gates):
+            # Only its run-time values are a request's own: configurations of one plan may
+            # still differ in a keep ratio that buckets to the same counts, or, statically, in
+            # a threshold that keeps the same channels.
             row_settings = [
-                _row_settings(settings, g)
+                settings.with_values_of(_settings_of(g, loaded.bucket))
                 for g, item in zip(gates, inputs, strict=True)
                 for _ in range(item.rows)
             ]
@@ -683,19 +686,6 @@ def _check_served(loaded: _Loaded, settings: models.GateSettings) -> None:
 
 def _listed(values: Sequence[float]) -> str:
     return ", ".join(f"{v:g}" for v in values)
-
-
-def _row_settings(settings: models.GateSettings, gate: GateConfig) -> models.GateSettings:
-    """The batch's settings with a request's own run-time values: its blend weight in dynamic
-    mode, its threshold under a dynamic threshold policy. Everything else is the batch's
-    (configurations of one plan may differ in a keep ratio that buckets to the same counts, or,
-    statically, in a threshold that keeps the same channels)."""
-    update: dict[str, object] = {}
-    if settings.mode == "dynamic":
-        update["dynamic_weight"] = gate.dynamic_weight
-        if settings.keep_ratio is None and settings.threshold is not None:
-            update["threshold"] = gate.threshold
-    return settings.model_copy(update=update)
 
 
 def _settings_of(gate: GateConfig, bucket: int) -> models.GateSettings:
