@@ -595,8 +595,11 @@ def padding(spec: models.TensorSpec, rows: int, length: int) -> npt.NDArray[np.g
 
 def _calib_length(info: ModelInfo) -> int:
     """The steps plans are calibrated and first warmed up at: a short request (64 steps at
-    most), or the one length of a fixed-shape input (a ViT's tokens)."""
-    return info.max_length if info.contract.fixed_shape else min(info.max_length, 64)
+    most, but never shorter than the network runs: an audio front end's receptive field), or
+    the one length of a fixed-shape input (a ViT's tokens)."""
+    if info.contract.fixed_shape:
+        return info.max_length
+    return max(info.min_length, min(info.max_length, 64))
 
 
 def _padding_item(info: ModelInfo, rows: int, length: int) -> ModelInput:

@@ -290,3 +290,32 @@ def test_a_configuration_the_reloaded_model_does_not_serve_fails_its_request_onl
     for result in (first, third):
         assert not isinstance(result, InvalidInput)
         np.testing.assert_allclose(result.logits, alone.logits, atol=1e-6)
+
+
+def test_an_audio_front_end_wider_than_the_calibration_length_warms_up(tmp_path: Path) -> None:
+    """The warm-up's short requests are never shorter than the network runs: a Wav2Vec2-style
+    front end whose receptive field (here 130 samples, bert-base-sized ones 400) exceeds the
+    64 steps plans are calibrated at."""
+    tf = pytest.importorskip("transformers")
+    from models import save_checkpoint
+    from models.retrofit import retrofit
+
+    torch.manual_seed(0)
+    config = tf.HubertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(110, 5), num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2, num_labels=2, feat_extract_norm="layer",
+    )
+    tf.HubertForSequenceClassification(config).save_pretrained(tmp_path / "src")
+    net = retrofit(tmp_path / "src", {"dynamic_pruning_config": {"keep_ratio": 0.5}},
+                   max_length=400)
+    assert net.min_length > 64
+    save_checkpoint(net, tmp_path / "repo" / "speech")
+    engine = Engine.load(tmp_path / "repo", "cpu", torch_threads=1)
+    try:
+        engine.warm_up(max_batch_rows=2, keep_ratios=(0.5, 1.0))
+        x = np.ones((1, net.min_length, 1), np.float32)
+        (result,) = engine.infer("speech", engine.resolve_gate("speech", "dynamic"), [x])
+        assert not isinstance(result, InvalidInput) and result.logits.shape == (1, 2)
+    finally:
+        engine.close()
