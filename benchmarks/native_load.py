@@ -74,17 +74,34 @@ def wrk(
     url: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float
 ) -> Window:
     """``wrk -t1 -cC -dS --latency`` POSTing ``body``."""
+    return wrk_many(url, [(body, headers)], concurrency, seconds)
+
+
+def wrk_many(
+    url: str,
+    requests: list[tuple[bytes, dict[str, str]]],
+    concurrency: int,
+    seconds: float,
+    timeout_s: float = 2.0,
+) -> Window:
+    """``wrk -t1 -cC -dS --latency`` POSTing ``requests`` (each a body and its headers) in
+    turn; a request unanswered after ``timeout_s`` counts as an error."""
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "body.bin"
-        data.write_bytes(body)
-        lines = ['wrk.method = "POST"', f'wrk.body = io.open("{data}", "rb"):read("*all")']
-        lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+        lines = ["local bodies = {}", "local headers = {}"]
+        for i, (body, extra) in enumerate(requests, 1):
+            path = Path(tmp) / f"{i}.bin"
+            path.write_bytes(body)
+            lines.append(f'bodies[{i}] = io.open("{path}", "rb"):read("*all")')
+            pairs = ", ".join(f'["{k}"] = "{v}"' for k, v in extra.items())
+            lines.append(f"headers[{i}] = {{{pairs}}}")
+        lines += ["local n = 0", "request = function()", "  n = n % #bodies + 1",
+                  '  return wrk.format("POST", nil, headers[n], bodies[n])', "end"]
         script = Path(tmp) / "post.lua"
         script.write_text("\n".join(lines) + "\n")
         out = subprocess.run(
             ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency",
-             "-s", str(script), url],
-            check=True, capture_output=True, text=True, timeout=seconds + 60,
+             "--timeout", f"{max(1, round(timeout_s))}s", "-s", str(script), url],
+            check=True, capture_output=True, text=True, timeout=seconds + timeout_s + 60,
         ).stdout
     total = re.search(r"(\d+) requests in ([\d.]+)(\w+),", out)
     if total is None:
@@ -95,7 +112,10 @@ def wrk(
     errors = (int(bad.group(1)) if bad else 0) + (
         sum(int(g) for g in socket_errors.groups()) if socket_errors else 0
     )
-    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
+    # wrk pads a value in seconds ("1.19s ") with a space.
+    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.MULTILINE))
+    if set(percentiles) != {"50", "99"}:  # nothing finished within the window
+        percentiles = {"50": "0ms", "99": "0ms"}
     elapsed = _ms(total.group(2) + total.group(3)) / 1e3
     return Window(
         requests=int(total.group(1)) - errors, errors=errors, seconds=elapsed,

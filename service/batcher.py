@@ -10,7 +10,11 @@ dispatched as soon as the oldest queued request has a full batch of compatible m
 waited ``max_queue_delay`` (``time.monotonic()``), whichever comes first; at light load it does not
 wait when no other request for the model is in flight (``inflight``). Batches run one at a time on
 the engine's compute thread, so while one computes the next one fills up: under load the delay
-is rarely waited out, and at low load it bounds the latency added.
+is rarely waited out, and at low load it bounds the latency added. Under load a batch short of
+full also waits a fraction (``fill_fraction``) of the previous batch's compute time, counted from
+its end, for the requests its answers bring back: closed-loop clients of a slow model otherwise
+split into two alternating half batches. When more is queued than a batch takes and lengths may
+mix, the oldest request's batch mates are those nearest its length (less padding).
 
 Per request: a deadline (the V2 ``timeout`` parameter or the default) fails it with
 ``RequestTimeout`` (504) if it is still queued when the deadline passes; ``Ticket.abandon``
@@ -101,6 +105,7 @@ class DynamicBatcher:
         inflight: Callable[[], int] | None = None,
         same_length: bool = False,
         tracing: Tracing | None = None,
+        fill_fraction: float = 0.0,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError(
@@ -108,6 +113,8 @@ class DynamicBatcher:
             )
         if max_batch_rows is not None and max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
+        if not 0.0 <= fill_fraction <= 1.0:
+            raise ValueError("fill_fraction must be within [0, 1]")
         self.model = model
         self._compute = compute
         self._executor = executor
@@ -117,6 +124,11 @@ class DynamicBatcher:
         self._max_queue = max_queue_size
         self._inflight = inflight
         self._last_size = 0  # requests in the previous batch: a cheap load signal
+        # Under load, a batch short of full waits up to this fraction of the previous batch's
+        # compute time (counted from when the compute thread became free) for mates.
+        self._fill_fraction = fill_fraction
+        self._last_compute_s = 0.0
+        self._free_at = 0.0
         # Models whose results depend on padding batch only requests of one length.
         self._same_length = same_length
         self._tracing = tracing if tracing is not None and tracing.enabled else None
@@ -298,7 +310,14 @@ class DynamicBatcher:
             queue = self._queues[key]
             if self._full(queue) or self._closing:
                 break
-            remaining = queue[0].enqueued + self._max_delay - time.monotonic()
+            now = time.monotonic()
+            remaining = queue[0].enqueued + self._max_delay - now
+            if remaining <= 0 and self._last_size > 1:
+                # Under load the oldest request has waited out the delay while the previous
+                # batch computed; the clients that batch just answered are sending their next
+                # requests now. A fuller batch computes each row for less, so waiting a small
+                # part of the previous batch's compute time for them buys throughput.
+                remaining = self._free_at + self._fill_fraction * self._last_compute_s - now
             if remaining <= 0:
                 break
             # Light load (the last batch was a single request) and every request the server
@@ -311,22 +330,11 @@ class DynamicBatcher:
             ):
                 break
             await self._sleep(key, remaining)
-        batch: list[Ticket] = []
-        rows = 0
-        while queue and len(batch) < self._max_batch:
-            ticket = queue[0]
-            if ticket.future.done():
-                queue.popleft()
-                continue
-            n = ticket.item.rows
-            if batch and self._max_rows is not None and rows + n > self._max_rows:
-                break  # the next batch starts with it
-            queue.popleft()
-            rows += n
+        batch = self._take(queue)
+        for ticket in batch:
             ticket.taken = True
             if ticket.timer is not None:
                 ticket.timer.cancel()
-            batch.append(ticket)
         self._depth -= len(batch)
         self._last_size = len(batch)
         if not queue:
@@ -334,6 +342,36 @@ class DynamicBatcher:
         # Every request of the batch runs the plan of the first one's configuration (the same
         # plan: that is what the key says); each response still names its own configuration.
         return (batch[0].gate if batch else None), batch
+
+    def _take(self, queue: deque[Ticket]) -> list[Ticket]:
+        """Pop the next batch of ``queue``'s live requests, within both limits.
+
+        In arrival order when only requests of one length share a batch. Otherwise the oldest
+        request first, then those nearest its length, shorter ones first (a batch is padded to
+        its longest row, so they add no padding): when more is queued than one batch takes, a
+        short request does not pay for a long one. The oldest always goes, so none waits for
+        ever. A request that would pass ``max_batch_rows`` waits for the next batch, and so does
+        everything after it in that order.
+        """
+        live = [t for t in queue if not t.future.done()]
+        order = live
+        if not self._same_length and len(live) > 1:
+            head = live[0]
+            order = [head, *sorted(live[1:], key=lambda t: _padding_cost(head, t))]
+        batch: list[Ticket] = []
+        rows = 0
+        for ticket in order:
+            if len(batch) >= self._max_batch:
+                break
+            n = ticket.item.rows
+            if batch and self._max_rows is not None and rows + n > self._max_rows:
+                break  # the next batch starts with it
+            rows += n
+            batch.append(ticket)
+        chosen = {id(t) for t in batch}
+        queue.clear()
+        queue.extend(t for t in live if id(t) not in chosen)
+        return batch
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -381,7 +419,9 @@ class DynamicBatcher:
                 _fail(ticket, ServiceError("internal error while computing the batch"))
             return
         timing.end_ns = time.time_ns()
-        self._compute_seconds[gate.mode].observe(time.monotonic() - start)
+        self._free_at = time.monotonic()
+        self._last_compute_s = self._free_at - start
+        self._compute_seconds[gate.mode].observe(self._last_compute_s)
         if self._tracing is not None:
             self._tracing.record_batch(self.model, gate.mode, timing, [t.span for t in batch])
         self._batch_size.observe(len(batch))
@@ -390,6 +430,13 @@ class DynamicBatcher:
                 _fail(ticket, result)
             elif not ticket.future.done():
                 ticket.future.set_result(result)
+
+
+def _padding_cost(head: Ticket, ticket: Ticket) -> tuple[bool, int, float]:
+    """Sort key of ``ticket`` as a batch mate of ``head``: no longer than it first, then by
+    how far its length is from head's, then by age."""
+    gap = ticket.item.length - head.item.length
+    return (gap > 0, abs(gap), ticket.enqueued)
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

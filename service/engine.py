@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -138,6 +139,11 @@ DEFAULT_KEEP_RATIOS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 # Resolved gate configurations remembered per model (settings -> plan key): a cheap cache.
 MAX_KEYS = 4096
 _GENERATIONS = itertools.count(1)
+AUTO = "auto"
+# torch_threads "auto": a model gets every core when its largest batch takes at least this
+# long on one thread, and all cores run it in at most this fraction of the one-thread time.
+AUTO_THREADS_MIN_FORWARD_S = 0.02
+AUTO_THREADS_MIN_GAIN = 0.8
 
 
 @dataclass(slots=True)
@@ -153,6 +159,9 @@ class _Loaded:
         default_factory=OrderedDict
     )
     calib_batches: tuple[int, ...] = (1, 8, 32)
+    # Intra-op threads of this model's forwards; 0 until the warm-up chooses (torch_threads
+    # "auto"), which the compute thread sets before each batch when it differs.
+    threads: int = 0
     # After warm-up the plans are fixed: a configuration without one is refused, never
     # compiled at a client's request (compiling and calibrating costs tens of milliseconds
     # of the one compute thread).
@@ -168,8 +177,14 @@ class Engine:
         loaded: Mapping[str, _Loaded],
         repository: Path | None = None,
         device: torch.device | None = None,
+        torch_threads: int | str = 1,
     ) -> None:
         self._models = dict(loaded)
+        if torch_threads != AUTO:
+            count = int(torch_threads) or torch.get_num_threads()
+            for entry in self._models.values():
+                entry.threads = count
+        self._threads = torch_threads
         self._repository = repository
         self._device = device if device is not None else torch.device("cpu")
         # Plans run one at a time on the compute thread, so they share one set of buffers:
@@ -225,17 +240,21 @@ class Engine:
         _resolve_device(device)
 
     @classmethod
-    def load(cls, repository: Path, device: str = "auto", torch_threads: int = 1) -> Engine:
-        """Load every model of ``repository`` on ``device``; raises EngineError."""
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
+    def load(
+        cls, repository: Path, device: str = "auto", torch_threads: int | str = "auto"
+    ) -> Engine:
+        """Load every model of ``repository`` on ``device``; raises EngineError.
+
+        ``torch_threads``: the intra-op threads of every forward (0: torch's default), or
+        ``"auto"``: chosen per model by its warm-up (:meth:`warm_up`).
+        """
         dev = _resolve_device(device)
         loaded: dict[str, _Loaded] = {}
         for name in cls.scan(repository):
             start = time.monotonic()
             loaded[name] = _read(repository, name, dev)
             logger.info("loaded model %s on %s in %.2f s", name, dev, time.monotonic() - start)
-        return cls(loaded, repository, dev)
+        return cls(loaded, repository, dev, torch_threads)
 
     def load_model(self, name: str) -> ModelInfo:
         """Read ``name``'s checkpoint from the repository again and swap it in; raises EngineError.
@@ -249,6 +268,8 @@ class Engine:
             raise ModelNotInRepository(f"model {name!r}: no such model in the repository")
         start = time.monotonic()
         fresh = _read(self._repository, name, self._device)
+        if self._threads != AUTO:
+            fresh.threads = int(self._threads) or torch.get_num_threads()
         self.executor.submit(self._warm_and_install, fresh).result()
         logger.info("reloaded model %s in %.2f s", name, time.monotonic() - start)
         return fresh.info
@@ -318,6 +339,11 @@ class Engine:
         info = loaded.info
         loaded.calib_batches = tuple(sorted({1, min(8, rows_max), rows_max}))
         start = time.monotonic()
+        largest = _largest_batch(info, rows_max)
+        if self._threads == AUTO:
+            self._choose_threads(loaded, largest)
+        # Plans are calibrated on the threads they will run on.
+        torch.set_num_threads(loaded.threads)
         own = info.config_gate.keep_ratio
         ratios = info.serving.keep_ratios or self._keep_ratios  # its serving.yaml's, if any
         loaded.keep_ratios = tuple(
@@ -342,18 +368,48 @@ class Engine:
             gate = self._resolve(loaded, mode)
             for rows in sorted({1, rows_max}):
                 self._infer(loaded, [gate], [_padding_item(info, rows, length)])
-        # Every served plan once at the largest batch, padded (two lengths) when it can be: the
-        # shared buffers reach their final size now, whatever keep ratio comes first later.
-        padded = (rows_max > 1 and info.max_length > 1 and info.mixed_lengths
-                  and not info.contract.fixed_shape)
-        if padded:
-            batch = [_padding_item(info, rows_max - 1, info.max_length),
-                     _padding_item(info, 1, info.max_length - 1)]
-        else:
-            batch = [_padding_item(info, rows_max, info.max_length)]
+        # Every served plan once at the largest batch: the shared buffers reach their final
+        # size now, whatever keep ratio comes first later.
         for gate in {gate.key: gate for gate in served}.values():
-            self._infer(loaded, [gate] * len(batch), batch)
+            self._infer(loaded, [gate] * len(largest), largest)
         logger.info("warmed up model %s in %.2f s", info.name, time.monotonic() - start)
+
+    def _choose_threads(self, loaded: _Loaded, batch: Sequence[ModelInput]) -> None:
+        """Under ``torch_threads: auto``: every core of this process for a model whose largest
+        batch is compute the cores share well, one thread otherwise.
+
+        The dense plan (it needs no calibration) times the largest batch on one thread and on
+        all. A small model's forward (a millisecond) gains little from a second thread, whose
+        spinning takes the core the event loop needs to read and answer requests; a base-size
+        one (a second per batch) runs nearly twice as fast on two.
+        """
+        cores = _usable_cores()
+        loaded.threads = 1
+        if cores <= 1:
+            return
+        dense = self._resolve(loaded, "dense")
+        one = self._time_batch(loaded, dense, batch)
+        if one < AUTO_THREADS_MIN_FORWARD_S:
+            logger.info("model %s: 1 thread (its largest batch takes %.1f ms)",
+                        loaded.info.name, one * 1e3)
+            return
+        loaded.threads = cores
+        many = self._time_batch(loaded, dense, batch)
+        if many > AUTO_THREADS_MIN_GAIN * one:
+            loaded.threads = 1
+        logger.info("model %s: %d thread%s (its largest batch: %.1f ms on 1 thread, %.1f ms on %d)",
+                    loaded.info.name, loaded.threads, "s" if loaded.threads > 1 else "",
+                    one * 1e3, many * 1e3, cores)
+
+    def _time_batch(
+        self, loaded: _Loaded, gate: GateConfig, batch: Sequence[ModelInput]
+    ) -> float:
+        """Seconds of one forward of ``batch`` on ``loaded.threads`` threads (after one untimed
+        forward on as many, which settles the thread pool)."""
+        self._infer(loaded, [gate] * len(batch), batch)
+        start = time.perf_counter()
+        self._infer(loaded, [gate] * len(batch), batch)
+        return time.perf_counter() - start
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=False)
@@ -514,6 +570,8 @@ class Engine:
                 for _ in range(item.rows)
             ]
         plan = self._plan(loaded, gate)
+        if loaded.threads and torch.get_num_threads() != loaded.threads:
+            torch.set_num_threads(loaded.threads)
         rows = [item.rows for item in inputs]
         info = loaded.info
         full = info.max_length if info.contract.fixed_shape else None
@@ -602,9 +660,27 @@ def _calib_length(info: ModelInfo) -> int:
     return max(info.min_length, min(info.max_length, 64))
 
 
+def _largest_batch(info: ModelInfo, rows: int) -> list[ModelInput]:
+    """The largest batch the server accepts: ``rows`` × ``max_length``, padded (two lengths)
+    when it can be."""
+    if (rows > 1 and info.max_length > 1 and info.mixed_lengths
+            and not info.contract.fixed_shape):
+        return [_padding_item(info, rows - 1, info.max_length),
+                _padding_item(info, 1, info.max_length - 1)]
+    return [_padding_item(info, rows, info.max_length)]
+
+
 def _padding_item(info: ModelInfo, rows: int, length: int) -> ModelInput:
     """A request of pad values: what the warm-up runs."""
     return ModelInput(tuple(padding(spec, rows, length) for spec in info.contract.data_inputs))
+
+
+def _usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask: a container's CPU set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _resolve_device(device: str) -> torch.device:

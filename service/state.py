@@ -123,6 +123,7 @@ class ServiceState:
                 inflight=_coming_of(runtime),
                 same_length=not info.mixed_lengths,
                 tracing=self.tracing,
+                fill_fraction=settings.batch_fill_fraction,
             )
             runtime.batcher.start()
         self.models[name] = runtime

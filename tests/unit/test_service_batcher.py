@@ -62,6 +62,7 @@ def _batcher(
         max_queue_size=int(options["max_queue_size"]),
         max_batch_rows=int(options["max_batch_rows"]) if "max_batch_rows" in options else None,
         same_length=same_length,
+        fill_fraction=float(options.get("fill_fraction", 0.0)),
     )
 
 
@@ -164,6 +165,52 @@ def test_lone_request_at_light_load_skips_the_delay() -> None:
 
     _run(scenario)
     assert [v for _, v in engine.batches] == [[0.0], [1.0, 2.0]]
+
+
+def test_a_deep_queue_batches_the_oldest_with_the_lengths_nearest_it() -> None:
+    """More queued than a batch takes: the oldest request's mates are those nearest its length,
+    no longer ones first (a batch is padded to its longest row); then the oldest left leads."""
+    engine = FakeEngine()
+    lengths = [100, 10, 90, 20, 95, 30]
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        b = _batcher(engine, pool, max_batch_size=3, max_queue_delay_s=0.0)
+        tickets = [b.submit(DYNAMIC, ModelInput.of(np.full((1, n, 1), n, np.float32)), 5.0)
+                   for n in lengths]
+        b.start()  # everything is queued before the first batch forms
+        results = await asyncio.gather(*(t.future for t in tickets))
+        assert [float(r.logits[0, 0]) for r in results] == lengths  # each its own answer
+        await b.stop(1.0)
+
+    _run(scenario)
+    assert [values for _, values in engine.batches] == [[100.0, 95.0, 90.0], [10.0, 20.0, 30.0]]
+
+
+def test_under_load_a_short_batch_waits_part_of_the_last_compute_for_mates() -> None:
+    """Closed-loop clients of a slow model: the requests a batch's answers bring back join the
+    next batch instead of leaving it half full; when none come, the wait is bounded by
+    ``fill_fraction`` of the previous batch's compute time."""
+    engine = FakeEngine(delay_s=0.4)
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        b = _batcher(engine, pool, max_batch_size=4, max_queue_delay_s=0.0, fill_fraction=0.5)
+        b.start()
+        first = [b.submit(DYNAMIC, _x(i), 30.0) for i in range(4)]
+        await asyncio.sleep(0.1)  # the first batch computes; two more requests queue
+        queued = [b.submit(DYNAMIC, _x(i), 30.0) for i in range(4, 6)]
+        await asyncio.gather(*(t.future for t in first))
+        await asyncio.sleep(0.02)  # two answered clients send again
+        back = [b.submit(DYNAMIC, _x(i), 30.0) for i in range(6, 8)]
+        await asyncio.gather(*(t.future for t in queued + back))
+        # Nobody else comes: the last two run after at most 0.5 x 0.4 s, not the deadline.
+        last = [b.submit(DYNAMIC, _x(i), 30.0) for i in range(8, 10)]
+        start = time.monotonic()
+        await asyncio.gather(*(t.future for t in last))
+        assert time.monotonic() - start < 0.4 + 0.2 + 1.0
+        await b.stop(1.0)
+
+    _run(scenario)
+    assert [len(values) for _, values in engine.batches] == [4, 4, 2]
 
 
 def test_batches_never_mix_gate_configurations() -> None:

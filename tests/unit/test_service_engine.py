@@ -319,3 +319,35 @@ def test_an_audio_front_end_wider_than_the_calibration_length_warms_up(tmp_path:
         assert not isinstance(result, InvalidInput) and result.logits.shape == (1, 2)
     finally:
         engine.close()
+
+
+def test_auto_threads_give_a_small_model_one_and_a_base_size_one_every_core(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch_threads "auto": the warm-up times the largest batch; the compute thread runs each
+    model's batches on the threads chosen for it."""
+    import service.engine as engine_module
+
+    name = Engine.scan(tiny_repository)[0]
+    small = Engine.load(tiny_repository, "cpu", "auto")
+    try:
+        small.warm_up(max_batch_rows=2, keep_ratios=(0.5,))
+        assert small._models[name].threads == 1  # a millisecond forward: one thread
+    finally:
+        small.close()
+    # As if the tiny model were base-size: its forward long enough, the gain large enough.
+    monkeypatch.setattr(engine_module, "AUTO_THREADS_MIN_FORWARD_S", 0.0)
+    monkeypatch.setattr(engine_module, "AUTO_THREADS_MIN_GAIN", 1e9)
+    monkeypatch.setattr(engine_module, "_usable_cores", lambda: 2)
+    big = Engine.load(tiny_repository, "cpu", "auto")
+    try:
+        big.warm_up(max_batch_rows=2, keep_ratios=(0.5,))
+        assert big._models[name].threads == 2
+        x = np.zeros((1, TINY_MAX_LENGTH, 1), np.float32)
+        big.executor.submit(big.infer, name, big.resolve_gate(name, "dense"), [x]).result()
+        assert big.executor.submit(torch.get_num_threads).result() == 2
+    finally:
+        big.close()
+    fixed = Engine.load(tiny_repository, "cpu", 1)
+    assert fixed._models[name].threads == 1
+    fixed.close()
