@@ -91,7 +91,9 @@ def wrk_many(
         for i, (body, extra) in enumerate(requests, 1):
             path = Path(tmp) / f"{i}.bin"
             path.write_bytes(body)
-            lines.append(f'bodies[{i}] = io.open("{path}", "rb"):read("*all")')
+            # Each file closed at once: wrk fails to connect once Lua holds several open.
+            lines.append(f'do local f = io.open("{path}", "rb"); bodies[{i}] = f:read("*all"); '
+                         'f:close() end')
             pairs = ", ".join(f'["{k}"] = "{v}"' for k, v in extra.items())
             lines.append(f"headers[{i}] = {{{pairs}}}")
         lines += ["local n = 0", "request = function()", "  n = n % #bodies + 1",

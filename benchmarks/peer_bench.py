@@ -294,8 +294,8 @@ def report(cells: list[Cell], meta: dict[str, object]) -> str:
     peer = {(c.load, c.concurrency): c for c in cells if c.mode == "triton"}
     for c in cells:
         ref = peer.get((c.load, c.concurrency))
-        ratio = f"{c.throughput_rps / ref.throughput_rps:.3f}" if ref else "—"
-        p99 = f"{c.p99_ms / ref.p99_ms:.3f}" if ref else "—"
+        ratio = f"{c.throughput_rps / ref.throughput_rps:.3f}" if ref and ref.requests else "—"
+        p99 = f"{c.p99_ms / ref.p99_ms:.3f}" if ref and ref.p99_ms else "—"
         batch = "—" if c.mean_batch_size is None else f"{c.mean_batch_size:g}"
         lines.append(f"| {LOAD_TEXT[c.load]} | {c.concurrency} | {LABEL[c.mode]} | "
                      f"{c.throughput_rps:.2f} | {ratio} | {c.p50_ms:g} | {c.p99_ms:g} | {p99} | "

@@ -45,9 +45,11 @@ def main() -> None:
     with Triton(config=config) as triton:
         for spec in args.model:
             name, folder = spec.split("=", 1)
-            model = tf.AutoModelForSequenceClassification.from_pretrained(
-                folder, local_files_only=True).eval()
-            audio = model.config.model_type in ("hubert", "wav2vec2", "wavlm")
+            config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+            audio = config.model_type in ("hubert", "wav2vec2", "wavlm")
+            auto = (tf.AutoModelForAudioClassification if audio
+                    else tf.AutoModelForSequenceClassification)
+            model = auto.from_pretrained(folder, local_files_only=True).eval()
 
             if audio:
                 @batch

@@ -348,16 +348,19 @@ class DynamicBatcher:
 
         In arrival order when only requests of one length share a batch. Otherwise the oldest
         request first, then those nearest its length, shorter ones first (a batch is padded to
-        its longest row, so they add no padding): when more is queued than one batch takes, a
-        short request does not pay for a long one. The oldest always goes, so none waits for
-        ever. A request that would pass ``max_batch_rows`` waits for the next batch, and so does
+        its longest row, so they add no padding), chosen among the oldest two batches' worth:
+        when more is queued than one batch takes, a short request does not pay for a long one,
+        and no request is overtaken by more than that window. A request that would pass ``max_batch_rows`` waits for the next batch, and so does
         everything after it in that order.
         """
         live = [t for t in queue if not t.future.done()]
         order = live
         if not self._same_length and len(live) > 1:
-            head = live[0]
-            order = [head, *sorted(live[1:], key=lambda t: _padding_cost(head, t))]
+            # Mates come from the oldest two batches' worth only: a long request is overtaken
+            # by at most that many shorter ones, so sorting never starves it.
+            head, window = live[0], 2 * self._max_batch
+            near = sorted(live[1:window], key=lambda t: _padding_cost(head, t))
+            order = [head, *near, *live[window:]]
         batch: list[Ticket] = []
         rows = 0
         for ticket in order:
