@@ -350,8 +350,9 @@ class DynamicBatcher:
         request first, then those nearest its length, shorter ones first (a batch is padded to
         its longest row, so they add no padding), chosen among the oldest two batches' worth:
         when more is queued than one batch takes, a short request does not pay for a long one,
-        and no request is overtaken by more than that window. A request that would pass ``max_batch_rows`` waits for the next batch, and so does
-        everything after it in that order.
+        and no request is overtaken by more than that window. A request that would pass
+        ``max_batch_rows`` waits for the next batch, and so does everything after it in that
+        order.
         """
         live = [t for t in queue if not t.future.done()]
         order = live
