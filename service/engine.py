@@ -140,8 +140,8 @@ DEFAULT_KEEP_RATIOS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 MAX_KEYS = 4096
 _GENERATIONS = itertools.count(1)
 AUTO = "auto"
-# torch_threads "auto": a model gets every core when its largest batch takes at least this
-# long on one thread, and all cores run it in at most this fraction of the one-thread time.
+# torch_threads "auto": a model gets every core when one request of its full length takes at
+# least this long on one thread, and all cores run it in at most this fraction of that time.
 AUTO_THREADS_MIN_FORWARD_S = 0.02
 AUTO_THREADS_MIN_GAIN = 0.8
 
@@ -341,7 +341,7 @@ class Engine:
         start = time.monotonic()
         largest = _largest_batch(info, rows_max)
         if self._threads == AUTO:
-            self._choose_threads(loaded, largest)
+            self._choose_threads(loaded, [_padding_item(info, 1, info.max_length)])
         # Plans are calibrated on the threads they will run on.
         torch.set_num_threads(loaded.threads)
         own = info.config_gate.keep_ratio
@@ -375,13 +375,14 @@ class Engine:
         logger.info("warmed up model %s in %.2f s", info.name, time.monotonic() - start)
 
     def _choose_threads(self, loaded: _Loaded, batch: Sequence[ModelInput]) -> None:
-        """Under ``torch_threads: auto``: every core of this process for a model whose largest
-        batch is compute the cores share well, one thread otherwise.
+        """Under ``torch_threads: auto``: every core of this process for a model whose single
+        request is compute the cores share well, one thread otherwise.
 
-        The dense plan (it needs no calibration) times the largest batch on one thread and on
-        all. A small model's forward (a millisecond) gains little from a second thread, whose
-        spinning takes the core the event loop needs to read and answer requests; a base-size
-        one (a second per batch) runs nearly twice as fast on two.
+        The dense plan (it needs no calibration) times ``batch`` (one request of the model's
+        full length) on one thread and on all. A small model's request (a few milliseconds
+        at most) gains little from a second thread, whose spinning takes the core the event
+        loop needs to read and answer requests, and its batches are mostly small; a base-size
+        one (hundreds of milliseconds) runs nearly twice as fast on two.
         """
         cores = _usable_cores()
         loaded.threads = 1
@@ -390,14 +391,15 @@ class Engine:
         dense = self._resolve(loaded, "dense")
         one = self._time_batch(loaded, dense, batch)
         if one < AUTO_THREADS_MIN_FORWARD_S:
-            logger.info("model %s: 1 thread (its largest batch takes %.1f ms)",
+            logger.info("model %s: 1 thread (a full-length request takes %.1f ms)",
                         loaded.info.name, one * 1e3)
             return
         loaded.threads = cores
         many = self._time_batch(loaded, dense, batch)
         if many > AUTO_THREADS_MIN_GAIN * one:
             loaded.threads = 1
-        logger.info("model %s: %d thread%s (its largest batch: %.1f ms on 1 thread, %.1f ms on %d)",
+        logger.info("model %s: %d thread%s (a full-length request: %.1f ms on 1 thread, "
+                    "%.1f ms on %d)",
                     loaded.info.name, loaded.threads, "s" if loaded.threads > 1 else "",
                     one * 1e3, many * 1e3, cores)
 
