@@ -180,11 +180,12 @@ class Engine:
         torch_threads: int | str = 1,
     ) -> None:
         self._models = dict(loaded)
-        if torch_threads != AUTO:
-            count = int(torch_threads) or torch.get_num_threads()
-            for entry in self._models.values():
-                entry.threads = count
-        self._threads = torch_threads
+        # A fixed count for every model (0: torch's default now), or None: chosen per model.
+        self._fixed_threads = (
+            None if torch_threads == AUTO else int(torch_threads) or torch.get_num_threads()
+        )
+        for entry in self._models.values():
+            entry.threads = self._fixed_threads or 0
         self._repository = repository
         self._device = device if device is not None else torch.device("cpu")
         # Plans run one at a time on the compute thread, so they share one set of buffers:
@@ -268,8 +269,7 @@ class Engine:
             raise ModelNotInRepository(f"model {name!r}: no such model in the repository")
         start = time.monotonic()
         fresh = _read(self._repository, name, self._device)
-        if self._threads != AUTO:
-            fresh.threads = int(self._threads) or torch.get_num_threads()
+        fresh.threads = self._fixed_threads or 0
         self.executor.submit(self._warm_and_install, fresh).result()
         logger.info("reloaded model %s in %.2f s", name, time.monotonic() - start)
         return fresh.info
@@ -340,7 +340,7 @@ class Engine:
         loaded.calib_batches = tuple(sorted({1, min(8, rows_max), rows_max}))
         start = time.monotonic()
         largest = _largest_batch(info, rows_max)
-        if self._threads == AUTO:
+        if self._fixed_threads is None:
             self._choose_threads(loaded, [_padding_item(info, 1, info.max_length)])
         # Plans are calibrated on the threads they will run on.
         torch.set_num_threads(loaded.threads)
