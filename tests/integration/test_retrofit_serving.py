@@ -228,13 +228,17 @@ def test_the_shipped_encoder_serves_beside_a_bert(tmp_path: Path) -> None:
             inp = triton.InferInput("input", list(x.shape), "FP32")
             inp.set_data_from_numpy(x, binary_data=i % 2 == 0)
             pending.append(client.async_infer("mnist1d-wav2vec2", [inp]))
+        # A second client: an answered request holds its pooled connection until its body is
+        # read (get_result below), so the first client's 8 may all be taken by then.
+        beside = triton.InferenceServerClient(srv.address)
         ids = triton.InferInput("input_ids", [1, 5], "INT64")
         ids.set_data_from_numpy(np.array([[3, 4, 5, 6, 7]], dtype=np.int64))
-        bert = client.infer("bert", [ids])
+        bert = beside.infer("bert", [ids])
         long = triton.InferInput("input", [1, 41], "FP32")  # past the model's max_length
         long.set_data_from_numpy(np.zeros((1, 41), np.float32))
         with pytest.raises(InferenceServerException, match="accepts at most 40"):
-            client.infer("mnist1d-wav2vec2", [long])
+            beside.infer("mnist1d-wav2vec2", [long])
+        beside.close()
         got = [request.get_result() for request in pending]
         holder.close()
         assert got[0].get_response()["parameters"]["keep_ratio"] == 0.25
