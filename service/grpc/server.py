@@ -14,16 +14,13 @@ compute. RPCs for features this server lacks answer UNIMPLEMENTED, naming the fe
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health as health_sync
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -186,7 +183,7 @@ class InferenceService:
 
     # ------------------------------------------------------------------ registration
 
-    def handler(self, loop: asyncio.AbstractEventLoop | None = None) -> grpc.GenericRpcHandler:
+    def handler(self) -> grpc.GenericRpcHandler:
         """Every RPC of the service, with its (de)serialisers from the protocol's messages."""
         handlers: dict[str, grpc.RpcMethodHandler] = {}
         for method in messages.SERVICE_DESCRIPTOR.methods:
@@ -197,56 +194,10 @@ class InferenceService:
                 handlers[name] = _unimplemented(name, method.client_streaming, decode, encode)
                 continue
             # Requests arrive as bytes and are parsed inside, where errors are mapped.
-            mapped = _mapped(getattr(self, name), decode)
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                mapped if loop is None else _on_loop(mapped, loop), response_serializer=encode
+                _mapped(getattr(self, name), decode), response_serializer=encode
             )
         return grpc.method_handlers_generic_handler(messages.SERVICE, handlers)
-
-
-class _Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
-class _LoopContext:
-    """What the handlers use of a ``grpc.aio.ServicerContext``, over a thread-pool call's
-    context, used from the event loop."""
-
-    def __init__(self, context: grpc.ServicerContext) -> None:
-        self._context = context
-        self.trailing: tuple[tuple[str, str], ...] | None = None
-
-    def invocation_metadata(self) -> Any:
-        return self._context.invocation_metadata()
-
-    def time_remaining(self) -> float | None:
-        return self._context.time_remaining()
-
-    def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self.trailing = metadata
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise _Aborted(code, details)
-
-
-def _on_loop(handler: Handler, loop: asyncio.AbstractEventLoop) -> Callable[..., Any]:
-    def call(raw: bytes, context: grpc.ServicerContext) -> Any:
-        shim = _LoopContext(context)
-        future = asyncio.run_coroutine_threadsafe(handler(raw, shim), loop)  # type: ignore[arg-type]
-        context.add_callback(future.cancel)  # the call ended first (cancelled): drop it
-        try:
-            return future.result()
-        except _Aborted as err:
-            if shim.trailing:
-                context.set_trailing_metadata(shim.trailing)
-            context.abort(err.code, err.details)
-        except concurrent.futures.CancelledError:
-            context.abort(grpc.StatusCode.CANCELLED, "cancelled")
-
-    return call
 
 
 def _unimplemented(
@@ -276,34 +227,24 @@ class GrpcServer:
         self.port = port
         self.max_message_bytes = max_message_bytes
         self.max_calls = max_calls
-        self.threads = os.environ.get("GATED_GRPC_ENGINE", "aio") == "threads"
-        self.health: Any = health_sync.HealthServicer() if self.threads else health_aio.HealthServicer()
-        self._server: Any = None
+        self.health = health_aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> int:
         """Bind and serve; returns the bound port. Raises OSError when the port is taken."""
-        options=[
+        server = grpc.aio.server(
+            options=[
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),
                 # One server per port: a port in use is an error, never a silent share.
                 ("grpc.so_reuseport", 0),
-            ]
-        for extra in filter(None, os.environ.get("GATED_GRPC_OPTIONS", "").split(",")):
-            key, value = extra.split("=")
-            options.append((key, int(value) if value.isdigit() else value))
-        if self.threads:
-            server = grpc.server(concurrent.futures.ThreadPoolExecutor(64, "gated-grpc"),
-                                 options=options, maximum_concurrent_rpcs=self.max_calls)
-            server.add_generic_rpc_handlers(
-                (InferenceService(self.plane).handler(asyncio.get_running_loop()),))
-        else:
-          server = grpc.aio.server(options=options,
+            ],
             # Calls in progress in all: past it grpcio answers RESOURCE_EXHAUSTED before
             # reading the message (the queues behind hold far fewer anyway).
             maximum_concurrent_rpcs=self.max_calls,
-          )
-          server.add_generic_rpc_handlers((InferenceService(self.plane).handler(),))
+        )
+        server.add_generic_rpc_handlers((InferenceService(self.plane).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
         address = f"{host}:{self.port}"
@@ -316,10 +257,7 @@ class GrpcServer:
                 f"gRPC (GATED_GRPC_PORT): cannot listen on {address}; is the port in use? "
                 "(0 turns gRPC off)"
             )
-        if self.threads:
-            server.start()
-        else:
-            await server.start()
+        await server.start()
         self._server = server
         self.port = int(port)
         await self.set_serving(True)
@@ -332,10 +270,7 @@ class GrpcServer:
             if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for service in ("", messages.SERVICE):
-            if self.threads:
-                self.health.set(service, status)
-            else:
-                await self.health.set(service, status)
+            await self.health.set(service, status)
 
     def readiness(self, ready: bool) -> None:
         """Readiness changed (a drain started, the last model was unloaded, one was loaded):
@@ -347,7 +282,5 @@ class GrpcServer:
 
     async def stop(self, grace_s: float) -> None:
         server, self._server = self._server, None
-        if server is not None and self.threads:
-            await asyncio.to_thread(server.stop(grace_s).wait)
-        elif server is not None:
+        if server is not None:
             await server.stop(grace_s)
